@@ -1,0 +1,3 @@
+from segformer_edge.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``segformer-edge`` command line: a thin root app with one module per command."""

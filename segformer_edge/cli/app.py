@@ -1,0 +1,64 @@
+"""The root of the ``segformer-edge`` CLI.
+
+Each command lives in its own module and imports torch (and anything heavy) inside its body, so that
+``segformer-edge --help`` stays fast and needs no torch. Errors caused by the user's input become one
+line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from . import info
+
+app = typer.Typer(
+    name="segformer-edge",
+    help="SegFormer from training to the edge: train, quantize, export to ExecuTorch, LiteRT, Core ML "
+    "and ONNX, prove parity, measure latency.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs."),
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    from rich.logging import RichHandler
+
+    from .common import err_console
+
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
+
+
+app.command("info", help=info.HELP)(info.info)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app and map exceptions to exit codes."""
+    from segformer_edge.errors import SegformerEdgeError
+
+    from .common import err_console
+
+    _state["debug"] = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        # Standalone mode: usage errors (bad options) print Typer's message and exit 2, --help exits 0.
+        app(args=argv)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except SegformerEdgeError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"error: {exc}", markup=False)
+        sys.exit(exc.exit_code)

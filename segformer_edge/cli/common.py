@@ -1,0 +1,33 @@
+"""Shared pieces of the CLI: consoles, option types and small parsers. Imports no torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+SizeOption = Annotated[
+    tuple[int, int] | None,
+    typer.Option("--size", metavar="H W", help="Input height and width in pixels (each at least 32)."),
+]
+NumClassesOption = Annotated[
+    int | None, typer.Option("--num-classes", "-k", min=1, help="Number of output classes.")
+]
+CheckpointArgument = Annotated[
+    Path | None,
+    typer.Argument(help="A segformer-edge .safetensors, a Hugging Face folder or an NVlabs/mmseg .pth."),
+]
+
+
+def check_size(size: tuple[int, int] | None, default: tuple[int, int], option: str = "--size") -> tuple[int, int]:
+    """Validate an (H, W) option: both within 32..8192."""
+    h, w = size or default
+    if not (32 <= h <= 8192 and 32 <= w <= 8192):
+        raise typer.BadParameter(f"{h}x{w} is out of range: height and width must be within 32..8192", param_hint=option)
+    return h, w

@@ -472,3 +472,11 @@ def load_pretrained(
     logger.info("loaded %s (%s, %d classes)", path, config.variant, config.num_classes)
     return model.to(device).eval()
 
+
+
+def builtin_checkpoint() -> Path:
+    """The shipped reference model: SegFormer-B0 trained on the synthetic scenes (fp16 weights)."""
+    path = Path(__file__).parent / "assets" / "reference_b0.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the built-in reference model is missing from this install; pass a checkpoint")
+    return path

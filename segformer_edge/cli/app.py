@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from . import info
+from . import data, erf, evaluate, info, predict, train
 
 app = typer.Typer(
     name="segformer-edge",
@@ -42,6 +42,11 @@ def _root(
 
 
 app.command("info", help=info.HELP)(info.info)
+app.command("train", help=train.HELP)(train.train)
+app.command("eval", help=evaluate.HELP)(evaluate.evaluate_cmd)
+app.command("predict", help=predict.HELP)(predict.predict)
+app.command("erf", help=erf.HELP)(erf.erf)
+app.add_typer(data.app, name="data")
 
 
 def main(argv: list[str] | None = None) -> None:

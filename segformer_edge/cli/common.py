@@ -31,3 +31,21 @@ def check_size(size: tuple[int, int] | None, default: tuple[int, int], option: s
     if not (32 <= h <= 8192 and 32 <= w <= 8192):
         raise typer.BadParameter(f"{h}x{w} is out of range: height and width must be within 32..8192", param_hint=option)
     return h, w
+
+
+def progress_bar(label: str):  # type: ignore[no-untyped-def]
+    """A rich progress bar on stderr for long work."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
+    )
+
+
+def resolve_checkpoint(path: Path | None) -> Path:
+    """The given checkpoint, or the built-in reference model."""
+    if path is not None:
+        return path
+    from segformer_edge.weights import builtin_checkpoint
+
+    return builtin_checkpoint()

@@ -1,0 +1,177 @@
+"""Datasets on disk: ADE20K, Cityscapes and a generic ``images/`` + ``masks/`` layout.
+
+Every source is a list of :class:`Sample` (image path, mask path) plus a :class:`LabelSpace`. Reading a
+sample checks it: an unreadable file, an image and mask of different sizes, or a label outside the
+class range is a :class:`~segformer_edge.errors.DataError` that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+__all__ = ["IGNORE_INDEX", "LabelSpace", "Sample", "find_samples", "read_image", "read_mask"]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+CITYSCAPES_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    mask: Path | None
+
+
+@dataclass
+class LabelSpace:
+    """Class names, display palette, and how stored labels map to training labels."""
+
+    classes: list[str]
+    palette: list[tuple[int, int, int]]
+    reduce_zero_label: bool = False  # ADE20K: stored 0 ("other") -> ignore, k -> k - 1
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An 8-bit RGB image as (H, W, 3) uint8. Grey, palette and RGBA images are converted (alpha dropped)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F") or (im.mode.startswith("I;16")):
+                raise DataError(f"{path}: {im.mode} image with more than 8 bits per channel; convert it to 8-bit RGB")
+            if im.mode != "RGB":
+                if im.mode in ("RGBA", "LA", "PA"):
+                    logger.debug("%s: dropping the alpha channel", path)
+                im = im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
+
+
+def read_mask(path: Path, labels: LabelSpace, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A label mask as (H, W) uint8 of training labels (ignore = 255), checked against the label space."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "P", "I;16", "I"):
+                raise DataError(f"{path}: mask has mode {im.mode}; expected one label per pixel (8-bit grey or palette PNG)")
+            mask = np.asarray(im).astype(np.int64)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable mask ({exc.__class__.__name__}: {exc})") from exc
+    if shape is not None and mask.shape != shape:
+        raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}")
+    if labels.reduce_zero_label:
+        # As mmseg: stored 0 ("other") -> ignore, k -> k - 1, and a stored 255 stays ignore.
+        mask[mask == 0] = IGNORE_INDEX + 1
+        mask -= 1
+        mask[mask == IGNORE_INDEX - 1] = IGNORE_INDEX
+    bad = (mask >= labels.num_classes) & (mask != IGNORE_INDEX)
+    if bad.any():
+        raise DataError(
+            f"{path}: label {int(mask[bad].max())} is out of range for {labels.num_classes} classes "
+            f"(valid: 0..{labels.num_classes - 1}, {IGNORE_INDEX} = ignore)"
+        )
+    return mask.astype(np.uint8)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _pair(images: list[Path], image_root: Path, mask_root: Path, mask_name: callable) -> list[Sample]:  # type: ignore[valid-type]
+    samples = []
+    for image in images:
+        mask = mask_root / image.relative_to(image_root).parent / mask_name(image)
+        if not mask.is_file():
+            raise DataError(f"{image}: no mask for this image (expected {mask})")
+        samples.append(Sample(image, mask))
+    return samples
+
+
+def find_samples(root: Path, split: str) -> tuple[list[Sample], LabelSpace, str]:
+    """Find the image/mask pairs of ``split`` (``train`` or ``val``) under ``root``; detect the layout.
+
+    Returns (samples, label space, layout name).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such data folder")
+    if split not in ("train", "val"):
+        raise DataError(f"unknown split {split!r}; choose train or val")
+
+    if (root / "images" / "training").is_dir() or (root / "images" / "validation").is_dir():
+        sub = {"train": "training", "val": "validation"}[split]
+        image_root, mask_root = root / "images" / sub, root / "annotations" / sub
+        images = _images_in(image_root)
+        samples = _pair(images, image_root, mask_root, lambda p: p.stem + ".png")
+        labels = _read_classes(root) or LabelSpace(
+            [f"class_{i}" for i in range(150)], [tuple(int(v) for v in c) for c in _default_palette(150)]
+        )
+        labels.reduce_zero_label = True
+        layout = "ade20k"
+    elif (root / "leftImg8bit").is_dir():
+        image_root, mask_root = root / "leftImg8bit" / split, root / "gtFine" / split
+        images = sorted(p for p in image_root.rglob("*_leftImg8bit.png"))
+        samples = _pair(images, image_root, mask_root, lambda p: p.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png"))
+        labels = LabelSpace(list(CITYSCAPES_CLASSES), list(CITYSCAPES_PALETTE))
+        layout = "cityscapes"
+    elif (root / "images").is_dir():
+        image_root = root / "images" / split if (root / "images" / split).is_dir() else root / "images"
+        mask_root = root / "masks" / image_root.relative_to(root / "images")
+        images = _images_in(image_root)
+        samples = _pair(images, image_root, mask_root, lambda p: p.stem + ".png")
+        labels = _read_classes(root)
+        if labels is None:
+            raise DataError(f"{root}: generic layout without classes.json; add one with \"classes\" (and \"palette\")")
+        layout = "generic"
+    else:
+        raise DataError(
+            f"{root}: unknown data layout; expected ADE20K (images/training, annotations/training), "
+            "Cityscapes (leftImg8bit, gtFine) or generic (images/, masks/, classes.json)"
+        )
+    if not samples:
+        raise DataError(f"{image_root}: no images found for split {split!r}")
+    return samples, labels, layout
+
+
+def _read_classes(root: Path) -> LabelSpace | None:
+    path = root / "classes.json"
+    if not path.is_file():
+        return None
+    try:
+        spec = json.loads(path.read_text())
+        classes = [str(c) for c in spec["classes"]]
+        palette = [tuple(int(v) for v in c) for c in spec.get("palette") or _default_palette(len(classes))]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a valid classes file ({exc}); expected {{\"classes\": [...], \"palette\": [...]}}") from exc
+    if len(palette) != len(classes):
+        raise DataError(f"{path}: {len(classes)} classes but {len(palette)} palette colours")
+    return LabelSpace(classes, palette)  # type: ignore[arg-type]
+
+
+def _default_palette(n: int) -> list[tuple[int, int, int]]:
+    from ..model import default_palette
+
+    return default_palette(n)

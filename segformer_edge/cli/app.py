@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from . import data, erf, evaluate, info, predict, train
+from . import data, erf, evaluate, export, info, predict, train
 
 app = typer.Typer(
     name="segformer-edge",
@@ -41,6 +41,8 @@ def _root(
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
 
 
+app.command("export", help=export.EXPORT_HELP)(export.export)
+app.command("verify", help=export.VERIFY_HELP)(export.verify)
 app.command("info", help=info.HELP)(info.info)
 app.command("train", help=train.HELP)(train.train)
 app.command("eval", help=evaluate.HELP)(evaluate.evaluate_cmd)

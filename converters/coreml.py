@@ -1,0 +1,94 @@
+"""Core ML: an ML program (.mlpackage) made through torch.export (the jit.trace path is broken).
+
+On macOS the runner uses the Core ML framework (a choice of compute units); elsewhere it runs the saved
+program with the numpy reference executor (:mod:`.mil_executor`), and reports say which one ran.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Artifact, ExportOptions, Target
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_UNITS = ("all", "cpu", "gpu", "ane")
+
+
+class CoreMLRunner:
+    """Core ML framework on macOS, the numpy MIL reference executor elsewhere."""
+
+    def __init__(self, artifact: Artifact, compute_units: str = "all", force_reference: bool = False) -> None:
+        self.output_name = "out"
+        self.input_name = "x"
+        self.image_input = bool(artifact.manifest.get("coreml", {}).get("image_input"))
+        if platform.system() == "Darwin" and not force_reference:
+            import coremltools as ct
+
+            units = {"all": ct.ComputeUnit.ALL, "cpu": ct.ComputeUnit.CPU_ONLY, "gpu": ct.ComputeUnit.CPU_AND_GPU,
+                     "ane": ct.ComputeUnit.CPU_AND_NE}[compute_units]  # fmt: skip
+            self.model = ct.models.MLModel(str(artifact.file), compute_units=units)
+            self.executor = f"coreml-framework ({compute_units})"
+            self.program = None
+        else:
+            from .mil_executor import MilProgram
+
+            self.program = MilProgram(artifact.file)
+            self.executor = "mil-reference-executor (numpy)"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.program is not None:
+            return self.program(**{self.input_name: x})[self.output_name]
+        if self.image_input:  # pragma: no cover - macOS only
+            from PIL import Image
+
+            outs = [self.model.predict({self.input_name: Image.fromarray(img.transpose(1, 2, 0).astype(np.uint8))})[self.output_name] for img in x]
+            return np.concatenate(outs)
+        return np.asarray(self.model.predict({self.input_name: x})[self.output_name])  # pragma: no cover
+
+
+class CoreMLTarget(Target):
+    name = "coreml"
+    suffix = ".mlpackage"
+    precisions = ("fp32", "fp16")
+    runtime_modules = ("coremltools",)
+
+    def input_dtype(self, options: ExportOptions) -> str:
+        return "float32"  # Core ML multi-arrays have no uint8; 0..255 values come in as float32
+
+    def convert(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        import coremltools as ct
+        import torch
+
+        program = torch.export.export(module, (example.float(),)).run_decompositions({})
+        if options.image_input:
+            inputs = [ct.ImageType(name="x", shape=tuple(example.shape), scale=1.0 / 255.0, color_layout=ct.colorlayout.RGB)]
+        else:
+            inputs = [ct.TensorType(name="x", shape=tuple(example.shape), dtype=np.float32)]
+        precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
+        model = ct.convert(
+            program, convert_to="mlprogram", inputs=inputs, outputs=[ct.TensorType(name="out")],
+            compute_precision=precision, minimum_deployment_target=ct.target.iOS16,
+        )  # fmt: skip
+        meta = module.model.meta
+        model.short_description = f"SegFormer-{module.model.config.variant.upper()} semantic segmentation ({options.output})"
+        model.user_defined_metadata.update({
+            "classes": json.dumps(list(meta.class_names)),
+            "palette": json.dumps([list(c) for c in meta.palette]),
+            "mean": json.dumps(list(meta.mean)),
+            "std": json.dumps(list(meta.std)),
+            "output": options.output,
+            "source": "segformer-edge",
+        })  # fmt: skip
+        model.save(str(path))
+        ops = sorted({op.op_type for f in model._mil_program.functions.values() for op in f.operations})
+        return {"coreml": {"ops": ops, "image_input": options.image_input, "deployment_target": "iOS16"}}
+
+    def load(self, artifact: Artifact) -> CoreMLRunner:
+        return CoreMLRunner(artifact)

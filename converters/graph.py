@@ -1,0 +1,97 @@
+"""Export-time graph surgery: the graph edges (fused preprocessing, mask output) and module swaps.
+
+The checkpoint's module layout never changes; targets that need another formulation of an op get a
+deep copy with that op swapped in (same parameters, same arithmetic).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segformer_edge.model import SegFormer
+
+from .base import ExportOptions
+
+__all__ = ["DecomposedLayerNorm", "EdgeModule", "decompose_layer_norms", "fold_batch_norm"]
+
+
+class EdgeModule(nn.Module):
+    """SegFormer plus its graph edges: input layout and normalisation, logits or a fused argmax mask."""
+
+    def __init__(self, model: SegFormer, options: ExportOptions) -> None:
+        super().__init__()
+        self.model = model
+        self.input_kind = options.input_kind
+        self.output = options.output
+        self.nhwc = options.layout == "nhwc"
+        scale = 255.0 if options.input_kind == "uint8" else 1.0
+        mean = torch.tensor(model.meta.mean).reshape(1, 3, 1, 1) * scale
+        std = torch.tensor(model.meta.std).reshape(1, 3, 1, 1) * scale
+        # (x - mean) / std as one multiply-add: x * (1 / std) + (-mean / std).
+        self.register_buffer("in_scale", 1.0 / std, persistent=False)
+        self.register_buffer("in_shift", -mean / std, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.nhwc:
+            x = x.permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+        if self.input_kind != "normalized":
+            x = x.float() * self.in_scale + self.in_shift  # (B, 3, H, W), normalised
+        logits = self.model(x)  # (B, K, H/4, W/4)
+        if self.output == "mask":
+            logits = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
+            return logits.argmax(dim=1).to(torch.int32)  # (B, H, W)
+        return logits
+
+
+class DecomposedLayerNorm(nn.Module):
+    """LayerNorm over the last dim written as 4-D mean/sub/mul/rsqrt, which XNNPACK delegates.
+
+    XNNPACK (ExecuTorch 1.5) has no LayerNorm kernel, and delegates ``mean.dim`` only for 4-D tensors over
+    dims (2, 3) with keepdim: (B, N, C) is viewed as (B, N, C, 1) so that the mean over C is such a mean.
+    """
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        self.bias = norm.bias
+        self.eps = norm.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        x4 = x.reshape(b, n, c, 1)  # (B, N, C, 1)
+        mean = x4.mean(dim=(2, 3), keepdim=True)  # (B, N, 1, 1)
+        centred = x4 - mean
+        var = (centred * centred).mean(dim=(2, 3), keepdim=True)  # (B, N, 1, 1)
+        y = (centred * torch.rsqrt(var + self.eps)).reshape(b, n, c)  # (B, N, C)
+        return y * self.weight + self.bias
+
+
+def decompose_layer_norms(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every LayerNorm replaced by :class:`DecomposedLayerNorm`."""
+    module = copy.deepcopy(module)
+    for child in list(module.modules()):
+        for attr, sub in list(child.named_children()):
+            if isinstance(sub, nn.LayerNorm):
+                setattr(child, attr, DecomposedLayerNorm(sub))
+    return module
+
+
+def fold_batch_norm(model: SegFormer) -> SegFormer:
+    """A deep copy whose decoder BatchNorm is folded into the bias-free fuse conv (eval statistics)."""
+    model = copy.deepcopy(model).eval()
+    head = model.decoder
+    if isinstance(head.bn, nn.Identity):
+        return model
+    bn, conv = head.bn, head.fuse
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C,)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=1, bias=True)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        fused.bias.copy_(bn.bias - bn.running_mean * scale)
+    head.fuse = fused
+    head.bn = nn.Identity()
+    return model

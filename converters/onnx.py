@@ -1,0 +1,89 @@
+"""ONNX: the dynamo-based exporter with dynamic H and W, checked by the onnx checker, run by ONNX Runtime."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Artifact, ExportOptions, Target
+
+logger = logging.getLogger(__name__)
+
+
+class OnnxRunner:
+    executor = "onnxruntime"
+
+    def __init__(self, artifact: Artifact, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(artifact.file), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+class OnnxTarget(Target):
+    name = "onnx"
+    suffix = ".onnx"
+    precisions = ("fp32", "fp16")
+    dynamic_shapes = True
+    runtime_modules = ("onnxruntime",)
+    extra = "runtime"
+
+    def convert(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        import onnx
+        import torch
+        from torch.export import Dim
+
+        dynamic = None
+        if options.dynamic:
+            hd, wd = (1, 2) if options.layout == "nhwc" else (2, 3)
+            dynamic = {"x": {hd: Dim("H", min=64, max=4096), wd: Dim("W", min=64, max=4096)}}
+        program = torch.onnx.export(
+            module, (example,), dynamo=True, dynamic_shapes=dynamic, input_names=["x"], output_names=["out"],
+            optimize=True, verbose=False,
+        )  # fmt: skip
+        model = program.model_proto
+        if options.precision == "fp16":
+            model = _to_fp16(model)
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save_model(model, str(path))
+        ops = sorted({node.op_type for node in model.graph.node})
+        return {"onnx": {"opset": int(model.opset_import[0].version), "ops": ops}}
+
+    def load(self, artifact: Artifact) -> OnnxRunner:
+        self.check_runtime()
+        return OnnxRunner(artifact)
+
+
+def _to_fp16(model):  # type: ignore[no-untyped-def]
+    """fp16 weights and compute with fp32 graph inputs and outputs (casts at the edges)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(model, keep_io_types=True)
+    _sort_nodes(model.graph)
+    return model
+
+
+def _sort_nodes(graph) -> None:  # type: ignore[no-untyped-def]
+    """Topologically sort ``graph.node`` in place (the fp16 pass appends its input casts at the end)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError("the ONNX graph has a cycle or an undefined input")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)

@@ -1,0 +1,105 @@
+"""TFLite (LiteRT): litert-torch conversion, fp16 weights through the LiteRT quantizer, the LiteRT runner.
+
+The runner uses ``ai_edge_litert``'s Interpreter, or ``tflite_runtime`` where only that is installed (as
+on older boards); neither needs torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Artifact, ArtifactError, ExportOptions, Target
+
+logger = logging.getLogger(__name__)
+
+_FP16_RECIPE = [
+    {
+        "regex": ".*",
+        "operation": "*",
+        "algorithm_key": "float_casting",
+        "op_config": {
+            "weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT"},
+            "compute_precision": "FLOAT",
+            "explicit_dequantize": True,
+        },
+    }
+]
+
+
+def _interpreter_class():  # type: ignore[no-untyped-def]
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "ai_edge_litert"
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
+
+            return Interpreter, "tflite_runtime"
+        except ImportError as exc:
+            raise ArtifactError(
+                "tflite artifacts need ai-edge-litert (or tflite-runtime); pip install 'segformer-edge[runtime]'"
+            ) from exc
+
+
+class LiteRTRunner:
+    """Runs a .tflite with the LiteRT interpreter; int8 inputs/outputs are (de)quantized at the edges."""
+
+    def __init__(self, artifact: Artifact, threads: int | None = None) -> None:
+        interpreter_cls, self.executor = _interpreter_class()
+        self.interpreter = interpreter_cls(model_path=str(artifact.file), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = self._quantize(x, self.input)
+        if tuple(self.input["shape"]) != x.shape:
+            self.interpreter.resize_tensor_input(self.input["index"], list(x.shape))
+            self.interpreter.allocate_tensors()
+        self.interpreter.set_tensor(self.input["index"], x)
+        self.interpreter.invoke()
+        return self._dequantize(self.interpreter.get_tensor(self.output["index"]), self.output)
+
+    @staticmethod
+    def _quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+        dtype = detail["dtype"]
+        scale, zero = detail.get("quantization", (0.0, 0))
+        if np.issubdtype(dtype, np.integer) and not np.issubdtype(x.dtype, np.integer) and scale:
+            info = np.iinfo(dtype)
+            return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+        return x.astype(dtype)
+
+    @staticmethod
+    def _dequantize(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+        scale, zero = detail.get("quantization", (0.0, 0))
+        if y.dtype in (np.int8, np.uint8) and scale:
+            return (y.astype(np.float32) - zero) * scale
+        return y.copy()
+
+
+class TFLiteTarget(Target):
+    name = "tflite"
+    suffix = ".tflite"
+    precisions = ("fp32", "fp16")
+    runtime_modules = ("ai_edge_litert",)
+    extra = "runtime"
+
+    def convert(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        import litert_torch
+
+        edge = litert_torch.convert(module, (example,))
+        edge.export(str(path))
+        if options.precision == "fp16":
+            from ai_edge_quantizer import quantizer
+
+            qt = quantizer.Quantizer(str(path), _FP16_RECIPE)
+            path.write_bytes(bytes(qt.quantize().quantized_model))
+        return {"tflite": {"converter": "litert-torch", "weights": "fp16" if options.precision == "fp16" else "fp32"}}
+
+    def load(self, artifact: Artifact) -> LiteRTRunner:
+        return LiteRTRunner(artifact)

@@ -107,3 +107,10 @@ class ExecuTorchTarget(Target):
     def load(self, artifact: Artifact) -> ExecuTorchRunner:
         self.check_runtime()
         return ExecuTorchRunner(artifact)
+
+
+def set_threads(threads: int) -> None:
+    """Size ExecuTorch's CPU threadpool (XNNPACK runs on it)."""
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(threads)

@@ -33,8 +33,8 @@ class ConfusionMatrix:
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
 
     def update(self, pred: np.ndarray | Tensor, target: np.ndarray | Tensor) -> None:
-        pred = torch.as_tensor(pred).reshape(-1).long()
-        target = torch.as_tensor(target).reshape(-1).long()
+        pred = _labels(pred)
+        target = _labels(target)
         keep = target != IGNORE_INDEX
         k = self.num_classes
         counts = torch.bincount(target[keep] * k + pred[keep], minlength=k * k)
@@ -42,6 +42,13 @@ class ConfusionMatrix:
 
     def metrics(self, class_names: list[str] | None = None) -> dict[str, Any]:
         return metrics_from_confusion(self.matrix, class_names)
+
+
+def _labels(x: np.ndarray | Tensor) -> Tensor:
+    """Flat int64 labels from a numpy array or tensor (copied: numpy inputs may be read-only)."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.array(x, dtype=np.int64).reshape(-1))
+    return x.reshape(-1).long()
 
 
 def metrics_from_confusion(matrix: np.ndarray, class_names: list[str] | None = None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from . import data, erf, evaluate, export, info, predict, train
+from . import bench, data, erf, evaluate, export, info, predict, train
 
 app = typer.Typer(
     name="segformer-edge",
@@ -43,6 +43,7 @@ def _root(
 
 app.command("export", help=export.EXPORT_HELP)(export.export)
 app.command("verify", help=export.VERIFY_HELP)(export.verify)
+app.command("bench", help=bench.HELP)(bench.bench)
 app.command("info", help=info.HELP)(info.info)
 app.command("train", help=train.HELP)(train.train)
 app.command("eval", help=evaluate.HELP)(evaluate.evaluate_cmd)

@@ -1,0 +1,197 @@
+"""Latency measurement of artifacts (and of torch eager, for ratios), one fresh process per measurement.
+
+Each (artifact, thread count) runs in its own interpreter, so that the cold load is really cold and the
+peak RSS belongs to that artifact alone. The worker needs torch only for ExecuTorch artifacts and for the
+eager reference: benching .tflite and .onnx works on a device with the light ``[runtime]`` install.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segformer_edge.errors import SegformerEdgeError
+
+from .base import ArtifactError, prepare_input, read_manifest
+
+__all__ = ["bench_artifact", "bench_torch", "machine_info", "summarize"]
+
+logger = logging.getLogger(__name__)
+
+
+def summarize(times_ms: list[float], batch: int = 1) -> dict[str, float]:
+    t = np.asarray(times_ms, dtype=np.float64)
+    return {
+        "p50_ms": float(np.percentile(t, 50)),
+        "p90_ms": float(np.percentile(t, 90)),
+        "p99_ms": float(np.percentile(t, 99)),
+        "mean_ms": float(t.mean()),
+        "std_ms": float(t.std()),
+        "min_ms": float(t.min()),
+        "throughput_ips": float(1000.0 * batch / t.mean()),
+    }
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if platform.system() == "Darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def _time_runs(fn: Any, x: Any, warmup: int, runs: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    fn(x)
+    first_ms = 1000 * (time.perf_counter() - start)
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(x)
+        times.append(1000 * (time.perf_counter() - start))
+    return {"first_ms": first_ms, **summarize(times), "runs": runs, "warmup": warmup}
+
+
+def _input_images(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (1, h, w, 3), dtype=np.uint8)
+
+
+def _measure_artifact(path: str, threads: int, warmup: int, runs: int, compute_units: str) -> dict[str, Any]:
+    artifact = read_manifest(path)
+    manifest = artifact.manifest
+    record: dict[str, Any] = {
+        "artifact": str(artifact.folder), "target": artifact.target, "precision": artifact.precision,
+        "threads": threads, "size_mb": manifest["size_bytes"] / 1e6,
+    }  # fmt: skip
+    if artifact.target == "coreml" and platform.system() != "Darwin":
+        return {**record, "status": "needs macOS"}
+    shape = manifest["input"]["shape"]
+    h, w = (shape[1], shape[2]) if manifest["input"]["layout"] == "nhwc" else (shape[2], shape[3])
+    if not isinstance(h, int):
+        raise ArtifactError(f"{path}: dynamic-shape artifact; bench it at a size with --size")
+    x = prepare_input(_input_images(h, w), manifest)
+    make_runner = _runner_factory(artifact, threads, compute_units)  # imports the runtime (not part of load)
+    start = time.perf_counter()
+    runner = make_runner()
+    load_ms = 1000 * (time.perf_counter() - start)
+    timing = _time_runs(runner, x, warmup, runs)
+    return {**record, "status": "ok", "executor": runner.executor, "input": [h, w], "load_ms": load_ms, **timing,
+            "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
+
+
+def _runner_factory(artifact: Any, threads: int, compute_units: str) -> Any:
+    """A zero-argument constructor of the artifact's runner, with its runtime already imported."""
+    target = artifact.target
+    if target == "onnx":
+        import onnxruntime  # noqa: F401
+
+        from .onnx import OnnxRunner
+
+        return lambda: OnnxRunner(artifact, threads=threads)
+    if target == "tflite":
+        from .tflite import LiteRTRunner, _interpreter_class
+
+        _interpreter_class()
+        return lambda: LiteRTRunner(artifact, threads=threads)
+    if target == "executorch":
+        import executorch.runtime  # noqa: F401
+
+        from .executorch import ExecuTorchRunner, set_threads
+
+        set_threads(threads)
+        return lambda: ExecuTorchRunner(artifact)
+    if target == "coreml":  # pragma: no cover - macOS only
+        from .coreml import CoreMLRunner
+
+        return lambda: CoreMLRunner(artifact, compute_units=compute_units)
+    raise ArtifactError(f"{artifact.folder}: unknown target {target!r}")
+
+
+def _measure_torch(checkpoint: str | None, size: list[int], threads: int, warmup: int, runs: int) -> dict[str, Any]:
+    import torch
+
+    from segformer_edge.weights import builtin_checkpoint, load_pretrained
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = load_pretrained(checkpoint or builtin_checkpoint())
+    load_ms = 1000 * (time.perf_counter() - start)
+    h, w = size
+    meta = model.meta
+    images = _input_images(h, w).astype(np.float32) / 255.0
+    x = torch.from_numpy(((images - np.asarray(meta.mean, np.float32)) / np.asarray(meta.std, np.float32)).transpose(0, 3, 1, 2).copy())
+    with torch.inference_mode():
+        timing = _time_runs(model, x, warmup, runs)
+    return {"artifact": "torch eager", "target": "torch", "precision": "fp32", "threads": threads, "status": "ok",
+            "executor": f"torch {torch.__version__}", "input": [h, w], "load_ms": load_ms, **timing,
+            "peak_rss_mb": _peak_rss_mb(), "size_mb": None}  # fmt: skip
+
+
+def _run_worker(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+    env = dict(os.environ)
+    threads = str(job["threads"])
+    env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    result = subprocess.run(
+        [sys.executable, "-m", "segformer_edge.converters.bench", json.dumps(job)],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )  # fmt: skip
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        if result.returncode == 2 and tail.startswith("error: "):
+            raise ArtifactError(tail.removeprefix("error: "))
+        raise ArtifactError(f"{job.get('path', 'torch')}: benchmark worker failed: {tail}")
+    return json.loads(lines[-1])
+
+
+def bench_artifact(path: str | Path, threads: int, warmup: int = 5, runs: int = 30, compute_units: str = "all") -> dict[str, Any]:
+    """Measure one artifact at one thread count in a fresh process."""
+    read_manifest(path)  # fail fast, in this process, on a missing or tampered artifact
+    return _run_worker({"kind": "artifact", "path": str(path), "threads": threads, "warmup": warmup, "runs": runs,
+                        "compute_units": compute_units})  # fmt: skip
+
+
+def bench_torch(checkpoint: str | Path | None, size: tuple[int, int], threads: int, warmup: int = 5, runs: int = 30) -> dict[str, Any]:
+    """Measure torch eager fp32 of a checkpoint at ``size`` in a fresh process."""
+    return _run_worker({"kind": "torch", "checkpoint": str(checkpoint) if checkpoint else None, "size": list(size),
+                        "threads": threads, "warmup": warmup, "runs": runs})  # fmt: skip
+
+
+def machine_info() -> dict[str, Any]:
+    info = {"machine": platform.machine(), "system": platform.system(), "release": platform.release(),
+            "python": platform.python_version(), "cpus": os.cpu_count()}  # fmt: skip
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def _worker_main(raw: str) -> int:
+    job = json.loads(raw)
+    try:
+        if job["kind"] == "torch":
+            record = _measure_torch(job["checkpoint"], job["size"], job["threads"], job["warmup"], job["runs"])
+        else:
+            record = _measure_artifact(job["path"], job["threads"], job["warmup"], job["runs"], job.get("compute_units", "all"))
+    except SegformerEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1]))

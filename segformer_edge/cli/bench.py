@@ -1,0 +1,127 @@
+"""``segformer-edge bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import console, progress_bar
+
+HELP = """Measure latency of artifacts where they will run: cold load, first inference, p50/p90/p99,
+mean and std, throughput, peak RSS and file size, per thread count.
+
+Each measurement runs in a fresh process (cold load is cold, peak RSS is the artifact's own).
+.tflite and .onnx artifacts bench without torch (pip install 'segformer-edge[runtime]'). Core ML runs on
+macOS only; elsewhere it is reported as "needs macOS".
+
+Examples:
+
+  segformer-edge bench exports/* --threads 1,2,4 --compare-torch --json bench.json
+
+  segformer-edge bench exports/segformer-b0_tflite_fp32 --runs 100 --markdown bench.md --plot bench.png
+"""
+
+
+def _threads(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise typer.BadParameter(f"{text!r}: give positive integers separated by commas, such as 1,2,4", param_hint="--threads")
+    return values
+
+
+def bench(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact folders (or their model files).")],
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs after the first inference.")] = 5,
+    runs: Annotated[int, typer.Option(min=1, help="Timed runs.")] = 30,
+    threads: Annotated[str, typer.Option(help="Thread counts, comma separated.")] = "2",
+    compare_torch: Annotated[bool, typer.Option("--compare-torch", help="Also time torch eager fp32; add speedup ratios.")] = False,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint for --compare-torch (default: built-in).")] = None,
+    compute_units: Annotated[str, typer.Option(help="Core ML on macOS: all, cpu, gpu or ane.")] = "all",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the records as JSON.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown table.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG bar chart of p50 latency.")] = None,
+) -> None:
+    from segformer_edge.converters.base import read_manifest
+    from segformer_edge.converters.bench import bench_artifact, bench_torch
+    from segformer_edge.io import atomic_write_json, atomic_write_text
+
+    counts = _threads(threads)
+    manifests = [read_manifest(p) for p in artifacts]  # every artifact is checked before anything runs
+    jobs = len(artifacts) * len(counts) + (len(counts) if compare_torch else 0)
+    records = []
+    with progress_bar("bench") as bar:
+        task = bar.add_task("bench", total=jobs)
+        torch_p50: dict[int, float] = {}
+        if compare_torch:
+            sizes = {tuple(_size(m.manifest)) for m in manifests if _size(m.manifest)}
+            size = sizes.pop() if len(sizes) == 1 else None
+            if size is None:
+                raise typer.BadParameter("--compare-torch needs artifacts of one static input size", param_hint="--compare-torch")
+            for t in counts:
+                record = bench_torch(checkpoint, size, t, warmup, runs)
+                torch_p50[t] = record["p50_ms"]
+                records.append(record)
+                bar.advance(task)
+        for path in artifacts:
+            for t in counts:
+                record = bench_artifact(path, t, warmup, runs, compute_units)
+                if compare_torch and record.get("status") == "ok":
+                    record["speedup_vs_torch"] = torch_p50[t] / record["p50_ms"]
+                records.append(record)
+                bar.advance(task)
+    table = _markdown(records)
+    console.print(table, markup=False, soft_wrap=True)
+    if json_out:
+        atomic_write_json(json_out, records)
+    if markdown:
+        atomic_write_text(markdown, table + "\n")
+    if plot:
+        _plot(records, plot)
+
+
+def _size(manifest: dict) -> list[int] | None:  # type: ignore[type-arg]
+    shape = manifest["input"]["shape"]
+    hw = shape[1:3] if manifest["input"]["layout"] == "nhwc" else shape[2:4]
+    return hw if all(isinstance(v, int) for v in hw) else None
+
+
+def _markdown(records: list[dict]) -> str:  # type: ignore[type-arg]
+    head = "| target | precision | threads | load ms | first ms | p50 ms | p90 ms | p99 ms | mean ± std ms | img/s | peak RSS MB | size MB | vs torch |"
+    lines = [head, "|" + "|".join(["---"] * 13) + "|"]
+    for r in records:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['target']} | {r['precision']} | {r['threads']} | {r.get('status')} |" + " |" * 9)
+            continue
+        size = "-" if r.get("size_mb") is None else f"{r['size_mb']:.2f}"
+        speed = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
+        lines.append(
+            f"| {r['target']} | {r['precision']} | {r['threads']} | {r['load_ms']:.0f} | {r['first_ms']:.1f} | "
+            f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_ms']:.1f} ± {r['std_ms']:.1f} | "
+            f"{r['throughput_ips']:.1f} | {r['peak_rss_mb']:.0f} | {size} | {speed} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(records: list[dict], path: Path) -> None:  # type: ignore[type-arg]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from segformer_edge.io import atomic_path
+
+    ok = [r for r in records if r.get("status") == "ok"]
+    labels = [f"{r['target']} {r['precision']}\n{r['threads']}t" for r in ok]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ok)), 4))
+    ax.bar(labels, [r["p50_ms"] for r in ok], yerr=[[r["p50_ms"] - r["min_ms"] for r in ok], [r["p90_ms"] - r["p50_ms"] for r in ok]])
+    ax.set_ylabel("latency p50 (ms); bars: min..p90")
+    ax.set_title("segformer-edge bench")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,212 @@
+"""Every target, end to end: conversion, the real runtime, manifests and parity against eager."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import folder_snapshot, run_cli
+
+from segformer_edge import load_pretrained, save_checkpoint
+from segformer_edge.converters.base import ExportOptions, file_sha256, read_manifest
+from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+from segformer_edge.errors import ExportError
+from segformer_edge.model import SegFormer, SegFormerConfig
+from segformer_edge.weights import builtin_checkpoint
+
+TARGETS = ["executorch", "tflite", "coreml", "onnx"]
+
+
+@pytest.fixture(scope="session")
+def reference():
+    return load_pretrained(builtin_checkpoint())
+
+
+@pytest.fixture(scope="session")
+def exports_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("exports")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_reference_model_parity(reference, exports_dir: Path, target: str, precision: str) -> None:
+    size = reference.meta.input_size
+    artifact, _ = export_artifact(reference, target, ExportOptions(precision=precision, size=size), exports_dir,
+                                  checkpoint=builtin_checkpoint(), verify=False)  # fmt: skip
+    report = verify_artifact(artifact.folder, num_images=8)
+    if precision == "fp32":
+        assert report["max_abs_diff"] <= 1e-3, report
+        assert report["pixel_agreement"] >= 0.999, report
+    else:
+        assert report["pixel_agreement"] >= 0.995, report
+    assert report["passed"]
+    assert report["miou_artifact"] > 0.5
+    manifest = artifact.manifest
+    assert manifest["sha256"] == file_sha256(artifact.file)
+    assert manifest["variant"] == "b0" and manifest["num_classes"] == 8 and len(manifest["palette"]) == 8
+    assert manifest["input"]["normalization"]["mean"] == list(reference.meta.mean)
+    assert manifest["precision"] == precision and manifest["tool_versions"]["torch"]
+    if target == "coreml":
+        assert report["executor"].startswith("mil-reference-executor")
+    if target == "executorch" and precision == "fp32":
+        by_op = manifest["delegation"]["by_op"]
+        for op in ("convolution", "linear", "bmm", "softmax", "gelu", "upsample_bilinear2d", "mean", "rsqrt"):
+            entries = [v for k, v in by_op.items() if op in k]
+            assert entries, op
+            assert all(v["portable"] == 0 and v["delegated"] > 0 for v in entries), (op, entries)
+        assert manifest["delegation"]["portable_ops"] == []
+        assert manifest["delegation"]["delegated_subgraphs"] == 1
+
+
+@pytest.fixture(scope="module")
+def small_model(tiny_config_module) -> SegFormer:
+    torch.manual_seed(0)
+    model = SegFormer(tiny_config_module).eval()
+    model.decoder.bn.running_mean.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_config_module():
+    from conftest import TINY
+
+    return SegFormerConfig(**TINY, num_classes=8)
+
+
+EDGES = {
+    "executorch": dict(input_kind="rgb01"),
+    "tflite": dict(input_kind="uint8", layout="nhwc"),
+    "coreml": dict(input_kind="uint8", output="mask"),
+    "onnx": dict(dynamic=True),
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_small_model_odd_size_and_graph_edges(small_model: SegFormer, tmp_path: Path, target: str) -> None:
+    options = ExportOptions(size=(96, 160), **EDGES[target])
+    artifact, report = export_artifact(small_model, target, options, tmp_path, verify_images=4)
+    assert report is not None and report["passed"], report
+    assert report["pixel_agreement"] >= 0.999
+    if options.output == "logits":
+        assert report["max_abs_diff"] <= 1e-3
+    assert read_manifest(artifact.folder).manifest["input"]["kind"] == options.input_kind
+
+
+def test_onnx_runs_one_artifact_at_two_sizes(small_model: SegFormer, tmp_path: Path) -> None:
+    from segformer_edge.converters.onnx import OnnxRunner
+
+    artifact, _ = export_artifact(small_model, "onnx", ExportOptions(size=(96, 160), dynamic=True), tmp_path, verify=False)
+    runner = OnnxRunner(read_manifest(artifact.folder))
+    for h, w in [(64, 64), (97, 131), (160, 96)]:
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            expected = small_model(x).numpy()
+        out = runner(x.numpy())
+        assert out.shape == expected.shape
+        assert np.abs(out - expected).max() <= 1e-3
+
+
+def test_mil_reference_executor_matches_torch_and_refuses_unknown_ops(small_model: SegFormer, tmp_path: Path) -> None:
+    from segformer_edge.converters.mil_executor import MilProgram, UnsupportedOpError
+
+    artifact, _ = export_artifact(small_model, "coreml", ExportOptions(size=(64, 96)), tmp_path, verify=False)
+    program = MilProgram(artifact.file)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = small_model(x).numpy()
+    assert np.abs(program(x=x.numpy())["out"] - expected).max() <= 1e-4
+
+    # Rename one op in the saved program to something no executor knows.
+    spec_path = artifact.file / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    from segformer_edge.converters.mil_executor import _proto_modules
+
+    model_pb2, _ = _proto_modules()
+    spec = model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    function = spec.mlProgram.functions["main"]
+    block = function.block_specializations[function.opset]
+    victim = next(op for op in block.operations if op.type == "gelu")
+    victim.type = "frobnicate"
+    spec_path.write_bytes(spec.SerializeToString())
+    with pytest.raises(UnsupportedOpError, match="'frobnicate'"):
+        MilProgram(artifact.file)(x=x.numpy())
+
+
+class _Unconvertible(SegFormer):
+    """A SegFormer with an op no converter lowers (a Bessel function)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + torch.special.bessel_j0(x).mean()
+
+
+def test_failed_conversion_leaves_no_file_and_names_target(small_model: SegFormer, tmp_path: Path) -> None:
+    good, _ = export_artifact(small_model, "coreml", ExportOptions(size=(64, 64)), tmp_path, verify=False)
+    before = folder_snapshot(tmp_path)
+    bad = _Unconvertible(small_model.config)
+    bad.load_state_dict(small_model.state_dict())
+    with pytest.raises(ExportError) as info:
+        export_artifact(bad, "coreml", ExportOptions(size=(64, 64)), tmp_path, verify=False)
+    message = str(info.value)
+    assert message.startswith("coreml: conversion failed") and "bessel_j0" in message
+    assert folder_snapshot(tmp_path) == before
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
+    assert read_manifest(good.folder).manifest["sha256"] == file_sha256(good.file)
+
+
+def test_runners_do_not_import_torch(small_model: SegFormer, tmp_path: Path) -> None:
+    folders = []
+    for target in ("tflite", "onnx", "coreml"):
+        artifact, _ = export_artifact(small_model, target, ExportOptions(size=(64, 64)), tmp_path, verify=False)
+        folders.append(str(artifact.folder))
+    script = f"""
+import sys
+sys.modules['torch'] = None  # any import of torch now fails
+import numpy as np
+from segformer_edge.converters import get_target
+from segformer_edge.converters.base import read_manifest
+for folder in {folders!r}:
+    artifact = read_manifest(folder)
+    runner = get_target(artifact.target).load(artifact)
+    out = runner(np.zeros((1, 3, 64, 64), np.float32))
+    print(artifact.target, out.shape, runner.executor)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("(1, 8, 16, 16)") == 3
+
+
+def test_export_and_verify_cli(small_model: SegFormer, tmp_path: Path, capsys) -> None:
+    small_model.meta.input_size = (64, 64)
+    ckpt = save_checkpoint(small_model, tmp_path / "small.safetensors")
+    code, out, err = run_cli(["export", ckpt, "--target", "onnx", "--out", tmp_path / "x", "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert rows[0]["status"] == "ok" and rows[0]["pixel_agreement"] >= 0.999
+    folder = Path(rows[0]["artifact"])
+    code, out, err = run_cli(["verify", folder, "--checkpoint", ckpt, "--num-images", "2", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    for key in ("max_abs_diff", "cosine", "psnr_db", "pixel_agreement", "miou_float", "miou_artifact", "passed",
+                "target", "precision"):  # fmt: skip
+        assert key in report
+    assert report["target"] == "onnx" and report["precision"] == "fp32" and report["cosine"] > 0.9999
+    # A threshold it cannot meet: exit 1.
+    code, _, _ = run_cli(["verify", folder, "--checkpoint", ckpt, "--num-images", "1", "--max-abs-diff", "0"], capsys)
+    assert code == 1
+    # Another checkpoint than the one exported: exit 2, named.
+    other = save_checkpoint(SegFormer(small_model.config), tmp_path / "other.safetensors")
+    code, _, err = run_cli(["verify", folder, "--checkpoint", other], capsys)
+    assert code == 2 and "other.safetensors" in err and "not the checkpoint" in err
+    # A tampered artifact: sha256 mismatch, exit 2.
+    model_file = folder / "model.onnx"
+    model_file.write_bytes(model_file.read_bytes()[:-10])
+    code, _, err = run_cli(["verify", folder, "--checkpoint", ckpt], capsys)
+    assert code == 2 and "sha256" in err and len(err.strip().splitlines()) == 1
+    # Unknown target: exit 2, nothing written.
+    code, _, err = run_cli(["export", ckpt, "--target", "tensorrt", "--out", tmp_path / "y"], capsys)
+    assert code == 2 and "tensorrt" in err and not (tmp_path / "y").exists()

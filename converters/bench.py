@@ -189,6 +189,12 @@ def _worker_main(raw: str) -> int:
     except SegformerEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "?").split(".")[0]
+        extra = "runtime" if root in ("onnxruntime", "ai_edge_litert", "tflite_runtime", "coremltools") else "export"
+        print(f"error: {job.get('path', 'torch eager')}: needs {root}, which is not installed; "
+              f"pip install 'segformer-edge[{extra}]'", file=sys.stderr)  # fmt: skip
+        return 2
     print(json.dumps(record))
     return 0
 

@@ -25,6 +25,11 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
+_EXTRAS = {
+    "torch": "train", "safetensors": "train", "matplotlib": "train", "executorch": "export",
+    "coremltools": "export", "litert_torch": "export", "ai_edge_quantizer": "export", "onnx": "export",
+    "onnxscript": "export", "onnxruntime": "runtime", "ai_edge_litert": "runtime",
+}  # fmt: skip
 
 
 @app.callback()
@@ -62,6 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Standalone mode: usage errors (bad options) print Typer's message and exit 2, --help exits 0.
         app(args=argv)
+    except ModuleNotFoundError as exc:
+        if _state["debug"] or exc.name is None:
+            raise
+        root = exc.name.split(".")[0]
+        extra = _EXTRAS.get(root)
+        if extra is None:
+            raise
+        err_console.print(f"error: this command needs {root}, which is not installed; pip install 'segformer-edge[{extra}]'", markup=False)
+        sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

@@ -1,0 +1,106 @@
+"""``segformer-edge bench``: records, torch-free benching, and bad artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+
+from segformer_edge import save_checkpoint
+from segformer_edge.converters.base import ExportOptions
+from segformer_edge.converters.pipeline import export_artifact
+from segformer_edge.model import SegFormer, SegFormerConfig
+
+KEYS = ("target", "precision", "threads", "load_ms", "first_ms", "p50_ms", "p90_ms", "p99_ms", "peak_rss_mb", "size_mb")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    model = SegFormer(SegFormerConfig(**TINY, num_classes=8)).eval()
+    model.meta.input_size = (64, 64)
+    ckpt = save_checkpoint(model, root / "small.safetensors")
+    folders = {}
+    for target in ("onnx", "tflite", "executorch", "coreml"):
+        artifact, _ = export_artifact(model, target, ExportOptions(size=(64, 64)), root / "art", checkpoint=ckpt, verify=False)
+        folders[target] = artifact.folder
+    return ckpt, folders
+
+
+def test_bench_json_records_and_speedup(small, tmp_path: Path, capsys) -> None:
+    ckpt, folders = small
+    out = tmp_path / "bench.json"
+    args = ["bench", folders["onnx"], folders["tflite"], folders["executorch"], folders["coreml"], "--runs", "5",
+            "--warmup", "1", "--threads", "1,2", "--compare-torch", "--checkpoint", ckpt, "--json", out,
+            "--markdown", tmp_path / "bench.md", "--plot", tmp_path / "bench.png"]  # fmt: skip
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    records = json.loads(out.read_text())
+    artifacts = [r for r in records if r["target"] != "torch"]
+    assert len(artifacts) == 8 and len([r for r in records if r["target"] == "torch"]) == 2
+    for r in artifacts:
+        if r["target"] == "coreml":
+            assert r["status"] == "needs macOS"
+            continue
+        for key in KEYS:
+            assert key in r, key
+        assert r["speedup_vs_torch"] > 0 and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["peak_rss_mb"] > 10 and r["size_mb"] > 0
+    assert {r["threads"] for r in artifacts} == {1, 2}
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "| onnx | fp32 | 2 |" in (tmp_path / "bench.md").read_text()
+
+
+def _blocking_path(tmp_path: Path, module: str) -> Path:
+    shim = tmp_path / "shims" / module
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{module}'\", name='{module}')\n")
+    return shim.parent
+
+
+def _cli(args: list[str], blocked: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=f"{blocked}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.run([sys.executable, "-m", "segformer_edge", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def test_bench_tflite_and_onnx_without_torch(small, tmp_path: Path) -> None:
+    _, folders = small
+    blocked = _blocking_path(tmp_path, "torch")
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(blocked)))  # fmt: skip
+    assert probe.returncode != 0, "the shim must make importing torch fail"
+    result = _cli(["bench", folders["tflite"], folders["onnx"], "--runs", "3", "--warmup", "0", "--threads", "1",
+                   "--json", tmp_path / "b.json"], blocked)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads((tmp_path / "b.json").read_text())
+    assert [r["target"] for r in records] == ["tflite", "onnx"] and all(r["status"] == "ok" for r in records)
+
+
+def test_bad_artifacts(small, tmp_path: Path, capsys) -> None:
+    _, folders = small
+    code, _, err = run_cli(["bench", tmp_path / "missing"], capsys)
+    assert code == 2 and "missing: no such artifact" in err
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders["onnx"], copy)
+    data = (copy / "model.onnx").read_bytes()
+    (copy / "model.onnx").write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(["bench", copy], capsys)
+    assert code == 2 and "sha256" in err and "model.onnx" in err
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "model.onnx").write_bytes(data)
+    manifest["file"] = "../../etc/passwd"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_cli(["bench", copy], capsys)
+    assert code == 2 and "not a plain name inside the artifact folder" in err
+    blocked = _blocking_path(tmp_path, "onnxruntime")
+    result = _cli(["bench", folders["onnx"], "--runs", "1"], blocked)
+    assert result.returncode == 2 and "segformer-edge[runtime]" in result.stderr and "Traceback" not in result.stderr

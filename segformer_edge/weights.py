@@ -298,10 +298,11 @@ def _config_from_hf(config_path: Path, num_classes: int | None) -> tuple[SegForm
         raise CheckpointError(f"{config_path}: no id2label or num_labels; pass num_classes")
     config = SegFormerConfig(
         variant="custom",
-        embed_dims=tuple(hf["hidden_sizes"]),
-        depths=tuple(hf["depths"]),
-        num_heads=tuple(hf["num_attention_heads"]),
-        sr_ratios=tuple(hf["sr_ratios"]),
+        # Missing fields take transformers' SegformerConfig defaults (the b0 architecture).
+        embed_dims=tuple(hf.get("hidden_sizes", [32, 64, 160, 256])),
+        depths=tuple(hf.get("depths", [2, 2, 2, 2])),
+        num_heads=tuple(hf.get("num_attention_heads", [1, 2, 5, 8])),
+        sr_ratios=tuple(hf.get("sr_ratios", [8, 4, 2, 1])),
         mlp_ratio=int(ratios.pop()),
         decoder_dim=int(hf.get("decoder_hidden_size", 256)),
         num_classes=num_classes,

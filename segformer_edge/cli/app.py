@@ -8,6 +8,7 @@ line on stderr and exit code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import typer
@@ -57,6 +58,10 @@ app.command("erf", help=erf.HELP)(erf.erf)
 app.add_typer(data.app, name="data")
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and map exceptions to exit codes."""
     from segformer_edge.errors import SegformerEdgeError
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     from .common import err_console
 
     _state["debug"] = "--debug" in (argv if argv is not None else sys.argv[1:])
+    # SIGTERM unwinds like Ctrl-C, so that every atomic write removes its temporary file.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         # Standalone mode: usage errors (bad options) print Typer's message and exit 2, --help exits 0.
         app(args=argv)
@@ -77,8 +84,13 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(f"error: this command needs {root}, which is not installed; pip install 'segformer-edge[{extra}]'", markup=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        err_console.print("interrupted: nothing half-written was left behind")
         sys.exit(130)
+    except OSError as exc:
+        if _state["debug"] or exc.filename is None:
+            raise
+        err_console.print(f"error: {exc.filename}: cannot read or write ({exc.strerror}); check the path and its permissions", markup=False)
+        sys.exit(2)
     except SegformerEdgeError as exc:
         if _state["debug"]:
             raise

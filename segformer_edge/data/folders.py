@@ -61,10 +61,12 @@ def read_image(path: Path) -> np.ndarray:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F") or (im.mode.startswith("I;16")):
                 raise DataError(f"{path}: {im.mode} image with more than 8 bits per channel; convert it to 8-bit RGB")
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                alpha = np.asarray(im.convert("RGBA"))[..., 3]
+                if (alpha < 255).any():
+                    raise DataError(f"{path}: image has transparent pixels; flatten it onto a background and save it as RGB")
             if im.mode != "RGB":
-                if im.mode in ("RGBA", "LA", "PA"):
-                    logger.debug("%s: dropping the alpha channel", path)
-                im = im.convert("RGB")
+                im = im.convert("RGB")  # grey and palette images are valid RGB after conversion
             return np.asarray(im, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from exc

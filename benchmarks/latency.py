@@ -1,0 +1,75 @@
+"""Latency of b0 at 512x512, batch 1, on this machine: torch eager fp32 and every runnable target.
+
+Exports the built-in reference model (b0) at 512x512 to each target and precision, benches each artifact
+in a fresh process next to torch eager fp32 on the same input, and writes benchmarks/RESULTS.md (machine,
+versions, table, speedups) and benchmarks/latency.png.
+
+    python benchmarks/latency.py [--threads 2] [--runs 30] [--precisions fp32,fp16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+from segformer_edge.cli.bench import _markdown, _plot
+from segformer_edge.converters.base import ExportOptions, tool_versions
+from segformer_edge.converters.bench import bench_artifact, bench_torch, machine_info
+from segformer_edge.converters.pipeline import export_artifact
+from segformer_edge.weights import builtin_checkpoint, load_pretrained
+
+HERE = Path(__file__).parent
+TARGETS = ("executorch", "tflite", "onnx", "coreml")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precisions", default="fp32,fp16")
+    parser.add_argument("--out", type=Path, default=Path("exports/bench-512"))
+    args = parser.parse_args()
+
+    ckpt = builtin_checkpoint()
+    model = load_pretrained(ckpt)
+    size = (512, 512)
+    records = [bench_torch(ckpt, size, args.threads, args.warmup, args.runs)]
+    torch_p50 = records[0]["p50_ms"]
+    for precision in args.precisions.split(","):
+        for target in TARGETS:
+            artifact, report = export_artifact(model, target, ExportOptions(precision=precision, size=size), args.out,
+                                               checkpoint=ckpt, verify_images=2)  # fmt: skip
+            record = bench_artifact(artifact.folder, args.threads, args.warmup, args.runs)
+            if record.get("status") == "ok":
+                record["speedup_vs_torch"] = torch_p50 / record["p50_ms"]
+            record["pixel_agreement"] = report["pixel_agreement"] if report else None
+            records.append(record)
+            print(json.dumps(record))
+    (HERE / "latency.json").write_text(json.dumps(records, indent=2) + "\n")
+    _plot(records, HERE / "latency.png")
+    versions = tool_versions("executorch", "litert-torch", "ai-edge-litert", "coremltools", "onnx", "onnxruntime")
+    machine = machine_info()
+    lines = [
+        "# Latency: SegFormer-B0, 512x512, batch 1",
+        "",
+        f"Measured {datetime.date.today()} by `python benchmarks/latency.py --threads {args.threads} --runs {args.runs}`,",
+        "each measurement in a fresh process, torch eager fp32 in the same run on the same input.",
+        "",
+        f"Machine: {machine.get('cpu', machine['machine'])}, {machine['cpus']} CPUs visible, {machine['system']} "
+        f"{machine['release']}, Python {machine['python']}.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "",
+        _markdown(records),
+        "",
+        "![p50 latency](latency.png)",
+        "",
+    ]
+    (HERE / "RESULTS.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

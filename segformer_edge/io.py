@@ -35,6 +35,8 @@ def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> I
         tmp = Path(name)
     try:
         yield tmp
+        # mkstemp/mkdtemp (and some writers) make 0600/0700; a finished artifact gets the usual mode.
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
         if directory:
             if target.exists():
                 # Swap folders: move the old one aside first so that a failure can restore it.
@@ -56,6 +58,12 @@ def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> I
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:

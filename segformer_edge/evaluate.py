@@ -120,11 +120,15 @@ def evaluate(
     device: str | torch.device = "cpu",
     limit: int | None = None,
     progress: Callable[[int], None] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """mIoU, per-class IoU and pixel accuracy of ``model`` on ``source``.
 
     In ``whole`` mode each image is resized to ``size`` (when given) and the prediction is resized back to
     the mask; in ``slide`` mode the image keeps its size and windows of ``meta.input_size`` are used.
+    ``shard=(rank, world)`` evaluates every ``world``-th image from ``rank``; ``reduce`` then sums the ranks'
+    confusion matrices (an all_reduce), so that the metrics are those of the whole set.
     """
     if source.labels.num_classes != model.config.num_classes:  # type: ignore[union-attr]
         from .errors import DataError
@@ -138,7 +142,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     n = len(source) if limit is None else min(limit, len(source))
-    for i in range(n):
+    rank, world = shard
+    for i in range(rank, n, world):
         image, mask = source.load(i)
         x = torch.from_numpy(transform(image))[None].to(device)  # (1, 3, H, W)
         logits = infer(model, x, source.labels.num_classes, mode=mode, crop=meta.input_size)
@@ -148,6 +153,8 @@ def evaluate(
         if progress is not None:
             progress(1)
     model.train(was_training)
+    if reduce is not None:
+        confusion.matrix = reduce(confusion.matrix)
     result = confusion.metrics(source.labels.classes)
     result["images"] = n
     result["mode"] = mode

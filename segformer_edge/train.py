@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
@@ -58,6 +59,7 @@ class TrainConfig:
         compile: Wrap the model in ``torch.compile``.
         channels_last: Use NHWC memory format (default: on CUDA).
         workers: DataLoader worker processes.
+        sync_bn: Synchronise the decoder's BatchNorm across processes (default: on with more than one).
     """
 
     variant: str = "b0"
@@ -85,6 +87,7 @@ class TrainConfig:
     channels_last: bool | None = None
     workers: int = 4
     synthetic_seed: int = 0
+    sync_bn: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -128,17 +131,28 @@ def lr_factor(iteration: int, config: TrainConfig) -> float:
     return poly
 
 
-class _InfiniteSampler(Sampler[int]):
-    """Global sample positions ``start, start + 1, ...``: the position alone fixes image and augmentation."""
+class _PositionSampler(Sampler[int]):
+    """Global sample positions of this rank's share of each iteration's batch.
 
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
+    Iteration ``i`` of the global batch ``B`` covers positions ``i*B .. i*B + B - 1``; rank ``r`` of ``W`` takes
+    the ``B / W`` positions from ``i*B + r*B/W``. A position alone fixes the image (a per-epoch permutation
+    seeded by ``(seed, epoch)``) and its augmentation, so every rank sees different images, the union of the
+    ranks' batches is exactly the single-process batch, and a resume at another world size continues the
+    same stream.
+    """
+
+    def __init__(self, start_iter: int, iters: int, batch: int, rank: int = 0, world: int = 1) -> None:
+        self.start_iter, self.iters, self.batch = start_iter, iters, batch
+        self.local = batch // world
+        self.offset = rank * self.local
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
+        for iteration in range(self.start_iter, self.iters):
+            base = iteration * self.batch + self.offset
+            yield from range(base, base + self.local)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return (self.iters - self.start_iter) * self.local
 
 
 class _TrainSet(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -161,13 +175,82 @@ class _TrainSet(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, dist_info: DistInfo | None = None) -> torch.device:
+    """``auto`` takes CUDA when there is a GPU; under torchrun each process takes its LOCAL_RANK's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {name}: no CUDA GPU is visible; use --device cpu or auto")
+    if device.type == "cuda" and dist_info is not None and dist_info.world > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
     return device
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the torchrun job described by the environment: NCCL on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    logger.info("rank %d of %d (local %d)", rank, world, local)
+    return DistInfo(rank, world, local)
+
+
+class SyncedBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm whose training statistics cover the global batch, on any backend (gloo included).
+
+    ``torch.nn.SyncBatchNorm`` needs a GPU; this one all-reduces per-channel sums with the autograd-aware
+    ``torch.distributed.nn.all_reduce``, so that N processes normalise exactly as one process would.
+    Parameters and buffers are those of ``BatchNorm2d``: checkpoints keep their layout.
+    """
+
+    @classmethod
+    def from_batch_norm(cls, bn: torch.nn.BatchNorm2d) -> SyncedBatchNorm:
+        synced = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum)
+        synced.load_state_dict(bn.state_dict())
+        return synced.to(bn.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        from torch.distributed.nn import all_reduce
+
+        c = x.shape[1]
+        count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
+        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])  # (2C + 1,)
+        stats = all_reduce(stats)
+        n = stats[-1]
+        mean = stats[:c] / n  # (C,)
+        var = stats[c : 2 * c] / n - mean * mean  # biased, as BatchNorm normalises with
+        with torch.no_grad():
+            momentum = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.mul_(1 - momentum).add_(momentum * mean)
+            self.running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))
+            self.num_batches_tracked.add_(1)
+        scale = self.weight / torch.sqrt(var + self.eps)  # (C,)
+        return x * scale.reshape(1, c, 1, 1) + (self.bias - mean * scale).reshape(1, c, 1, 1)
 
 
 class Trainer:
@@ -176,7 +259,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, resume: str | Path | None = None) -> None:
         self.config = config
         self.out = Path(config.out)
-        self.device = resolve_device(config.device)
+        self.dist = init_distributed(config.device)
+        self.device = resolve_device(config.device, self.dist)
+        if config.batch_size % self.dist.world:
+            raise DataError(
+                f"--batch-size {config.batch_size} does not split over {self.dist.world} processes; "
+                "the batch size is global: use a multiple of the process count"
+            )
         self.start_iter = 0
         self.best_miou = -1.0
         torch.manual_seed(config.seed)
@@ -197,7 +286,9 @@ class Trainer:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = self._build_optimizer()
-        self.step_model = torch.compile(self.model) if config.compile else self.model
+        self.step_model = self._wrap_distributed()
+        if config.compile:
+            self.step_model = torch.compile(self.step_model)
         if resume is not None:
             self._load_state(Path(resume))
         self.transform = TrainTransform(tuple(config.crop), tuple(config.scale), IMAGENET_MEAN, IMAGENET_STD)  # type: ignore[arg-type]
@@ -207,9 +298,21 @@ class Trainer:
         c = self.config
         if c.init:
             model = load_pretrained(c.init, num_classes=num_classes)
-            model.train()
-            return model
-        return create_model(variant_config(c.variant, num_classes=num_classes, drop_path_rate=c.drop_path_rate))
+        else:
+            model = create_model(variant_config(c.variant, num_classes=num_classes, drop_path_rate=c.drop_path_rate))
+        sync = c.sync_bn if c.sync_bn is not None else self.dist.world > 1
+        if sync and self.dist.world > 1:
+            # Same parameters and buffers, so checkpoints keep their layout.
+            model.decoder.bn = SyncedBatchNorm.from_batch_norm(model.decoder.bn)
+        return model.train()
+
+    def _wrap_distributed(self) -> torch.nn.Module:
+        if self.dist.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -258,6 +361,8 @@ class Trainer:
 
     def save_state(self, iteration: int) -> Path:
         path = self.out / "last.pt"
+        if not self.dist.main:
+            return path
         with atomic_path(path) as tmp:
             torch.save(self._state(iteration), tmp)
         return path
@@ -271,13 +376,11 @@ class Trainer:
 
     def _loader(self) -> DataLoader:
         c = self.config
-        start = self.start_iter * c.batch_size
-        stop = c.iters * c.batch_size
         dataset = _TrainSet(self.train_source, self.transform, c.seed)
         return DataLoader(
             dataset,
-            batch_size=c.batch_size,
-            sampler=_InfiniteSampler(start, stop),
+            batch_size=c.batch_size // self.dist.world,
+            sampler=_PositionSampler(self.start_iter, c.iters, c.batch_size, self.dist.rank, self.dist.world),
             num_workers=c.workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
@@ -295,13 +398,16 @@ class Trainer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
+        main = self.dist.main
         log_path = self.out / "log.jsonl"
-        if self.start_iter == 0 and log_path.exists():
-            log_path.unlink()
-        elif self.start_iter > 0:
-            self._truncate_log(log_path, self.start_iter)
+        if main:  # only rank 0 writes
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
+            if self.start_iter == 0 and log_path.exists():
+                log_path.unlink()
+            elif self.start_iter > 0:
+                self._truncate_log(log_path, self.start_iter)
+        progress = progress and main
         amp = self.device.type == "cuda"
         self.model.train()
         columns = [
@@ -320,24 +426,26 @@ class Trainer:
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = self.step_model(x)  # (B, K, h/4, w/4)
+                    logits = self.step_model(x)  # (b, K, h/4, w/4)
                     logits = F.interpolate(logits, size=y.shape[1:], mode="bilinear", align_corners=False)
-                    loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
+                    loss = self._loss(logits.float(), y)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"loss became {loss.item()} at iteration {iteration}; lower --lr")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 iteration += 1
-                window_loss += float(loss.detach())
-                window_images += x.shape[0]
+                window_loss += float(loss.detach()) / self.dist.world  # this rank's share of the global mean
+                window_images += x.shape[0] * self.dist.world
                 if iteration % c.log_interval == 0 or iteration == c.iters:
                     if amp:
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
                     steps = max(1, window_images // c.batch_size)
+                    window_loss = self._all_sum(window_loss)
                     record = {"iter": iteration, "loss": window_loss / steps, "lr": lr, "img_per_s": window_images / elapsed}
-                    self._log(log_path, record)
+                    if main:
+                        self._log(log_path, record)
                     bar.update(task, status=f"loss {record['loss']:.4f} · lr {lr:.2e} · {record['img_per_s']:.1f} img/s")
                     window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
                 if iteration % c.eval_interval == 0 or iteration == c.iters:
@@ -348,23 +456,68 @@ class Trainer:
                 bar.update(task, completed=iteration)
                 if iteration == stop_after:
                     return last_metrics
-        save_checkpoint(self.model, self.out / "final.safetensors")
-        self.plot()
+        if main:
+            save_checkpoint(self.model, self.out / "final.safetensors")
+            self.plot()
         return last_metrics
+
+    def close(self) -> None:
+        """Leave the process group (torchrun jobs)."""
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy averaged over the labelled pixels of the *global* batch.
+
+        Each rank divides its sum by the global count (times the world size, which DDP's gradient mean
+        divides out again), so that 1 and N processes compute the same gradient.
+        """
+        total = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (y != IGNORE_INDEX).sum().float()
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(count)
+            return total * self.dist.world / count.clamp(min=1)
+        return total / count.clamp(min=1)
+
+    def _all_sum(self, value: float) -> float:
+        if self.dist.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
 
     def _evaluate(self, iteration: int, log_path: Path) -> dict[str, Any]:
         metrics = evaluate(
             self.model, self.val_source, self.model.meta, size=tuple(self.config.crop), device=self.device,
-            limit=self.config.eval_images,
+            limit=self.config.eval_images, shard=(self.dist.rank, self.dist.world), reduce=self._reduce_matrix,
         )  # fmt: skip
         record = {"iter": iteration, "val_miou": metrics["miou"], "val_pixel_accuracy": metrics["pixel_accuracy"]}
-        self._log(log_path, record)
-        logger.info("iteration %d: val mIoU %.4f", iteration, metrics["miou"])
         if metrics["miou"] > self.best_miou:
             self.best_miou = metrics["miou"]
-            save_checkpoint(self.model, self.out / "best.safetensors")
+            if self.dist.main:
+                save_checkpoint(self.model, self.out / "best.safetensors")
+        if self.dist.main:
+            self._log(log_path, record)
+            logger.info("iteration %d: val mIoU %.4f", iteration, metrics["miou"])
         self.model.train()
         return metrics
+
+    def _reduce_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        """Sum the ranks' confusion matrices: distributed evaluation gives the exact single-process mIoU."""
+        if self.dist.world == 1:
+            return matrix
+        import torch.distributed as dist
+
+        t = torch.from_numpy(matrix).to(self.device)
+        dist.all_reduce(t)
+        return t.cpu().numpy()
 
     @staticmethod
     def _log(path: Path, record: dict[str, Any]) -> None:

@@ -22,6 +22,8 @@ Examples:
   segformer-edge train --data /data/ADEChallengeData2016 --variant b0 --init mit-b0/ --out runs/ade
 
   segformer-edge train --resume runs/reference/last.pt
+
+  torchrun --nproc_per_node 8 -m segformer_edge train --data /data/ade --batch-size 16
 """
 
 
@@ -42,6 +44,7 @@ def train(
     eval_interval: Annotated[int | None, typer.Option(min=1, help="Evaluate every N iterations.")] = None,
     ckpt_interval: Annotated[int | None, typer.Option(min=1, help="Write last.pt every N iterations.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue from a run's last.pt.")] = None,
+    sync_bn: Annotated[bool | None, typer.Option("--sync-bn/--no-sync-bn", help="Sync the decoder BatchNorm across processes (default: on under torchrun).")] = None,
 ) -> None:
     from segformer_edge.train import Trainer, TrainConfig, config_from_preset
 
@@ -58,9 +61,13 @@ def train(
         config = config_from_preset(
             preset, variant=variant, data=data, out=out, iters=iters, batch_size=batch_size, lr=lr,
             crop=crop, init=init, device=device, compile=compile or None, workers=workers, seed=seed,
-            eval_interval=eval_interval, ckpt_interval=ckpt_interval,
+            eval_interval=eval_interval, ckpt_interval=ckpt_interval, sync_bn=sync_bn,
         )  # fmt: skip
     trainer = Trainer(config, resume=resume)
-    console.print(f"training {config.variant} on {config.data} ({trainer.device}) -> {config.out}")
+    main = trainer.dist.main
+    if main:
+        console.print(f"training {config.variant} on {config.data} ({trainer.device}, {trainer.dist.world} process(es)) -> {config.out}")
     metrics = trainer.train()
-    console.print(f"done: val mIoU {metrics.get('miou', float('nan')):.4f}, best {trainer.best_miou:.4f}; {config.out}")
+    if main:
+        console.print(f"done: val mIoU {metrics.get('miou', float('nan')):.4f}, best {trainer.best_miou:.4f}; {config.out}")
+    trainer.close()

@@ -259,6 +259,18 @@ def prepare_input(images: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def calibration_inputs(options: ExportOptions, example: Any) -> list[Any]:
+    """The calibration images as the graph's inputs (kind and layout of ``options``), one tensor per image."""
+    import torch
+
+    calib = options.extra.get("calibration")
+    if calib is None:
+        raise ExportError("int8 needs a calibration set: pass --calibration DIR or let export calibrate on the fly")
+    spec = {"input": {"kind": options.input_kind, "layout": options.layout, "normalization": options.extra["normalization"]}}
+    batch = prepare_input(calib.images, spec)
+    return [torch.from_numpy(batch[i : i + 1]).to(example.dtype) for i in range(len(batch))]
+
+
 def conversion_error(target: str, exc: BaseException) -> ExportError:
     """A one-line ExportError naming the target and, where the message has one, the op."""
     import re

@@ -56,7 +56,7 @@ class CoreMLRunner:
 class CoreMLTarget(Target):
     name = "coreml"
     suffix = ".mlpackage"
-    precisions = ("fp32", "fp16")
+    precisions = ("fp32", "fp16", "int8")
     runtime_modules = ("coremltools",)
 
     def input_dtype(self, options: ExportOptions) -> str:
@@ -66,18 +66,22 @@ class CoreMLTarget(Target):
         import coremltools as ct
         import torch
 
+        meta, variant = module.model.meta, module.model.config.variant
+        quantization = None
+        if options.precision == "int8":
+            module, quantization = self._quantize(module, example.float(), options)
         program = torch.export.export(module, (example.float(),)).run_decompositions({})
         if options.image_input:
             inputs = [ct.ImageType(name="x", shape=tuple(example.shape), scale=1.0 / 255.0, color_layout=ct.colorlayout.RGB)]
         else:
             inputs = [ct.TensorType(name="x", shape=tuple(example.shape), dtype=np.float32)]
         precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
+        target = ct.target.iOS17 if options.precision == "int8" else ct.target.iOS16
         model = ct.convert(
             program, convert_to="mlprogram", inputs=inputs, outputs=[ct.TensorType(name="out")],
-            compute_precision=precision, minimum_deployment_target=ct.target.iOS16,
+            compute_precision=precision, minimum_deployment_target=target,
         )  # fmt: skip
-        meta = module.model.meta
-        model.short_description = f"SegFormer-{module.model.config.variant.upper()} semantic segmentation ({options.output})"
+        model.short_description = f"SegFormer-{variant.upper()} semantic segmentation ({options.output})"
         model.user_defined_metadata.update({
             "classes": json.dumps(list(meta.class_names)),
             "palette": json.dumps([list(c) for c in meta.palette]),
@@ -88,7 +92,30 @@ class CoreMLTarget(Target):
         })  # fmt: skip
         model.save(str(path))
         ops = sorted({op.op_type for f in model._mil_program.functions.values() for op in f.operations})
-        return {"coreml": {"ops": ops, "image_input": options.image_input, "deployment_target": "iOS16"}}
+        result: dict[str, Any] = {"coreml": {"ops": ops, "image_input": options.image_input,
+                                             "deployment_target": "iOS17" if options.precision == "int8" else "iOS16"}}
+        if quantization:
+            result["quantization"] = quantization
+        return result
+
+    @staticmethod
+    def _quantize(module, example, options: ExportOptions):  # type: ignore[no-untyped-def]
+        """W8A8 made on the torch side (coremltools' activation calibration needs macOS): PT2E with Core ML's
+        quantizer, per-channel symmetric int8 weights and uint8 activations."""
+        import torch
+        from coremltools.optimize.torch.quantization.quantization_config import LinearQuantizerConfig, QuantizationScheme
+        from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
+
+        from segformer_edge.calibration.recipes import pt2e_quantize
+
+        from .base import calibration_inputs
+
+        config = LinearQuantizerConfig.from_dict({"global_config": {
+            "quantization_scheme": QuantizationScheme.symmetric, "activation_dtype": torch.quint8,
+            "weight_dtype": torch.qint8, "weight_per_channel": True,
+        }})  # fmt: skip
+        quantized = pt2e_quantize(module, example, CoreMLQuantizer(config), calibration_inputs(options, example))
+        return quantized, {"quantizer": "CoreMLQuantizer (W8A8, per-channel weights; activation observer: Core ML's own)"}
 
     def load(self, artifact: Artifact) -> CoreMLRunner:
         return CoreMLRunner(artifact)

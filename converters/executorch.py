@@ -81,7 +81,7 @@ class _HalfCompute:
 class ExecuTorchTarget(Target):
     name = "executorch"
     suffix = ".pte"
-    precisions = ("fp32", "fp16")
+    precisions = ("fp32", "fp16", "int8")
     runtime_modules = ("executorch",)
 
     def prepare(self, module):  # type: ignore[no-untyped-def]
@@ -96,13 +96,38 @@ class ExecuTorchTarget(Target):
 
         if options.precision == "fp16":
             module = _HalfCompute(module)
+        quantization = None
+        if options.precision == "int8":
+            module, quantization = self._quantize(module, example, options)
         program = torch.export.export(module, (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         report = delegation_report(edge.exported_program().graph_module)
         path.write_bytes(edge.to_executorch().buffer)
         if report["portable_ops"]:
             logger.warning("executorch: ops left to portable kernels: %s", ", ".join(report["portable_ops"]))
-        return {"delegation": report}
+        return {"delegation": report, **({"quantization": quantization} if quantization else {})}
+
+    @staticmethod
+    def _quantize(module, example, options: ExportOptions):  # type: ignore[no-untyped-def]
+        """XNNPACKQuantizer, static, per-channel weights; LayerNorm statistics deliberately stay fp32."""
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+
+        from segformer_edge.calibration.recipes import pt2e_quantize, with_activation_observer
+
+        from .base import calibration_inputs
+        from .graph import DecomposedLayerNorm
+
+        calib = options.extra["calibration"]
+        config = with_activation_observer(get_symmetric_quantization_config(is_per_channel=True), calib.method)
+        quantizer = XNNPACKQuantizer().set_global(config)
+        quantizer.set_module_type(DecomposedLayerNorm, None)
+        for name in options.extra.get("float_modules", []):
+            quantizer.set_module_name(name, None)
+        quantized = pt2e_quantize(module, example, quantizer, calibration_inputs(options, example))
+        return quantized, {"quantizer": "XNNPACKQuantizer (static, per-channel weights)", "float_ops": ["layer_norm", "softmax", "gelu"]}
 
     def load(self, artifact: Artifact) -> ExecuTorchRunner:
         self.check_runtime()

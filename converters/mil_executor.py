@@ -131,6 +131,12 @@ class MilProgram:
             if op.type == "const":
                 env[op.outputs[0].name] = self._value(op.attributes["val"])
                 continue
+            if op.type == "constexpr_affine_dequantize":  # weights stored as int8 + scale/zero point
+                attrs = {k: self._value(v) for k, v in op.attributes.items() if k != "name"}
+                env[op.outputs[0].name] = _dequantize(
+                    attrs["quantized_data"], attrs["scale"], attrs.get("zero_point"), attrs.get("axis")
+                ).astype(self._dtype(op.outputs[0].type))
+                continue
             kernel = _KERNELS.get(op.type)
             if kernel is None:
                 raise UnsupportedOpError(
@@ -319,6 +325,31 @@ def _reduce(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
     return kernel
 
 
+def _along(v: Any, ndim: int, axis: Any) -> np.ndarray:
+    """A per-tensor scalar, or a per-channel vector shaped to broadcast along ``axis``."""
+    v = np.asarray(v, dtype=np.float32)
+    if v.ndim == 0 or v.size == 1:
+        return v.reshape(())
+    shape = [1] * ndim
+    shape[int(axis) % ndim] = -1
+    return v.reshape(shape)
+
+
+def _dequantize(input, scale, zero_point=None, axis=None):  # type: ignore[no-untyped-def]
+    q = np.asarray(input).astype(np.float32)
+    zp = 0.0 if zero_point is None else _along(zero_point, q.ndim, axis)
+    return (q - zp) * _along(scale, q.ndim, axis)
+
+
+def _quantize(input, scale, output_dtype, zero_point=None, axis=None):  # type: ignore[no-untyped-def]
+    x = _f(input)
+    dtype = _CAST_NAMES[str(output_dtype)]
+    zp = 0.0 if zero_point is None else _along(zero_point, x.ndim, axis)
+    q = np.round(x / _along(scale, x.ndim, axis)) + zp  # round half to even, as Core ML
+    info = np.iinfo(dtype)
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
 def _argmax(x, axis=-1, keep_dims=False):  # type: ignore[no-untyped-def]
     out = np.argmax(np.asarray(x), axis=int(axis))
     return np.expand_dims(out, int(axis)) if keep_dims else out
@@ -363,4 +394,6 @@ _KERNELS: dict[str, Callable[..., Any]] = {
     "reduce_sum": _reduce(np.sum),
     "reduce_max": _reduce(np.max),
     "reduce_argmax": _argmax,
+    "quantize": _quantize,
+    "dequantize": _dequantize,
 }

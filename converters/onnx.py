@@ -32,7 +32,7 @@ class OnnxRunner:
 class OnnxTarget(Target):
     name = "onnx"
     suffix = ".onnx"
-    precisions = ("fp32", "fp16")
+    precisions = ("fp32", "fp16", "int8")
     dynamic_shapes = True
     runtime_modules = ("onnxruntime",)
     extra = "runtime"
@@ -42,6 +42,8 @@ class OnnxTarget(Target):
         import torch
         from torch.export import Dim
 
+        if options.precision == "int8":
+            return self._convert_int8(module, example, options, path)
         dynamic = None
         if options.dynamic:
             hd, wd = (1, 2) if options.layout == "nhwc" else (2, 3)
@@ -57,6 +59,44 @@ class OnnxTarget(Target):
         onnx.save_model(model, str(path))
         ops = sorted({node.op_type for node in model.graph.node})
         return {"onnx": {"opset": int(model.opset_import[0].version), "ops": ops}}
+
+    def _convert_int8(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        """QDQ static INT8 through onnxruntime.quantization, calibrated on the same set as every target."""
+        import tempfile
+        from dataclasses import replace
+
+        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        from .base import calibration_inputs
+
+        calib = options.extra["calibration"]
+        inputs = [x.numpy() for x in calibration_inputs(options, example)]
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.items = iter([{"x": x} for x in inputs])
+
+            def get_next(self):  # type: ignore[no-untyped-def]
+                return next(self.items, None)
+
+        methods = {
+            "minmax": (CalibrationMethod.MinMax, {}),
+            "moving_average": (CalibrationMethod.MinMax, {"CalibMovingAverage": True}),
+            "percentile": (CalibrationMethod.Percentile, {"CalibPercentile": 99.99}),
+            "mse": (CalibrationMethod.Entropy, {}),  # ORT has no MSE search; entropy (KL) is its closest
+        }
+        method, extra = methods[calib.method]
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
+            self.convert(module, example, replace(options, precision="fp32", dynamic=False), fp32)
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            quantize_static(
+                str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                nodes_to_exclude=options.extra.get("float_onnx_nodes", []), extra_options=extra,
+            )  # fmt: skip
+        return {"onnx": {"format": "QDQ"}, "quantization": {"quantizer": f"onnxruntime quantize_static ({method.name})"}}
 
     def load(self, artifact: Artifact) -> OnnxRunner:
         self.check_runtime()

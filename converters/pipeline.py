@@ -85,6 +85,9 @@ def export_artifact(
     verify: bool = True,
     verify_data: str = "synthetic",
     verify_images: int = 4,
+    calibration: Any | None = None,
+    calibration_images: int = 32,
+    calibration_method: str = "mse",
 ) -> tuple[Artifact, dict[str, Any] | None]:
     """Convert ``model`` for one target into ``out_dir/<name>/``; optionally verify parity before it lands.
 
@@ -105,6 +108,22 @@ def export_artifact(
     if options.image_input and target_name != "coreml":
         raise ExportError(f"{target_name}: --image-input is a Core ML option")
     model = model.eval()
+    float_model = model
+    checkpoint_sha = checkpoint_digest(checkpoint) if checkpoint else None
+    if options.precision == "int8":
+        from segformer_edge.calibration.calibset import select_calibration_set
+
+        from .graph import fold_batch_norm
+
+        if calibration is None:
+            calibration = select_calibration_set(
+                "synthetic" if model.meta.class_names[0] == "sky" else verify_data, calibration_images, options.size,
+                model.config.num_classes, method=calibration_method, checkpoint_sha256=checkpoint_sha,
+            )  # fmt: skip
+        calibration.check_for(checkpoint_sha, options.size, "--calibration")
+        options.extra["calibration"] = calibration
+        options.extra["normalization"] = {"mean": list(model.meta.mean), "std": list(model.meta.std)}
+        model = fold_batch_norm(model)  # the quantizers see conv + bias, not conv + BatchNorm
     edge_options = options
     if options.image_input:  # Core ML scales the camera frame by 1/255; the graph normalises 0..1 RGB
         from dataclasses import replace
@@ -127,8 +146,7 @@ def export_artifact(
         manifest["input"]["dtype"] = "float32"
     manifest.update({
         "quantization": None,
-        "checkpoint": {"name": checkpoint.name if checkpoint else None,
-                       "sha256": checkpoint_digest(checkpoint) if checkpoint else None},
+        "checkpoint": {"name": checkpoint.name if checkpoint else None, "sha256": checkpoint_sha},
         "tool_versions": tool_versions(*_TOOLS.get(target_name, ())),
     })  # fmt: skip
     started = time.perf_counter()
@@ -141,7 +159,16 @@ def export_artifact(
             raise
         except Exception as exc:  # noqa: BLE001 - every converter failure becomes one clear error
             raise conversion_error(target_name, exc) from exc
+        quant = extra.pop("quantization", None)
         manifest.update(extra)
+        if options.precision == "int8":
+            calib = options.extra["calibration"]
+            manifest["quantization"] = {
+                **(quant or {}), "method": calib.method, "calibration_sha256": calib.sha256,
+                "calibration_images": len(calib.images), "calibration_data": calib.data,
+                "class_coverage": calib.coverage, "float_modules": list(options.extra.get("float_modules", [])),
+                "batch_norm": "folded into the decoder's fuse conv",
+            }  # fmt: skip
         manifest["file"] = file.name
         manifest["sha256"] = file_sha256(file)
         manifest["size_bytes"] = sum(p.stat().st_size for p in file.rglob("*") if p.is_file()) if file.is_dir() else file.stat().st_size
@@ -150,7 +177,7 @@ def export_artifact(
         artifact.write_manifest()
         report = None
         if verify:
-            report = verify_artifact(tmp, model=model, data=verify_data, num_images=verify_images)
+            report = verify_artifact(tmp, model=float_model, data=verify_data, num_images=verify_images)
             manifest["parity"] = report
             artifact.write_manifest()
     artifact = Artifact(folder, folder / file.name, manifest)

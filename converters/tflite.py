@@ -85,13 +85,15 @@ class LiteRTRunner:
 class TFLiteTarget(Target):
     name = "tflite"
     suffix = ".tflite"
-    precisions = ("fp32", "fp16")
+    precisions = ("fp32", "fp16", "int8")
     runtime_modules = ("ai_edge_litert",)
     extra = "runtime"
 
     def convert(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import litert_torch
 
+        if options.precision == "int8":
+            return self._convert_int8(module, example, options, path)
         edge = litert_torch.convert(module, (example,))
         edge.export(str(path))
         if options.precision == "fp16":
@@ -100,6 +102,28 @@ class TFLiteTarget(Target):
             qt = quantizer.Quantizer(str(path), _FP16_RECIPE)
             path.write_bytes(bytes(qt.quantize().quantized_model))
         return {"tflite": {"converter": "litert-torch", "weights": "fp16" if options.precision == "fp16" else "fp32"}}
+
+    @staticmethod
+    def _convert_int8(module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        """litert-torch PT2E full integer: int8 weights and activations, int8 input and output tensors."""
+        import litert_torch
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        from segformer_edge.calibration.recipes import pt2e_quantize, with_activation_observer
+
+        from .base import calibration_inputs
+
+        calib = options.extra["calibration"]
+        config = with_activation_observer(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False), calib.method)
+        quantizer = PT2EQuantizer().set_global(config)
+        for name in options.extra.get("float_modules", []):
+            quantizer.set_module_name(name, None)
+        quantized = pt2e_quantize(module, example, quantizer, calibration_inputs(options, example), fold_quantize=False)
+        edge = litert_torch.convert(quantized, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+        edge.export(str(path))
+        return {"tflite": {"converter": "litert-torch", "weights": "int8"},
+                "quantization": {"quantizer": "litert-torch PT2EQuantizer (static, per-channel weights)", "io": "int8"}}
 
     def load(self, artifact: Artifact) -> LiteRTRunner:
         return LiteRTRunner(artifact)

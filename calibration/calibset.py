@@ -1,0 +1,153 @@
+"""Calibration sets: N training images chosen to cover the classes, hashed, saved as a folder.
+
+The images are picked greedily from a seeded candidate pool so that every class appears in as many images
+as the set allows (class coverage is recorded), never the single example input. The folder holds
+``images.npy`` (N, H, W, 3) uint8 at the export size and ``calibration.json`` (data, seed, method, the
+checkpoint's sha256, the set's sha256, indices and coverage); ``export --precision int8 --calibration DIR``
+checks all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segformer_edge.errors import DataError
+
+__all__ = ["CALIBRATION_FORMAT", "METHODS", "CalibrationSet", "select_calibration_set"]
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_FORMAT = "segformer-edge-calibration/1"
+METHODS = ("minmax", "moving_average", "percentile", "mse")
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration images at the export size, with where they came from."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    data: str
+    seed: int
+    method: str = "mse"
+    indices: list[int] = field(default_factory=list)
+    coverage: dict[str, int] = field(default_factory=dict)
+    checkpoint_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise DataError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            raise DataError(f"calibration images must be (N, H, W, 3) uint8, got {self.images.shape} {self.images.dtype}")
+        if len(self.images) == 0:
+            raise DataError(f"{self.data}: zero calibration images; calibrate on at least one image")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    @property
+    def sha256(self) -> str:
+        digest = hashlib.sha256(str(self.images.shape).encode())
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        return digest.hexdigest()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "format": CALIBRATION_FORMAT, "data": self.data, "seed": self.seed, "method": self.method,
+            "images": len(self.images), "size": list(self.size), "indices": self.indices, "coverage": self.coverage,
+            "sha256": self.sha256, "checkpoint_sha256": self.checkpoint_sha256,
+        }  # fmt: skip
+
+    def save(self, folder: str | Path) -> Path:
+        from segformer_edge.io import atomic_path, atomic_write_bytes
+
+        folder = Path(folder)
+        with atomic_path(folder, directory=True) as tmp:
+            buffer = io.BytesIO()
+            np.save(buffer, self.images, allow_pickle=False)
+            atomic_write_bytes(tmp / "images.npy", buffer.getvalue())
+            atomic_write_bytes(tmp / "calibration.json", (json.dumps(self.info(), indent=2) + "\n").encode())
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> CalibrationSet:
+        folder = Path(folder)
+        meta_path, images_path = folder / "calibration.json", folder / "images.npy"
+        if not meta_path.is_file() or not images_path.is_file():
+            raise DataError(f"{folder}: not a calibration folder (calibration.json and images.npy); run segformer-edge calibrate")
+        try:
+            meta = json.loads(meta_path.read_text())
+            images = np.load(images_path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{folder}: damaged calibration folder ({exc})") from exc
+        if meta.get("format") != CALIBRATION_FORMAT:
+            raise DataError(f"{meta_path}: not a segformer-edge calibration file")
+        calib = cls(images, meta["data"], int(meta["seed"]), meta["method"], list(meta["indices"]), dict(meta["coverage"]),
+                    meta.get("checkpoint_sha256"))  # fmt: skip
+        if calib.sha256 != meta["sha256"]:
+            raise DataError(f"{images_path}: the images do not match the recorded sha256; recalibrate")
+        return calib
+
+    def check_for(self, checkpoint_sha256: str | None, size: tuple[int, int], source: str | Path) -> None:
+        """Refuse a set made for another checkpoint or another input size."""
+        if self.checkpoint_sha256 and checkpoint_sha256 and self.checkpoint_sha256 != checkpoint_sha256:
+            raise DataError(
+                f"{source}: this calibration set was made for another checkpoint (sha256 "
+                f"{self.checkpoint_sha256[:12]}...); recalibrate with segformer-edge calibrate for this one"
+            )
+        if tuple(size) != self.size:
+            raise DataError(f"{source}: calibration images are {self.size[0]}x{self.size[1]} but the export is {size[0]}x{size[1]}")
+
+
+def select_calibration_set(
+    data: str,
+    num_images: int,
+    size: tuple[int, int],
+    num_classes: int,
+    *,
+    seed: int = 0,
+    method: str = "mse",
+    checkpoint_sha256: str | None = None,
+    class_names: list[str] | None = None,
+) -> CalibrationSet:
+    """Pick ``num_images`` training images spread across the classes, resized to ``size``."""
+    from segformer_edge.data import open_source
+    from segformer_edge.data.transforms import _resize
+
+    if num_images < 1:
+        raise DataError(f"--num-images {num_images}: zero calibration images; use at least 1")
+    source = open_source(data, "train")
+    if source.labels.num_classes != num_classes:
+        raise DataError(f"{data}: the data has {source.labels.num_classes} classes but the model has {num_classes}")
+    rng = np.random.default_rng(seed)
+    pool = rng.permutation(len(source))[: max(num_images, min(len(source), 4 * num_images))]
+    images, present = {}, {}
+    for index in pool:
+        image, mask = source.load(int(index))
+        image, mask = _resize(image, mask, size)
+        images[int(index)] = image
+        labels = np.unique(mask)
+        present[int(index)] = {int(v) for v in labels if v < num_classes}
+    counts = np.zeros(num_classes)
+    chosen: list[int] = []
+    for _ in range(min(num_images, len(pool))):
+        # Score: how much each candidate adds to the classes seen least so far (ties: pool order).
+        best = max((i for i in present if i not in chosen), key=lambda i: sum(1.0 / (1.0 + counts[c]) for c in present[i]))
+        chosen.append(best)
+        for c in present[best]:
+            counts[c] += 1
+    names = class_names or source.labels.classes
+    coverage = {names[c]: int(counts[c]) for c in range(num_classes)}
+    missing = [n for n, k in coverage.items() if k == 0]
+    if missing:
+        logger.warning("calibration set has no image of: %s", ", ".join(missing))
+    stack = np.stack([images[i] for i in chosen])  # (N, H, W, 3)
+    return CalibrationSet(stack, data, seed, method, chosen, coverage, checkpoint_sha256)

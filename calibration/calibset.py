@@ -40,6 +40,7 @@ class CalibrationSet:
     indices: list[int] = field(default_factory=list)
     coverage: dict[str, int] = field(default_factory=dict)
     checkpoint_sha256: str | None = None
+    masks: np.ndarray | None = None  # (N, H, W) uint8 labels, for the sensitivity analysis
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,6 +75,10 @@ class CalibrationSet:
             buffer = io.BytesIO()
             np.save(buffer, self.images, allow_pickle=False)
             atomic_write_bytes(tmp / "images.npy", buffer.getvalue())
+            if self.masks is not None:
+                buffer = io.BytesIO()
+                np.save(buffer, self.masks, allow_pickle=False)
+                atomic_write_bytes(tmp / "masks.npy", buffer.getvalue())
             atomic_write_bytes(tmp / "calibration.json", (json.dumps(self.info(), indent=2) + "\n").encode())
         return folder
 
@@ -86,12 +91,13 @@ class CalibrationSet:
         try:
             meta = json.loads(meta_path.read_text())
             images = np.load(images_path, allow_pickle=False)
+            masks = np.load(folder / "masks.npy", allow_pickle=False) if (folder / "masks.npy").is_file() else None
         except (OSError, ValueError) as exc:
             raise DataError(f"{folder}: damaged calibration folder ({exc})") from exc
         if meta.get("format") != CALIBRATION_FORMAT:
             raise DataError(f"{meta_path}: not a segformer-edge calibration file")
         calib = cls(images, meta["data"], int(meta["seed"]), meta["method"], list(meta["indices"]), dict(meta["coverage"]),
-                    meta.get("checkpoint_sha256"))  # fmt: skip
+                    meta.get("checkpoint_sha256"), masks)  # fmt: skip
         if calib.sha256 != meta["sha256"]:
             raise DataError(f"{images_path}: the images do not match the recorded sha256; recalibrate")
         return calib
@@ -129,11 +135,12 @@ def select_calibration_set(
         raise DataError(f"{data}: the data has {source.labels.num_classes} classes but the model has {num_classes}")
     rng = np.random.default_rng(seed)
     pool = rng.permutation(len(source))[: max(num_images, min(len(source), 4 * num_images))]
-    images, present = {}, {}
+    images, masks, present = {}, {}, {}
     for index in pool:
         image, mask = source.load(int(index))
         image, mask = _resize(image, mask, size)
         images[int(index)] = image
+        masks[int(index)] = mask
         labels = np.unique(mask)
         present[int(index)] = {int(v) for v in labels if v < num_classes}
     counts = np.zeros(num_classes)
@@ -150,4 +157,5 @@ def select_calibration_set(
     if missing:
         logger.warning("calibration set has no image of: %s", ", ".join(missing))
     stack = np.stack([images[i] for i in chosen])  # (N, H, W, 3)
-    return CalibrationSet(stack, data, seed, method, chosen, coverage, checkpoint_sha256)
+    labels = np.stack([masks[i] for i in chosen])  # (N, H, W)
+    return CalibrationSet(stack, data, seed, method, chosen, coverage, checkpoint_sha256, labels)

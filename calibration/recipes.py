@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
 
-__all__ = ["PercentileObserver", "activation_observer", "pt2e_quantize", "with_activation_observer"]
+__all__ = ["PercentileObserver", "activation_observer", "keep_float", "pt2e_quantize", "with_activation_observer"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,18 @@ def with_activation_observer(config: Any, method: str) -> Any:
         if spec is not None:
             changes[name] = dataclasses.replace(spec, observer_or_fake_quant_ctr=ctr)
     return dataclasses.replace(config, **changes)
+
+
+def keep_float(quantizer: Any, module_names: Iterable[str]) -> Any:
+    """Leave these submodules unquantized in an XNNPACK-style PT2E quantizer.
+
+    ``set_module_name(name, None)`` asserts in the XNNPACK and litert-torch quantizers, but their annotation
+    already treats a ``None`` config as "do not annotate" (the path ``set_module_type(T, None)`` takes); the
+    entry is written directly so that those modules also drop out of the global config.
+    """
+    for name in module_names:
+        quantizer.module_name_config[name] = None
+    return quantizer
 
 
 def pt2e_quantize(

@@ -110,10 +110,11 @@ class CoreMLTarget(Target):
 
         from .base import calibration_inputs
 
-        config = LinearQuantizerConfig.from_dict({"global_config": {
-            "quantization_scheme": QuantizationScheme.symmetric, "activation_dtype": torch.quint8,
-            "weight_dtype": torch.qint8, "weight_per_channel": True,
-        }})  # fmt: skip
+        config = LinearQuantizerConfig.from_dict({
+            "global_config": {"quantization_scheme": QuantizationScheme.symmetric, "activation_dtype": torch.quint8,
+                              "weight_dtype": torch.qint8, "weight_per_channel": True},
+            "module_name_configs": {name: None for name in options.extra.get("float_modules", [])},
+        })  # fmt: skip
         quantized = pt2e_quantize(module, example, CoreMLQuantizer(config), calibration_inputs(options, example))
         return quantized, {"quantizer": "CoreMLQuantizer (W8A8, per-channel weights; activation observer: Core ML's own)"}
 

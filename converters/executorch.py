@@ -115,7 +115,7 @@ class ExecuTorchTarget(Target):
             get_symmetric_quantization_config,
         )
 
-        from segformer_edge.calibration.recipes import pt2e_quantize, with_activation_observer
+        from segformer_edge.calibration.recipes import keep_float, pt2e_quantize, with_activation_observer
 
         from .base import calibration_inputs
         from .graph import DecomposedLayerNorm
@@ -124,8 +124,7 @@ class ExecuTorchTarget(Target):
         config = with_activation_observer(get_symmetric_quantization_config(is_per_channel=True), calib.method)
         quantizer = XNNPACKQuantizer().set_global(config)
         quantizer.set_module_type(DecomposedLayerNorm, None)
-        for name in options.extra.get("float_modules", []):
-            quantizer.set_module_name(name, None)
+        keep_float(quantizer, options.extra.get("float_modules", []))
         quantized = pt2e_quantize(module, example, quantizer, calibration_inputs(options, example))
         return quantized, {"quantizer": "XNNPACKQuantizer (static, per-channel weights)", "float_ops": ["layer_norm", "softmax", "gelu"]}
 

@@ -91,16 +91,40 @@ class OnnxTarget(Target):
             fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
             self.convert(module, example, replace(options, precision="fp32", dynamic=False), fp32)
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            excluded = _nodes_in_modules(pre, options.extra.get("float_modules", []))
             quantize_static(
                 str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-                nodes_to_exclude=options.extra.get("float_onnx_nodes", []), extra_options=extra,
+                nodes_to_exclude=excluded, extra_options=extra,
             )  # fmt: skip
         return {"onnx": {"format": "QDQ"}, "quantization": {"quantizer": f"onnxruntime quantize_static ({method.name})"}}
 
     def load(self, artifact: Artifact) -> OnnxRunner:
         self.check_runtime()
         return OnnxRunner(artifact)
+
+
+def _nodes_in_modules(path: Path, modules: list[str]) -> list[str]:
+    """Names of the ONNX nodes that the dynamo exporter traced inside any of ``modules`` (its name scopes)."""
+    if not modules:
+        return []
+    import ast
+
+    import onnx
+
+    names = []
+    for node in onnx.load(str(path)).graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if scopes is None:
+            continue
+        try:
+            scope_list = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            continue
+        if any(m in scope_list for m in modules):
+            names.append(node.name)
+    logger.info("onnx: %d nodes kept in float for %s", len(names), ", ".join(modules))
+    return names
 
 
 def _to_fp16(model):  # type: ignore[no-untyped-def]

@@ -110,15 +110,14 @@ class TFLiteTarget(Target):
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
         from litert_torch.quantize.quant_config import QuantConfig
 
-        from segformer_edge.calibration.recipes import pt2e_quantize, with_activation_observer
+        from segformer_edge.calibration.recipes import keep_float, pt2e_quantize, with_activation_observer
 
         from .base import calibration_inputs
 
         calib = options.extra["calibration"]
         config = with_activation_observer(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False), calib.method)
         quantizer = PT2EQuantizer().set_global(config)
-        for name in options.extra.get("float_modules", []):
-            quantizer.set_module_name(name, None)
+        keep_float(quantizer, options.extra.get("float_modules", []))
         quantized = pt2e_quantize(module, example, quantizer, calibration_inputs(options, example), fold_quantize=False)
         edge = litert_torch.convert(quantized, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
         edge.export(str(path))

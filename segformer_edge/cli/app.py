@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from . import bench, data, erf, evaluate, export, info, predict, train
+from . import bench, calibrate, data, erf, evaluate, export, info, predict, train
 
 app = typer.Typer(
     name="segformer-edge",
@@ -45,10 +45,14 @@ def _root(
     from .common import err_console
 
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
+    if not debug:  # third-party import-time chatter (missing CUDA kernels, deprecations) is not the user's concern
+        for name in ("torchao", "torch.utils._pytree", "coremltools", "absl", "torch.onnx"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 app.command("export", help=export.EXPORT_HELP)(export.export)
 app.command("verify", help=export.VERIFY_HELP)(export.verify)
+app.command("calibrate", help=calibrate.HELP)(calibrate.calibrate)
 app.command("bench", help=bench.HELP)(bench.bench)
 app.command("info", help=info.HELP)(info.info)
 app.command("train", help=train.HELP)(train.train)

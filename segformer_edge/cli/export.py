@@ -56,7 +56,7 @@ def _targets(target: str) -> list[str]:
 def export(
     checkpoint: CheckpointArgument = None,
     target: Annotated[str, typer.Option("--target", "-t", help="executorch, tflite, coreml, onnx or all.")] = "all",
-    precision: Annotated[str, typer.Option("--precision", "-p", help="fp32 or fp16.")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", "-p", help="fp32, fp16 or int8.")] = "fp32",
     size: SizeOption = None,
     output: Annotated[str, typer.Option(help="logits (1/4 resolution) or mask (upsample + argmax in the graph).")] = "logits",
     input_kind: Annotated[str, typer.Option("--input", help="normalized, rgb01 or uint8 (the last two fuse normalization).")] = "normalized",
@@ -66,6 +66,10 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("exports"),
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity before the artifact lands.")] = True,
     verify_images: Annotated[int, typer.Option(min=1, help="Synthetic val images for the parity check.")] = 4,
+    calibration: Annotated[Path | None, typer.Option(help="int8: a folder from segformer-edge calibrate (default: calibrate now).")] = None,
+    calibration_images: Annotated[int, typer.Option(min=1, help="int8 without --calibration: images to calibrate on.")] = 32,
+    method: Annotated[str, typer.Option(help="int8 without --calibration: minmax, moving_average, percentile or mse.")] = "mse",
+    budget: Annotated[float | None, typer.Option(help="int8: keep the most sensitive layer groups in float until the mIoU drop is within POINTS.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     from segformer_edge.converters.base import ExportOptions
@@ -79,12 +83,19 @@ def export(
     h, w = check_size(size, model.meta.input_size)
     options = ExportOptions(precision=precision, size=(h, w), input_kind=input_kind, output=output, layout=layout,
                             dynamic=dynamic, image_input=image_input)  # fmt: skip
+    calib, policy = _int8_setup(model, path, options, calibration, calibration_images, method, budget)
     rows = []
     for name in names:
         err_console.print(f"[bold]{name}[/] {precision} {h}x{w} ...")
         try:
-            artifact, report = export_artifact(model, name, options, out, checkpoint=path, verify=verify,
-                                               verify_images=verify_images)  # fmt: skip
+            from dataclasses import replace
+
+            per_target = replace(options, extra=dict(options.extra))
+            artifact, report = export_artifact(model, name, per_target, out, checkpoint=path, verify=verify,
+                                               verify_images=verify_images, calibration=calib)  # fmt: skip
+            if policy is not None:
+                artifact.manifest["quantization"]["mixed_precision"] = policy
+                artifact.write_manifest()
         except SegformerEdgeError as exc:
             if len(names) == 1:
                 raise
@@ -119,6 +130,36 @@ def export(
         sys.exit(2)
     if failed:
         sys.exit(1)
+
+
+def _int8_setup(model, checkpoint: Path, options, calibration: Path | None, images: int, method: str, budget: float | None):  # type: ignore[no-untyped-def]
+    """The calibration set (loaded and checked, or made now) and the mixed-precision policy for int8."""
+    if options.precision != "int8":
+        if calibration is not None or budget is not None:
+            raise typer.BadParameter("--calibration and --budget apply to --precision int8", param_hint="--precision")
+        return None, None
+    from segformer_edge.calibration.calibset import METHODS, CalibrationSet, select_calibration_set
+    from segformer_edge.converters.pipeline import checkpoint_digest
+
+    if method not in METHODS:
+        raise typer.BadParameter(f"{method!r}: choose one of {', '.join(METHODS)}", param_hint="--method")
+    sha = checkpoint_digest(checkpoint)
+    if calibration is not None:
+        calib = CalibrationSet.load(calibration)
+        calib.check_for(sha, options.size, calibration)
+    else:
+        err_console.print(f"calibrating on {images} synthetic training images ({method}) ...")
+        calib = select_calibration_set("synthetic", images, options.size, model.config.num_classes, method=method,
+                                       checkpoint_sha256=sha)  # fmt: skip
+    policy = None
+    if budget is not None:
+        from segformer_edge.calibration.sensitivity import budget_policy
+
+        err_console.print(f"finding the layer groups to keep in float for a {budget}-point budget ...")
+        policy = budget_policy(model, calib, budget)
+        options.extra["float_modules"] = policy["float_modules"]
+        err_console.print(f"float layer groups: {', '.join(policy['float_groups']) or 'none'}")
+    return calib, policy
 
 
 def verify(

@@ -210,3 +210,18 @@ def test_export_and_verify_cli(small_model: SegFormer, tmp_path: Path, capsys) -
     # Unknown target: exit 2, nothing written.
     code, _, err = run_cli(["export", ckpt, "--target", "tensorrt", "--out", tmp_path / "y"], capsys)
     assert code == 2 and "tensorrt" in err and not (tmp_path / "y").exists()
+
+
+def test_main_job_no_arguments_exports_every_target(tmp_path: Path) -> None:
+    """The README's main-job command: `segformer-edge export` with no arguments, in a fresh folder."""
+    result = subprocess.run([sys.executable, "-m", "segformer_edge", "export"], cwd=tmp_path, capture_output=True,
+                            text=True, env={**__import__("os").environ, "COLUMNS": "200"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for target in TARGETS:
+        assert target in result.stdout
+    assert result.stdout.count(" ok ") >= 4 or result.stdout.count("│ ok") >= 4, result.stdout
+    folders = sorted(p.name for p in (tmp_path / "exports").iterdir())
+    assert folders == sorted(f"segformer-b0_{t}_fp32" for t in TARGETS)
+    for folder in folders:
+        manifest = read_manifest(tmp_path / "exports" / folder).manifest
+        assert manifest["parity"]["passed"] and manifest["parity"]["pixel_agreement"] >= 0.999

@@ -65,7 +65,62 @@ def _input_images(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (1, h, w, 3), dtype=np.uint8)
 
 
-def _measure_artifact(path: str, threads: int, warmup: int, runs: int, compute_units: str) -> dict[str, Any]:
+def _profile_executorch(artifact: Any, x: np.ndarray, runs: int) -> list[dict[str, Any]]:
+    """Per-op time from ETDump through the devtools Inspector (XNNPACK reports each of its kernels)."""
+    import re
+    import tempfile
+    import warnings
+
+    import torch
+    from executorch.devtools import Inspector
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(artifact.file, enable_etdump=True, debug_buffer_size=1 << 20)
+    method = program.load_method("forward")
+    for _ in range(runs):
+        method.execute([torch.from_numpy(x)])
+    with tempfile.TemporaryDirectory() as tmp:
+        program.write_etdump_result_to_file(f"{tmp}/run.etdp", f"{tmp}/debug.bin")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frame = Inspector(etdump_path=f"{tmp}/run.etdp").to_dataframe()
+    frame = frame[frame["event_block_name"] == "Execute"]
+    totals: dict[str, float] = {}
+    for name, raw in zip(frame["event_name"], frame["raw"]):
+        if name in ("Method::execute", "DELEGATE_CALL"):  # wrappers around the ops below
+            continue
+        kind = re.sub(r" #\d+$", "", str(name))
+        totals[kind] = totals.get(kind, 0.0) + float(np.median(raw))
+    return _top(totals)
+
+
+def _profile_onnx(artifact: Any, x: np.ndarray, runs: int, threads: int) -> list[dict[str, Any]]:
+    """Per-op-type time from ONNX Runtime's own profiler."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(artifact.file), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for _ in range(runs):
+        session.run(None, {name: x})
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    for event in trace:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1000.0 / runs
+    return _top(totals)
+
+
+def _top(totals: dict[str, float], n: int = 10) -> list[dict[str, Any]]:
+    whole = sum(totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:n]
+    return [{"op": op, "ms": ms, "share": ms / whole} for op, ms in ranked]
+
+
+def _measure_artifact(path: str, threads: int, warmup: int, runs: int, compute_units: str, profile: bool = False) -> dict[str, Any]:
     artifact = read_manifest(path)
     manifest = artifact.manifest
     record: dict[str, Any] = {
@@ -84,8 +139,14 @@ def _measure_artifact(path: str, threads: int, warmup: int, runs: int, compute_u
     runner = make_runner()
     load_ms = 1000 * (time.perf_counter() - start)
     timing = _time_runs(runner, x, warmup, runs)
-    return {**record, "status": "ok", "executor": runner.executor, "input": [h, w], "load_ms": load_ms, **timing,
-            "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
+    result = {**record, "status": "ok", "executor": runner.executor, "input": [h, w], "load_ms": load_ms, **timing,
+              "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
+    if profile:  # after the timed runs, so that profiling never slows what is reported
+        if artifact.target == "executorch":
+            result["profile"] = _profile_executorch(artifact, x, min(runs, 10))
+        elif artifact.target == "onnx":
+            result["profile"] = _profile_onnx(artifact, x, min(runs, 10), threads)
+    return result
 
 
 def _runner_factory(artifact: Any, threads: int, compute_units: str) -> Any:
@@ -153,11 +214,13 @@ def _run_worker(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def bench_artifact(path: str | Path, threads: int, warmup: int = 5, runs: int = 30, compute_units: str = "all") -> dict[str, Any]:
-    """Measure one artifact at one thread count in a fresh process."""
+def bench_artifact(
+    path: str | Path, threads: int, warmup: int = 5, runs: int = 30, compute_units: str = "all", profile: bool = False
+) -> dict[str, Any]:
+    """Measure one artifact at one thread count in a fresh process (``profile``: add the top ops)."""
     read_manifest(path)  # fail fast, in this process, on a missing or tampered artifact
     return _run_worker({"kind": "artifact", "path": str(path), "threads": threads, "warmup": warmup, "runs": runs,
-                        "compute_units": compute_units})  # fmt: skip
+                        "compute_units": compute_units, "profile": profile})  # fmt: skip
 
 
 def bench_torch(checkpoint: str | Path | None, size: tuple[int, int], threads: int, warmup: int = 5, runs: int = 30) -> dict[str, Any]:
@@ -185,7 +248,8 @@ def _worker_main(raw: str) -> int:
         if job["kind"] == "torch":
             record = _measure_torch(job["checkpoint"], job["size"], job["threads"], job["warmup"], job["runs"])
         else:
-            record = _measure_artifact(job["path"], job["threads"], job["warmup"], job["runs"], job.get("compute_units", "all"))
+            record = _measure_artifact(job["path"], job["threads"], job["warmup"], job["runs"], job.get("compute_units", "all"),
+                                       job.get("profile", False))  # fmt: skip
     except SegformerEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

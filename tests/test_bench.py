@@ -104,3 +104,19 @@ def test_bad_artifacts(small, tmp_path: Path, capsys) -> None:
     blocked = _blocking_path(tmp_path, "onnxruntime")
     result = _cli(["bench", folders["onnx"], "--runs", "1"], blocked)
     assert result.returncode == 2 and "segformer-edge[runtime]" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_profile_lists_top_ops(small, tmp_path: Path, capsys) -> None:
+    _, folders = small
+    out = tmp_path / "p.json"
+    code, stdout, err = run_cli(["bench", folders["executorch"], folders["onnx"], "--runs", "3", "--warmup", "0",
+                                 "--threads", "1", "--profile", "--json", out], capsys)  # fmt: skip
+    assert code == 0, err
+    records = json.loads(out.read_text())
+    for record in records:
+        ops = [p["op"] for p in record["profile"]]
+        assert ops and all(p["ms"] >= 0 for p in record["profile"])
+        assert abs(sum(p["share"] for p in record["profile"]) - 1.0) < 0.5
+    assert any("Convolution" in op or "GEMM" in op for op in [p["op"] for p in records[0]["profile"]])
+    assert "Conv" in [p["op"] for p in records[1]["profile"]]
+    assert "top ops: executorch" in stdout

@@ -13,7 +13,9 @@ HELP = """Measure latency of artifacts where they will run: cold load, first inf
 mean and std, throughput, peak RSS and file size, per thread count.
 
 Each measurement runs in a fresh process (cold load is cold, peak RSS is the artifact's own).
-.tflite and .onnx artifacts bench without torch (pip install 'segformer-edge[runtime]'). Core ML runs on
+--profile lists the ops that take the most time (ExecuTorch: ETDump and the devtools Inspector; ONNX:
+ONNX Runtime's profiler; LiteRT has no per-op profiler in its Python API). .tflite and .onnx artifacts bench
+without torch (pip install 'segformer-edge[runtime]'). Core ML runs on
 macOS only; elsewhere it is reported as "needs macOS".
 
 Examples:
@@ -45,6 +47,7 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the records as JSON.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown table.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG bar chart of p50 latency.")] = None,
+    profile: Annotated[bool, typer.Option("--profile", help="Top ops by time: ETDump + Inspector (ExecuTorch), ORT profiler (ONNX).")] = False,
 ) -> None:
     from segformer_edge.converters.base import read_manifest
     from segformer_edge.converters.bench import bench_artifact, bench_torch
@@ -69,13 +72,18 @@ def bench(
                 bar.advance(task)
         for path in artifacts:
             for t in counts:
-                record = bench_artifact(path, t, warmup, runs, compute_units)
+                record = bench_artifact(path, t, warmup, runs, compute_units, profile)
                 if compare_torch and record.get("status") == "ok":
                     record["speedup_vs_torch"] = torch_p50[t] / record["p50_ms"]
                 records.append(record)
                 bar.advance(task)
     table = _markdown(records)
     console.print(table, markup=False, soft_wrap=True)
+    for r in records:
+        if r.get("profile"):
+            console.print(f"\ntop ops: {r['target']} {r['precision']} {r['threads']} thread(s)", markup=False)
+            for item in r["profile"]:
+                console.print(f"  {item['ms']:8.3f} ms  {100 * item['share']:5.1f}%  {item['op']}", markup=False)
     if json_out:
         atomic_write_json(json_out, records)
     if markdown:

@@ -18,6 +18,7 @@ __all__ = ["TARGETS", "get_target", "register"]
 
 TARGETS: dict[str, str] = {
     "executorch": "segformer_edge.converters.executorch:ExecuTorchTarget",
+    "executorch-coreml": "segformer_edge.converters.executorch_coreml:ExecuTorchCoreMLTarget",
     "tflite": "segformer_edge.converters.tflite:TFLiteTarget",
     "coreml": "segformer_edge.converters.coreml:CoreMLTarget",
     "onnx": "segformer_edge.converters.onnx:OnnxTarget",

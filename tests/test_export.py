@@ -225,3 +225,19 @@ def test_main_job_no_arguments_exports_every_target(tmp_path: Path) -> None:
     for folder in folders:
         manifest = read_manifest(tmp_path / "exports" / folder).manifest
         assert manifest["parity"]["passed"] and manifest["parity"]["pixel_agreement"] >= 0.999
+
+
+def test_executorch_coreml_compiles_off_macos_and_says_so(small_model: SegFormer, tmp_path: Path) -> None:
+    import platform
+
+    from segformer_edge.converters import get_target
+    from segformer_edge.converters.base import ArtifactError
+
+    artifact, report = export_artifact(small_model, "executorch-coreml", ExportOptions(size=(64, 64)), tmp_path)
+    delegation = artifact.manifest["delegation"]
+    assert delegation["backend"] == "CoreMLBackend" and delegation["delegated_subgraphs"] == 1
+    assert delegation["portable_ops"] == []
+    if platform.system() != "Darwin":
+        assert report is None and artifact.manifest["parity"] == {"status": "not run: needs macOS"}
+        with pytest.raises(ArtifactError, match="only on macOS"):
+            get_target("executorch-coreml").load(read_manifest(artifact.folder))

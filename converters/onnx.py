@@ -87,21 +87,53 @@ class OnnxTarget(Target):
             "mse": (CalibrationMethod.Entropy, {}),  # ORT has no MSE search; entropy (KL) is its closest
         }
         method, extra = methods[calib.method]
+        used = len(inputs)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
             self.convert(module, example, replace(options, precision="fp32", dynamic=False), fp32)
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
             excluded = _nodes_in_modules(pre, options.extra.get("float_modules", []))
+            if method == CalibrationMethod.MinMax:
+                extra["CalibMaxIntermediateOutputs"] = 4  # fold ranges every 4 images: memory stays bounded
+            else:
+                # ORT's histogram calibrators keep every intermediate tensor of every image until the end.
+                per_image = _activation_bytes(pre)
+                used = max(1, min(len(inputs), int(_HISTOGRAM_MEMORY // max(per_image, 1))))
+                if used < len(inputs):
+                    logger.warning("onnx: %s calibration on %d of %d images (%.0f MB of activations each)",
+                                   method.name, used, len(inputs), per_image / 1e6)  # fmt: skip
+                    inputs = inputs[:used]
             quantize_static(
                 str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
                 nodes_to_exclude=excluded, extra_options=extra,
             )  # fmt: skip
-        return {"onnx": {"format": "QDQ"}, "quantization": {"quantizer": f"onnxruntime quantize_static ({method.name})"}}
+        return {"onnx": {"format": "QDQ"}, "quantization": {"quantizer": f"onnxruntime quantize_static ({method.name})",
+                                                            "ort_calibration_images": used}}
 
     def load(self, artifact: Artifact) -> OnnxRunner:
         self.check_runtime()
         return OnnxRunner(artifact)
+
+
+_HISTOGRAM_MEMORY = 3e9  # bytes of intermediate tensors ORT's histogram calibration may hold
+
+
+def _activation_bytes(path: Path) -> int:
+    """Bytes of all float intermediate tensors of one inference (from ONNX shape inference)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    total = 0
+    for info in model.graph.value_info:
+        t = info.type.tensor_type
+        if t.elem_type != onnx.TensorProto.FLOAT or not t.shape.dim:
+            continue
+        n = 1
+        for d in t.shape.dim:
+            n *= d.dim_value if d.dim_value > 0 else 1
+        total += 4 * n
+    return total
 
 
 def _nodes_in_modules(path: Path, modules: list[str]) -> list[str]:

@@ -251,15 +251,15 @@ def _worker_main(raw: str) -> int:
             record = _measure_artifact(job["path"], job["threads"], job["warmup"], job["runs"], job.get("compute_units", "all"),
                                        job.get("profile", False))  # fmt: skip
     except SegformerEdgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")
         return 2
     except ModuleNotFoundError as exc:
         root = (exc.name or "?").split(".")[0]
         extra = "runtime" if root in ("onnxruntime", "ai_edge_litert", "tflite_runtime", "coremltools") else "export"
-        print(f"error: {job.get('path', 'torch eager')}: needs {root}, which is not installed; "
-              f"pip install 'segformer-edge[{extra}]'", file=sys.stderr)  # fmt: skip
+        sys.stderr.write(f"error: {job.get('path', 'torch eager')}: needs {root}, which is not installed; "
+                         f"pip install 'segformer-edge[{extra}]'\n")  # fmt: skip
         return 2
-    print(json.dumps(record))
+    sys.stdout.write(json.dumps(record) + "\n")  # the worker protocol: one JSON line for the parent
     return 0
 
 

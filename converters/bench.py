@@ -98,14 +98,18 @@ def _profile_onnx(artifact: Any, x: np.ndarray, runs: int, threads: int) -> list
     """Per-op-type time from ONNX Runtime's own profiler."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(artifact.file), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    for _ in range(runs):
-        session.run(None, {name: x})
-    trace = json.loads(Path(session.end_profiling()).read_text())
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # ORT writes its trace file; keep it out of the user's folder
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(artifact.file), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        for _ in range(runs):
+            session.run(None, {name: x})
+        trace = json.loads(Path(session.end_profiling()).read_text())
     totals: dict[str, float] = {}
     for event in trace:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):

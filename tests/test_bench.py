@@ -109,9 +109,11 @@ def test_bad_artifacts(small, tmp_path: Path, capsys) -> None:
 def test_profile_lists_top_ops(small, tmp_path: Path, capsys) -> None:
     _, folders = small
     out = tmp_path / "p.json"
+    before = set(Path.cwd().iterdir())
     code, stdout, err = run_cli(["bench", folders["executorch"], folders["onnx"], "--runs", "3", "--warmup", "0",
                                  "--threads", "1", "--profile", "--json", out], capsys)  # fmt: skip
     assert code == 0, err
+    assert set(Path.cwd().iterdir()) == before  # profilers leave no trace files behind
     records = json.loads(out.read_text())
     for record in records:
         ops = [p["op"] for p in record["profile"]]

@@ -126,7 +126,7 @@ def select_calibration_set(
 ) -> CalibrationSet:
     """Pick ``num_images`` training images spread across the classes, resized to ``size``."""
     from segformer_edge.data import open_source
-    from segformer_edge.data.transforms import _resize
+    from segformer_edge.data.transforms import resize_pair
 
     if num_images < 1:
         raise DataError(f"--num-images {num_images}: zero calibration images; use at least 1")
@@ -138,7 +138,7 @@ def select_calibration_set(
     images, masks, present = {}, {}, {}
     for index in pool:
         image, mask = source.load(int(index))
-        image, mask = _resize(image, mask, size)
+        image, mask = resize_pair(image, mask, size)
         images[int(index)] = image
         masks[int(index)] = mask
         labels = np.unique(mask)

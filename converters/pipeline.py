@@ -88,6 +88,7 @@ def export_artifact(
     calibration: Any | None = None,
     calibration_images: int = 32,
     calibration_method: str = "mse",
+    calibration_data: str = "synthetic",
 ) -> tuple[Artifact, dict[str, Any] | None]:
     """Convert ``model`` for one target into ``out_dir/<name>/``; optionally verify parity before it lands.
 
@@ -117,7 +118,7 @@ def export_artifact(
 
         if calibration is None:
             calibration = select_calibration_set(
-                "synthetic" if model.meta.class_names[0] == "sky" else verify_data, calibration_images, options.size,
+                calibration_data, calibration_images, options.size,
                 model.config.num_classes, method=calibration_method, checkpoint_sha256=checkpoint_sha,
             )  # fmt: skip
         calibration.check_for(checkpoint_sha, options.size, "--calibration")
@@ -220,7 +221,7 @@ def verify_artifact(
     ``miou_artifact``, ``passed`` and what was checked.
     """
     from segformer_edge.data import open_source
-    from segformer_edge.data.transforms import _resize
+    from segformer_edge.data.transforms import resize_pair
     from segformer_edge.evaluate import ConfusionMatrix
 
     artifact = read_manifest(path)
@@ -256,7 +257,7 @@ def verify_artifact(
     agree, total, elements = 0, 0, 0
     for i in range(n):
         image, mask = source.load(i)
-        image, mask = _resize(image, mask, (h, w))
+        image, mask = resize_pair(image, mask, (h, w))
         images = image[None]
         ref = _float_logits(model, images, spec["normalization"]["mean"], spec["normalization"]["std"])  # (1, K, h/4, w/4)
         ref_mask = _upsampled_argmax(ref, (h, w))

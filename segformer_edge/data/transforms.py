@@ -14,7 +14,7 @@ from PIL import Image
 
 from .folders import IGNORE_INDEX
 
-__all__ = ["EvalTransform", "TrainTransform", "normalize", "photometric_distortion"]
+__all__ = ["EvalTransform", "TrainTransform", "normalize", "photometric_distortion", "resize_pair"]
 
 
 def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -24,7 +24,8 @@ def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def _resize(image: np.ndarray, mask: np.ndarray | None, size_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+def resize_pair(image: np.ndarray, mask: np.ndarray | None, size_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Resize an image (bilinear) and its mask (nearest, labels intact) to (H, W)."""
     h, w = size_hw
     image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
     if mask is not None:
@@ -85,7 +86,7 @@ class TrainTransform:
         ratio = rng.uniform(*self.ratio_range)
         long_side, short_side = self.scale[0] * ratio, self.scale[1] * ratio
         factor = min(long_side / max(h, w), short_side / min(h, w))
-        image, mask = _resize(image, mask, (max(1, round(h * factor)), max(1, round(w * factor))))
+        image, mask = resize_pair(image, mask, (max(1, round(h * factor)), max(1, round(w * factor))))
         image, mask = self._crop(image, mask, rng)
         if rng.random() < 0.5:
             image, mask = image[:, ::-1], mask[:, ::-1]
@@ -123,5 +124,5 @@ class EvalTransform:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if self.size is not None and image.shape[:2] != self.size:
-            image, _ = _resize(image, None, self.size)
+            image, _ = resize_pair(image, None, self.size)
         return normalize(image, self.mean, self.std)

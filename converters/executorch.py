@@ -24,13 +24,11 @@ COMPUTE_OPS = ("convolution", "linear", "addmm", "mm", "bmm", "softmax", "gelu",
 class ExecuTorchRunner:
     executor = "executorch.runtime"
 
-    def __init__(self, artifact: Artifact, *, enable_etdump: bool = False) -> None:
+    def __init__(self, artifact: Artifact) -> None:
         from executorch.runtime import Runtime
 
         self.runtime = Runtime.get()
-        self.program = self.runtime.load_program(
-            artifact.file, enable_etdump=enable_etdump, debug_buffer_size=1 << 24 if enable_etdump else 0
-        )
+        self.program = self.runtime.load_program(artifact.file)
         self.method = self.program.load_method("forward")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

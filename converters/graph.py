@@ -12,11 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segformer_edge.model import SegFormer
+from segformer_edge.model import EfficientSelfAttention, SegFormer
 
 from .base import ExportOptions
 
-__all__ = ["DecomposedLayerNorm", "EdgeModule", "decompose_layer_norms", "fold_batch_norm"]
+__all__ = [
+    "DecomposedLayerNorm",
+    "EdgeModule",
+    "RowSplitAttention",
+    "decompose_layer_norms",
+    "fold_batch_norm",
+    "split_single_head_attention",
+]
 
 
 class EdgeModule(nn.Module):
@@ -77,6 +84,47 @@ def decompose_layer_norms(module: nn.Module) -> nn.Module:
         for attr, sub in list(child.named_children()):
             if isinstance(sub, nn.LayerNorm):
                 setattr(child, attr, DecomposedLayerNorm(sub))
+    return module
+
+
+class RowSplitAttention(nn.Module):
+    """Efficient self-attention whose single-head query rows run as a batch of ``parts`` matmuls.
+
+    With one image and one head (SegFormer's stage 1), ``bmm(q, k^T)`` has batch 1, and the TFLite
+    converter rewrites it as a FULLY_CONNECTED op whose weights are the activation ``k``. XNNPACK only
+    delegates FULLY_CONNECTED with constant weights, so both attention matmuls of stage 1 then ran in the
+    reference kernels (12 ms of a 16384 x 256 x 32 attention at 512x512, against 4 ms delegated). Attention
+    rows are independent: splitting the N queries into ``parts`` batches, each against the same keys and
+    values, keeps a real BATCH_MATMUL and gives the same numbers.
+    """
+
+    def __init__(self, attn: EfficientSelfAttention, parts: int = 2) -> None:
+        super().__init__()
+        self.attn = attn
+        self.parts = parts
+
+    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        a = self.attn
+        b, n, c = x.shape  # (B, N, C)
+        parts = self.parts
+        if b * a.num_heads != 1 or n % parts:
+            return a(x, h, w)
+        kv = a.reduce_kv(x, h, w)  # (B, M, C)
+        q = a.q(x).reshape(parts, n // parts, c)  # (1, N, C) -> (P, N / P, C): query rows in P batches
+        k = torch.cat([a.k(kv)] * parts)  # (P, M, C)
+        v = torch.cat([a.v(kv)] * parts)  # (P, M, C)
+        attn = torch.bmm(q * a.scale, k.transpose(1, 2)).softmax(dim=-1)  # (P, N / P, M)
+        out = torch.bmm(attn, v).reshape(b, n, c)  # (P, N / P, C) -> (1, N, C)
+        return a.proj(out)
+
+
+def split_single_head_attention(module: nn.Module, parts: int = 2) -> nn.Module:
+    """A deep copy of ``module`` with every single-head attention wrapped in :class:`RowSplitAttention`."""
+    module = copy.deepcopy(module)
+    for child in list(module.modules()):
+        for attr, sub in list(child.named_children()):
+            if isinstance(sub, EfficientSelfAttention) and sub.num_heads == 1:
+                setattr(child, attr, RowSplitAttention(sub, parts))
     return module
 
 

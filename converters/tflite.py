@@ -82,12 +82,63 @@ class LiteRTRunner:
         return y.copy()
 
 
+def delegation_report(path: Path) -> dict[str, Any] | None:
+    """Which ops LiteRT's default XNNPACK delegate took, and which run in the built-in (reference) kernels.
+
+    The interpreter lists the model's original nodes next to the DELEGATE nodes that replaced them. A node
+    runs outside XNNPACK exactly when its output feeds a partition or the graph output without being a
+    partition output itself, or feeds another such node; walking back from those gives the set.
+    """
+    interpreter_cls, _ = _interpreter_class()
+    interpreter = interpreter_cls(model_path=str(path), num_threads=1)
+    interpreter.allocate_tensors()
+    details = getattr(interpreter, "_get_ops_details", None)
+    if details is None:  # tflite_runtime before 2.5 has no op listing
+        return None
+    ops = details()
+    partitions = [op for op in ops if op["op_name"] == "DELEGATE"]
+    nodes = [op for op in ops if op["op_name"] != "DELEGATE"]
+    partition_in = {int(t) for op in partitions for t in op["inputs"]}
+    partition_out = {int(t) for op in partitions for t in op["outputs"]}
+    graph_out = {int(d["index"]) for d in interpreter.get_output_details()}
+    producer = {int(t): op for op in nodes for t in op["outputs"]}
+    outside = {
+        op["index"] for op in nodes
+        if {int(t) for t in op["outputs"]} & (partition_in | graph_out) and not {int(t) for t in op["outputs"]} & partition_out
+    }  # fmt: skip
+    frontier = list(outside)
+    by_index = {op["index"]: op for op in nodes}
+    while frontier:
+        for t in by_index[frontier.pop()]["inputs"]:
+            src = producer.get(int(t))
+            if src is not None and src["index"] not in outside and int(t) not in partition_out:
+                outside.add(src["index"])
+                frontier.append(src["index"])
+    by_op: dict[str, dict[str, int]] = {}
+    for op in nodes:
+        entry = by_op.setdefault(op["op_name"], {"delegated": 0, "portable": 0})
+        entry["portable" if op["index"] in outside else "delegated"] += 1
+    return {
+        "backend": "XNNPACK (LiteRT default delegate; portable = built-in kernels)",
+        "delegated_subgraphs": len(partitions),
+        "delegated_nodes": len(nodes) - len(outside),
+        "portable_nodes": len(outside),
+        "portable_ops": sorted(op for op, n in by_op.items() if n["portable"]),
+        "by_op": dict(sorted(by_op.items())),
+    }
+
+
 class TFLiteTarget(Target):
     name = "tflite"
     suffix = ".tflite"
     precisions = ("fp32", "fp16", "int8")
     runtime_modules = ("ai_edge_litert",)
     extra = "runtime"
+
+    def prepare(self, module):  # type: ignore[no-untyped-def]
+        from .graph import split_single_head_attention
+
+        return split_single_head_attention(module)
 
     def convert(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import litert_torch
@@ -101,7 +152,8 @@ class TFLiteTarget(Target):
 
             qt = quantizer.Quantizer(str(path), _FP16_RECIPE)
             path.write_bytes(bytes(qt.quantize().quantized_model))
-        return {"tflite": {"converter": "litert-torch", "weights": "fp16" if options.precision == "fp16" else "fp32"}}
+        return {"tflite": {"converter": "litert-torch", "weights": "fp16" if options.precision == "fp16" else "fp32"},
+                "delegation": delegation_report(path)}
 
     @staticmethod
     def _convert_int8(module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -121,7 +173,7 @@ class TFLiteTarget(Target):
         quantized = pt2e_quantize(module, example, quantizer, calibration_inputs(options, example), fold_quantize=False)
         edge = litert_torch.convert(quantized, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
         edge.export(str(path))
-        return {"tflite": {"converter": "litert-torch", "weights": "int8"},
+        return {"tflite": {"converter": "litert-torch", "weights": "int8"}, "delegation": delegation_report(path),
                 "quantization": {"quantizer": "litert-torch PT2EQuantizer (static, per-channel weights)", "io": "int8"}}
 
     def load(self, artifact: Artifact) -> LiteRTRunner:

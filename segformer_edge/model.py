@@ -236,14 +236,18 @@ class EfficientSelfAttention(nn.Module):
         # (B, L, C) -> (B, L, heads, d) -> (B, heads, L, d) -> (B * heads, L, d)
         return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2).reshape(-1, n, self.head_dim)
 
+    def reduce_kv(self, x: Tensor, h: int, w: int) -> Tensor:
+        """The key/value sequence: ``x`` itself, or its spatial reduction by ``sr_ratio``."""
+        if self.sr_ratio == 1:
+            return x  # (B, M, C), M = N
+        b, _, c = x.shape
+        kv = x.transpose(1, 2).reshape(b, c, h, w)  # (B, N, C) -> (B, C, H, W)
+        kv = self.sr(kv).flatten(2).transpose(1, 2)  # -> (B, M, C), M = (H // R) * (W // R)
+        return self.sr_norm(kv)
+
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         b, n, c = x.shape  # (B, N, C), N = H * W
-        if self.sr_ratio > 1:
-            kv = x.transpose(1, 2).reshape(b, c, h, w)  # (B, N, C) -> (B, C, H, W)
-            kv = self.sr(kv).flatten(2).transpose(1, 2)  # -> (B, M, C), M = (H // R) * (W // R)
-            kv = self.sr_norm(kv)
-        else:
-            kv = x  # (B, M, C), M = N
+        kv = self.reduce_kv(x, h, w)  # (B, M, C)
         q = self._split_heads(self.q(x))  # (B * heads, N, d)
         k = self._split_heads(self.k(kv))  # (B * heads, M, d)
         v = self._split_heads(self.v(kv))  # (B * heads, M, d)

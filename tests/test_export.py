@@ -61,6 +61,12 @@ def test_reference_model_parity(reference, exports_dir: Path, target: str, preci
             assert all(v["portable"] == 0 and v["delegated"] > 0 for v in entries), (op, entries)
         assert manifest["delegation"]["portable_ops"] == []
         assert manifest["delegation"]["delegated_subgraphs"] == 1
+    if target == "tflite" and precision == "fp32":
+        # Stage 1's single-head attention must stay a BATCH_MATMUL that XNNPACK takes (not a FULLY_CONNECTED
+        # with activation weights left to the reference kernels): one partition, nothing outside it.
+        assert manifest["delegation"]["portable_ops"] == [], manifest["delegation"]
+        assert manifest["delegation"]["delegated_subgraphs"] == 1
+        assert manifest["delegation"]["by_op"]["BATCH_MATMUL"]["delegated"] >= 4
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +101,18 @@ def test_small_model_odd_size_and_graph_edges(small_model: SegFormer, tmp_path: 
     if options.output == "logits":
         assert report["max_abs_diff"] <= 1e-3
     assert read_manifest(artifact.folder).manifest["input"]["kind"] == options.input_kind
+
+
+@pytest.mark.parametrize("size", [(64, 96), (36, 44)])
+def test_row_split_attention_is_the_same_attention(small_model: SegFormer, size: tuple[int, int]) -> None:
+    from segformer_edge.converters.graph import RowSplitAttention, split_single_head_attention
+
+    split = split_single_head_attention(small_model).eval()
+    wrapped = [m for m in split.modules() if isinstance(m, RowSplitAttention)]
+    assert len(wrapped) == len(small_model.encoder.stages[0].blocks)  # only stage 1 has a single head
+    x = torch.randn(1, 3, *size)  # 36x44: stage 1 has 9 x 11 = 99 query rows, which cannot split in two
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), small_model(x), rtol=0, atol=1e-5)
 
 
 def test_onnx_runs_one_artifact_at_two_sizes(small_model: SegFormer, tmp_path: Path) -> None:

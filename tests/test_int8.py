@@ -54,6 +54,12 @@ def test_int8_parity_per_target(trained, calib: CalibrationSet, tmp_path: Path, 
     assert q["calibration_sha256"] == calib.sha256 and q["calibration_images"] == 16 and q["method"] == "mse"
     assert set(q["class_coverage"]) == set(model.meta.class_names)
     assert artifact.manifest["size_bytes"] < fp32.manifest["size_bytes"]
+    if target == "tflite":
+        # Everything but GELU (XNNPACK has no int8 GELU) runs in the XNNPACK delegate: no float attention
+        # matmul left to the reference kernels.
+        delegation = artifact.manifest["delegation"]
+        assert set(delegation["portable_ops"]) <= {"GELU"}, delegation
+        assert delegation["by_op"]["FULLY_CONNECTED"]["portable"] == 0
 
 
 def test_calibration_covers_classes_and_round_trips(calib: CalibrationSet, tmp_path: Path) -> None:

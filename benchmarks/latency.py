@@ -4,7 +4,10 @@ Exports the built-in reference model (b0) at 512x512 to each target and precisio
 in a fresh process next to torch eager fp32 on the same input, and writes benchmarks/RESULTS.md (machine,
 versions, table, speedups) and benchmarks/latency.png.
 
-    python benchmarks/latency.py [--threads 2] [--runs 30] [--precisions fp32,fp16]
+    python benchmarks/latency.py [--threads 2] [--runs 20] [--rounds 3] [--precisions fp32,fp16]
+
+Each artifact is measured in each of --rounds rounds, every time right before a torch eager measurement
+at the same thread count; the speedup is the median over rounds of those adjacent ratios.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from segformer_edge.cli.bench import _markdown, _plot
 from segformer_edge.converters.base import ExportOptions, tool_versions
-from segformer_edge.converters.bench import bench_artifact, bench_torch, machine_info
+from segformer_edge.converters.bench import bench_paired, machine_info
 from segformer_edge.calibration.calibset import select_calibration_set
 from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact
 from segformer_edge.weights import builtin_checkpoint, load_pretrained
@@ -28,7 +31,8 @@ TARGETS = ("executorch", "tflite", "onnx", "coreml")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precisions", default="fp32,int8")
     parser.add_argument("--out", type=Path, default=Path("exports/bench-512"))
@@ -38,18 +42,20 @@ def main() -> None:
     model = load_pretrained(ckpt)
     size = (512, 512)
     calib = select_calibration_set("synthetic", 32, size, model.config.num_classes, checkpoint_sha256=checkpoint_digest(ckpt))
-    records = [bench_torch(ckpt, size, args.threads, args.warmup, args.runs)]
-    torch_p50 = records[0]["p50_ms"]
+    folders, agreement = [], {}
     for precision in args.precisions.split(","):
         for target in TARGETS:
             artifact, report = export_artifact(model, target, ExportOptions(precision=precision, size=size), args.out,
                                                checkpoint=ckpt, verify_images=2, calibration=calib)  # fmt: skip
-            record = bench_artifact(artifact.folder, args.threads, args.warmup, args.runs)
-            if record.get("status") == "ok":
-                record["speedup_vs_torch"] = torch_p50 / record["p50_ms"]
-            record["pixel_agreement"] = report["pixel_agreement"] if report else None
-            records.append(record)
-            print(json.dumps(record))
+            folders.append(artifact.folder)
+            agreement[str(artifact.folder)] = report["pixel_agreement"] if report else None
+    records = bench_paired(folders, [args.threads], warmup=args.warmup, runs=args.runs, rounds=args.rounds,
+                           compare_torch=True, checkpoint=ckpt, size=size)  # fmt: skip
+    for record in records:
+        record.pop("times_ms", None)
+        if record["target"] != "torch":
+            record["pixel_agreement"] = agreement[record["artifact"]]
+        print(json.dumps(record))
     (HERE / "latency.json").write_text(json.dumps(records, indent=2) + "\n")
     _plot(records, HERE / "latency.png")
     versions = tool_versions("executorch", "litert-torch", "ai-edge-litert", "coremltools", "onnx", "onnxruntime")
@@ -57,8 +63,10 @@ def main() -> None:
     lines = [
         "# Latency: SegFormer-B0, 512x512, batch 1",
         "",
-        f"Measured {datetime.date.today()} by `python benchmarks/latency.py --threads {args.threads} --runs {args.runs}`,",
-        "each measurement in a fresh process, torch eager fp32 in the same run on the same input. The weights are",
+        f"Measured {datetime.date.today()} by `python benchmarks/latency.py --threads {args.threads} --runs {args.runs} "
+        f"--rounds {args.rounds}`: each measurement in a fresh process, {args.rounds} rounds of {args.runs} timed runs",
+        "(the table pools them), and each artifact measurement followed at once by torch eager fp32 on the same input;",
+        "\"vs torch\" is the median over rounds of those adjacent ratios. The weights are",
         "the reference model's (b0, 8 classes), run at 512x512; int8 is calibrated on 32 synthetic training images.",
         "",
         f"Machine: {machine.get('cpu', machine['machine'])}, {machine['cpus']} CPUs visible, {machine['system']} "
@@ -67,6 +75,11 @@ def main() -> None:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "",
         _markdown(records),
+        "",
+        "Speedup over torch eager in each round: " + "; ".join(
+            f"{r['target']} {r['precision']} " + ", ".join(f"{v:.2f}x" for v in r["speedup_vs_torch_rounds"])
+            for r in records if r.get("speedup_vs_torch_rounds")
+        ) + ".",
         "",
         "![p50 latency](latency.png)",
         "",

@@ -24,7 +24,7 @@ from segformer_edge.errors import SegformerEdgeError
 
 from .base import ArtifactError, prepare_input, read_manifest
 
-__all__ = ["bench_artifact", "bench_torch", "machine_info", "summarize"]
+__all__ = ["bench_artifact", "bench_paired", "bench_torch", "machine_info", "merge_rounds", "summarize"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _time_runs(fn: Any, x: Any, warmup: int, runs: int) -> dict[str, Any]:
         start = time.perf_counter()
         fn(x)
         times.append(1000 * (time.perf_counter() - start))
-    return {"first_ms": first_ms, **summarize(times), "runs": runs, "warmup": warmup}
+    return {"first_ms": first_ms, **summarize(times), "runs": runs, "warmup": warmup, "times_ms": times}
 
 
 def _input_images(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -232,6 +232,68 @@ def bench_torch(checkpoint: str | Path | None, size: tuple[int, int], threads: i
     """Measure torch eager fp32 of a checkpoint at ``size`` in a fresh process."""
     return _run_worker({"kind": "torch", "checkpoint": str(checkpoint) if checkpoint else None, "size": list(size),
                         "threads": threads, "warmup": warmup, "runs": runs})  # fmt: skip
+
+
+def merge_rounds(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from several measurements of the same thing: pooled timed runs, median load and first run."""
+    if len(records) == 1 or records[0].get("status") != "ok":
+        return records[0]
+    times = [t for r in records for t in r["times_ms"]]
+    merged = {**records[0], **summarize(times), "times_ms": times, "runs": len(times), "rounds": len(records)}
+    merged["load_ms"] = float(np.median([r["load_ms"] for r in records]))
+    merged["first_ms"] = float(np.median([r["first_ms"] for r in records]))
+    merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in records)
+    return merged
+
+
+def bench_paired(
+    paths: list[str | Path],
+    threads: list[int],
+    *,
+    warmup: int = 5,
+    runs: int = 30,
+    rounds: int = 1,
+    compare_torch: bool = False,
+    checkpoint: str | Path | None = None,
+    size: tuple[int, int] | None = None,
+    compute_units: str = "all",
+    profile: bool = False,
+    on_step: Any = None,
+) -> list[dict[str, Any]]:
+    """Bench every artifact at every thread count, ``rounds`` times; with ``compare_torch``, pair each one.
+
+    A shared machine drifts by tens of percent over minutes, so a torch number taken once at the start
+    does not belong to an artifact measured ten minutes later. Each artifact measurement is therefore
+    followed at once by a torch eager measurement at the same thread count, and ``speedup_vs_torch`` is
+    the median over rounds of those adjacent ratios. Records pool the timed runs of all rounds; the torch
+    record (one per thread count) pools all of its measurements.
+    """
+    if compare_torch and size is None:
+        raise ValueError("compare_torch needs the input size")
+    measured: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    eager: dict[int, list[dict[str, Any]]] = {}
+    ratios: dict[tuple[str, int], list[float]] = {}
+    for round_index in range(rounds):
+        for t in threads:
+            for path in paths:
+                record = bench_artifact(path, t, warmup, runs, compute_units, profile and round_index == 0)
+                measured.setdefault((str(path), t), []).append(record)
+                if on_step is not None:
+                    on_step()
+                if compare_torch and record.get("status") == "ok":
+                    reference = bench_torch(checkpoint, size, t, warmup, runs)  # type: ignore[arg-type]
+                    eager.setdefault(t, []).append(reference)
+                    ratios.setdefault((str(path), t), []).append(reference["p50_ms"] / record["p50_ms"])
+                if on_step is not None and compare_torch:
+                    on_step()
+    records = [merge_rounds(eager[t]) for t in threads if t in eager]
+    for (path, t), group in measured.items():
+        record = merge_rounds(group)
+        if (path, t) in ratios:
+            record["speedup_vs_torch"] = float(np.median(ratios[path, t]))
+            record["speedup_vs_torch_rounds"] = ratios[path, t]
+        records.append(record)
+    return records
 
 
 def machine_info() -> dict[str, Any]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, run_cli
@@ -104,6 +105,21 @@ def test_bad_artifacts(small, tmp_path: Path, capsys) -> None:
     blocked = _blocking_path(tmp_path, "onnxruntime")
     result = _cli(["bench", folders["onnx"], "--runs", "1"], blocked)
     assert result.returncode == 2 and "segformer-edge[runtime]" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rounds_pool_runs_and_pair_torch(small, tmp_path: Path, capsys) -> None:
+    ckpt, folders = small
+    out = tmp_path / "bench.json"
+    code, _, err = run_cli(["bench", folders["onnx"], "--runs", "4", "--warmup", "0", "--threads", "1", "--rounds", "2",
+                            "--compare-torch", "--checkpoint", ckpt, "--json", out], capsys)  # fmt: skip
+    assert code == 0, err
+    eager, onnx = json.loads(out.read_text())
+    assert eager["target"] == "torch" and onnx["target"] == "onnx"
+    for record in (eager, onnx):
+        assert record["rounds"] == 2 and record["runs"] == 8 and len(record["times_ms"]) == 8
+        assert record["p50_ms"] == pytest.approx(float(np.percentile(record["times_ms"], 50)))
+    ratios = onnx["speedup_vs_torch_rounds"]
+    assert len(ratios) == 2 and onnx["speedup_vs_torch"] == pytest.approx(float(np.median(ratios)))
 
 
 def test_profile_lists_top_ops(small, tmp_path: Path, capsys) -> None:

@@ -13,6 +13,9 @@ HELP = """Measure latency of artifacts where they will run: cold load, first inf
 mean and std, throughput, peak RSS and file size, per thread count.
 
 Each measurement runs in a fresh process (cold load is cold, peak RSS is the artifact's own).
+With --compare-torch, torch eager fp32 is timed right after each artifact, and the speedup is the median
+of those adjacent ratios over --rounds: a shared machine drifts too much for one torch number taken
+minutes earlier.
 --profile lists the ops that take the most time (ExecuTorch: ETDump and the devtools Inspector; ONNX:
 ONNX Runtime's profiler; LiteRT has no per-op profiler in its Python API). .tflite and .onnx artifacts bench
 without torch (pip install 'segformer-edge[runtime]'). Core ML runs on
@@ -48,35 +51,28 @@ def bench(
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown table.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG bar chart of p50 latency.")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="Top ops by time: ETDump + Inspector (ExecuTorch), ORT profiler (ONNX).")] = False,
+    rounds: Annotated[int, typer.Option(min=1, help="Measure everything this many times; records pool the runs.")] = 1,
 ) -> None:
     from segformer_edge.converters.base import read_manifest
-    from segformer_edge.converters.bench import bench_artifact, bench_torch
+    from segformer_edge.converters.bench import bench_paired
     from segformer_edge.io import atomic_write_json, atomic_write_text
 
     counts = _threads(threads)
     manifests = [read_manifest(p) for p in artifacts]  # every artifact is checked before anything runs
-    jobs = len(artifacts) * len(counts) + (len(counts) if compare_torch else 0)
-    records = []
+    size = None
+    if compare_torch:
+        sizes = {tuple(_size(m.manifest)) for m in manifests if _size(m.manifest)}
+        size = sizes.pop() if len(sizes) == 1 else None
+        if size is None:
+            raise typer.BadParameter("--compare-torch needs artifacts of one static input size", param_hint="--compare-torch")
+    steps = rounds * len(artifacts) * len(counts) * (2 if compare_torch else 1)
     with progress_bar("bench") as bar:
-        task = bar.add_task("bench", total=jobs)
-        torch_p50: dict[int, float] = {}
-        if compare_torch:
-            sizes = {tuple(_size(m.manifest)) for m in manifests if _size(m.manifest)}
-            size = sizes.pop() if len(sizes) == 1 else None
-            if size is None:
-                raise typer.BadParameter("--compare-torch needs artifacts of one static input size", param_hint="--compare-torch")
-            for t in counts:
-                record = bench_torch(checkpoint, size, t, warmup, runs)
-                torch_p50[t] = record["p50_ms"]
-                records.append(record)
-                bar.advance(task)
-        for path in artifacts:
-            for t in counts:
-                record = bench_artifact(path, t, warmup, runs, compute_units, profile)
-                if compare_torch and record.get("status") == "ok":
-                    record["speedup_vs_torch"] = torch_p50[t] / record["p50_ms"]
-                records.append(record)
-                bar.advance(task)
+        task = bar.add_task("bench", total=steps)
+        records = bench_paired(
+            list(artifacts), counts, warmup=warmup, runs=runs, rounds=rounds, compare_torch=compare_torch,
+            checkpoint=checkpoint, size=size, compute_units=compute_units, profile=profile,
+            on_step=lambda: bar.advance(task),
+        )  # fmt: skip
     table = _markdown(records)
     console.print(table, markup=False, soft_wrap=True)
     for r in records:

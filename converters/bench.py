@@ -43,6 +43,17 @@ def summarize(times_ms: list[float], batch: int = 1) -> dict[str, float]:
 
 
 def _peak_rss_mb() -> float:
+    """This process's own peak resident set.
+
+    On Linux, ``ru_maxrss`` survives fork and exec: a worker started by a parent that once held 4 GB reports
+    at least 4 GB. The high-water mark of the process's own address space (VmHWM) starts afresh at exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # KiB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if platform.system() == "Darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 

@@ -122,6 +122,19 @@ def test_rounds_pool_runs_and_pair_torch(small, tmp_path: Path, capsys) -> None:
     assert len(ratios) == 2 and onnx["speedup_vs_torch"] == pytest.approx(float(np.median(ratios)))
 
 
+def test_peak_rss_is_the_workers_own(small) -> None:
+    """A parent that once held a large buffer must not inflate the worker's peak RSS (ru_maxrss survives exec)."""
+    from segformer_edge.converters.bench import bench_artifact
+
+    _, folders = small
+    ballast = np.ones(1_500_000_000 // 8)  # 1.5 GB, resident: np.ones writes every page
+    try:
+        record = bench_artifact(folders["onnx"], 1, warmup=0, runs=2)
+    finally:
+        del ballast
+    assert 20 < record["peak_rss_mb"] < 1000, record["peak_rss_mb"]
+
+
 def test_profile_lists_top_ops(small, tmp_path: Path, capsys) -> None:
     _, folders = small
     out = tmp_path / "p.json"

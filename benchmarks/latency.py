@@ -84,7 +84,11 @@ def main() -> None:
         "![p50 latency](latency.png)",
         "",
     ]
-    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    results = HERE / "RESULTS.md"
+    previous = results.read_text() if results.exists() else ""
+    marker = "\n## Reading the table"  # the hand-written analysis below the table survives a rerun
+    analysis = previous[previous.index(marker) :] if marker in previous else ""
+    results.write_text("\n".join(lines) + analysis)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,16 @@ class Target:
     dynamic_shapes: bool = False
     runtime_modules: tuple[str, ...] = ()
     extra: str = "export"  # the pip extra that installs what the runner needs
+    integer_input: bool = True  # whether a uint8 input stays uint8 (Core ML multi-arrays have no uint8)
+
+    @staticmethod
+    def runs_here() -> bool:
+        """Whether this machine can run the target's artifacts (parity is checked only where it can)."""
+        return True
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Export-time module swaps this target needs (the checkpoint's modules are never changed)."""
+        return module
 
     def convert(self, module: torch.nn.Module, example: torch.Tensor, options: ExportOptions, path: Path) -> dict[str, Any]:
         """Write the model file at ``path``; return target-specific manifest fields."""

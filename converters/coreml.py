@@ -58,9 +58,7 @@ class CoreMLTarget(Target):
     suffix = ".mlpackage"
     precisions = ("fp32", "fp16", "int8")
     runtime_modules = ("coremltools",)
-
-    def input_dtype(self, options: ExportOptions) -> str:
-        return "float32"  # Core ML multi-arrays have no uint8; 0..255 values come in as float32
+    integer_input = False  # Core ML multi-arrays have no uint8: 0..255 values come in as float32
 
     def convert(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import coremltools as ct

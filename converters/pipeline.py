@@ -131,9 +131,7 @@ def export_artifact(
 
         edge_options = replace(options, input_kind="rgb01")
     module = EdgeModule(model, edge_options).eval()
-    prepare = getattr(target, "prepare", None)
-    if prepare is not None:
-        module = prepare(module).eval()
+    module = target.prepare(module).eval()
     h, w = options.size
     shape = (1, h, w, 3) if options.layout == "nhwc" else (1, 3, h, w)
     example = torch.randint(0, 256, shape, dtype=torch.uint8) if options.input_kind == "uint8" else torch.rand(shape)
@@ -143,7 +141,7 @@ def export_artifact(
     manifest.update(model_manifest(model, options))
     if options.image_input:
         manifest["input"].update({"kind": "uint8", "dtype": "float32", "image": True})
-    elif target_name == "coreml":
+    elif not target.integer_input:
         manifest["input"]["dtype"] = "float32"
     manifest.update({
         "quantization": None,
@@ -177,8 +175,7 @@ def export_artifact(
         artifact = Artifact(tmp, file, manifest)
         artifact.write_manifest()
         report = None
-        runs_here = getattr(target, "runs_here", lambda: True)()
-        if verify and not runs_here:
+        if verify and not target.runs_here():
             manifest["parity"] = {"status": "not run: needs macOS"}
             artifact.write_manifest()
         elif verify:

@@ -102,12 +102,10 @@ def delegation_report(path: Path) -> dict[str, Any] | None:
     partition_out = {int(t) for op in partitions for t in op["outputs"]}
     graph_out = {int(d["index"]) for d in interpreter.get_output_details()}
     producer = {int(t): op for op in nodes for t in op["outputs"]}
-    outside = {
-        op["index"] for op in nodes
-        if {int(t) for t in op["outputs"]} & (partition_in | graph_out) and not {int(t) for t in op["outputs"]} & partition_out
-    }  # fmt: skip
-    frontier = list(outside)
     by_index = {op["index"]: op for op in nodes}
+    outputs = {op["index"]: {int(t) for t in op["outputs"]} for op in nodes}
+    outside = {i for i, out in outputs.items() if out & (partition_in | graph_out) and not out & partition_out}
+    frontier = list(outside)
     while frontier:
         for t in by_index[frontier.pop()]["inputs"]:
             src = producer.get(int(t))

@@ -113,8 +113,7 @@ class RowSplitAttention(nn.Module):
         q = a.q(x).reshape(parts, n // parts, c)  # (1, N, C) -> (P, N / P, C): query rows in P batches
         k = torch.cat([a.k(kv)] * parts)  # (P, M, C)
         v = torch.cat([a.v(kv)] * parts)  # (P, M, C)
-        attn = torch.bmm(q * a.scale, k.transpose(1, 2)).softmax(dim=-1)  # (P, N / P, M)
-        out = torch.bmm(attn, v).reshape(b, n, c)  # (P, N / P, C) -> (1, N, C)
+        out = a.attend(q, k, v).reshape(b, n, c)  # (P, N / P, C) -> (1, N, C)
         return a.proj(out)
 
 

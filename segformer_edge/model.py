@@ -245,14 +245,18 @@ class EfficientSelfAttention(nn.Module):
         kv = self.sr(kv).flatten(2).transpose(1, 2)  # -> (B, M, C), M = (H // R) * (W // R)
         return self.sr_norm(kv)
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Scaled dot-product attention over batched heads: (G, N, d), (G, M, d), (G, M, d) -> (G, N, d)."""
+        attn = torch.bmm(q * self.scale, k.transpose(1, 2)).softmax(dim=-1)  # (G, N, M)
+        return torch.bmm(attn, v)  # (G, N, d)
+
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         b, n, c = x.shape  # (B, N, C), N = H * W
         kv = self.reduce_kv(x, h, w)  # (B, M, C)
         q = self._split_heads(self.q(x))  # (B * heads, N, d)
         k = self._split_heads(self.k(kv))  # (B * heads, M, d)
         v = self._split_heads(self.v(kv))  # (B * heads, M, d)
-        attn = torch.bmm(q * self.scale, k.transpose(1, 2)).softmax(dim=-1)  # (B * heads, N, M)
-        out = torch.bmm(attn, v)  # (B * heads, N, d)
+        out = self.attend(q, k, v)  # (B * heads, N, d)
         out = out.reshape(b, self.num_heads, n, self.head_dim).transpose(1, 2).reshape(b, n, c)  # (B, N, C)
         return self.proj(out)
 

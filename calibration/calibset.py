@@ -1,10 +1,13 @@
 """Calibration sets: N training images chosen to cover the classes, hashed, saved as a folder.
 
 The images are picked greedily from a seeded candidate pool so that every class appears in as many images
-as the set allows (class coverage is recorded), never the single example input. The folder holds
-``images.npy`` (N, H, W, 3) uint8 at the export size and ``calibration.json`` (data, seed, method, the
-checkpoint's sha256, the set's sha256, indices and coverage); ``export --precision int8 --calibration DIR``
-checks all of them.
+as the set allows (class coverage is recorded), never the single example input. Where the data has no
+masks (a folder of photos), the float model's own predictions stand in for them: coverage is then over the
+classes the model predicts, and sensitivity measures the drop against those predictions. The folder holds
+``images.npy`` (N, H, W, 3) uint8 at the export size, ``masks.npy`` and ``calibration.json`` (data, seed,
+method, the checkpoint's sha256, the set's sha256, indices and coverage). The sha256 covers everything that
+defines the set (images, masks, checkpoint, data, seed, indices, method); ``export --precision int8
+--calibration DIR`` checks all of them and refuses a set made for another checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +25,13 @@ import numpy as np
 
 from segformer_edge.errors import DataError
 
+from .spec import METHODS
+
 __all__ = ["CALIBRATION_FORMAT", "METHODS", "CalibrationSet", "select_calibration_set"]
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FORMAT = "segformer-edge-calibration/1"
-METHODS = ("minmax", "moving_average", "percentile", "mse")
 
 
 @dataclass
@@ -40,7 +45,8 @@ class CalibrationSet:
     indices: list[int] = field(default_factory=list)
     coverage: dict[str, int] = field(default_factory=dict)
     checkpoint_sha256: str | None = None
-    masks: np.ndarray | None = None  # (N, H, W) uint8 labels, for the sensitivity analysis
+    masks: np.ndarray | None = None  # (N, H, W) uint8 labels (the float model's, where the data has none)
+    masks_from: str = "labels"  # "labels" (the dataset's masks) or "float model" (its predictions)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -56,16 +62,29 @@ class CalibrationSet:
 
     @property
     def sha256(self) -> str:
-        digest = hashlib.sha256(str(self.images.shape).encode())
-        digest.update(np.ascontiguousarray(self.images).tobytes())
+        """Hash of everything that defines the set: images, masks, checkpoint, data, seed, indices, method."""
+        defining = {"data": self.data, "seed": self.seed, "method": self.method, "indices": self.indices,
+                    "checkpoint_sha256": self.checkpoint_sha256, "masks_from": self.masks_from}  # fmt: skip
+        digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode())
+        for array in (self.images, self.masks):
+            if array is not None:
+                digest.update(f"{array.shape}{array.dtype}".encode())
+                digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()
 
     def info(self) -> dict[str, Any]:
         return {
             "format": CALIBRATION_FORMAT, "data": self.data, "seed": self.seed, "method": self.method,
             "images": len(self.images), "size": list(self.size), "indices": self.indices, "coverage": self.coverage,
-            "sha256": self.sha256, "checkpoint_sha256": self.checkpoint_sha256,
+            "masks_from": self.masks_from, "sha256": self.sha256, "checkpoint_sha256": self.checkpoint_sha256,
         }  # fmt: skip
+
+    def reference(self) -> dict[str, Any]:
+        """What a manifest records of the set: where it came from and its hash, not its images."""
+        covered = sum(1 for v in self.coverage.values() if v > 0)
+        return {"sha256": self.sha256, "data": self.data, "images": len(self.images), "size": list(self.size),
+                "masks_from": self.masks_from, "classes_covered": covered, "classes": len(self.coverage),
+                "checkpoint_sha256": self.checkpoint_sha256}  # fmt: skip
 
     def save(self, folder: str | Path) -> Path:
         from segformer_edge.io import atomic_path, atomic_write_bytes
@@ -96,14 +115,19 @@ class CalibrationSet:
             raise DataError(f"{folder}: damaged calibration folder ({exc})") from exc
         if meta.get("format") != CALIBRATION_FORMAT:
             raise DataError(f"{meta_path}: not a segformer-edge calibration file")
-        calib = cls(images, meta["data"], int(meta["seed"]), meta["method"], list(meta["indices"]), dict(meta["coverage"]),
-                    meta.get("checkpoint_sha256"), masks)  # fmt: skip
+        try:
+            calib = cls(images, meta["data"], int(meta["seed"]), meta["method"], list(meta["indices"]), dict(meta["coverage"]),
+                        meta.get("checkpoint_sha256"), masks, meta.get("masks_from", "labels"))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{meta_path}: damaged calibration file ({exc}); recalibrate") from exc
         if calib.sha256 != meta["sha256"]:
-            raise DataError(f"{images_path}: the images do not match the recorded sha256; recalibrate")
+            raise DataError(f"{folder}: the images, masks or recorded fields do not match the recorded sha256; recalibrate")
         return calib
 
     def check_for(self, checkpoint_sha256: str | None, size: tuple[int, int], source: str | Path) -> None:
-        """Refuse a set made for another checkpoint or another input size."""
+        """Refuse a set made for another checkpoint (or for no recorded checkpoint) or another input size."""
+        if checkpoint_sha256 and not self.checkpoint_sha256:
+            raise DataError(f"{source}: this calibration set records no checkpoint; recalibrate with segformer-edge calibrate")
         if self.checkpoint_sha256 and checkpoint_sha256 and self.checkpoint_sha256 != checkpoint_sha256:
             raise DataError(
                 f"{source}: this calibration set was made for another checkpoint (sha256 "
@@ -123,22 +147,32 @@ def select_calibration_set(
     method: str = "mse",
     checkpoint_sha256: str | None = None,
     class_names: list[str] | None = None,
+    labeler: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> CalibrationSet:
-    """Pick ``num_images`` training images spread across the classes, resized to ``size``."""
+    """Pick ``num_images`` training images spread across the classes, resized to ``size``.
+
+    ``labeler`` maps (H, W, 3) uint8 images to (H, W) labels: the float model, for data without masks (a
+    folder of photos). Data with masks must have the model's class count.
+    """
     from segformer_edge.data import open_source
-    from segformer_edge.data.transforms import resize_pair
+    from segformer_edge.inputs import resize_pair
 
     if num_images < 1:
         raise DataError(f"--num-images {num_images}: zero calibration images; use at least 1")
     source = open_source(data, "train")
-    if source.labels.num_classes != num_classes:
+    has_masks = getattr(source, "has_masks", True)
+    if has_masks and source.labels.num_classes != num_classes:
         raise DataError(f"{data}: the data has {source.labels.num_classes} classes but the model has {num_classes}")
+    if not has_masks and labeler is None:
+        raise DataError(f"{data}: these images have no masks; calibrating on them needs the float model's predictions")
     rng = np.random.default_rng(seed)
     pool = rng.permutation(len(source))[: max(num_images, min(len(source), 4 * num_images))]
     images, masks, present = {}, {}, {}
     for index in pool:
         image, mask = source.load(int(index))
         image, mask = resize_pair(image, mask, size)
+        if mask is None:
+            mask = labeler(image).astype(np.uint8)  # type: ignore[misc]
         images[int(index)] = image
         masks[int(index)] = mask
         labels = np.unique(mask)
@@ -153,9 +187,10 @@ def select_calibration_set(
             counts[c] += 1
     names = class_names or source.labels.classes
     coverage = {names[c]: int(counts[c]) for c in range(num_classes)}
-    missing = [n for n, k in coverage.items() if k == 0]
-    if missing:
-        logger.warning("calibration set has no image of: %s", ", ".join(missing))
+    covered = sum(1 for k in coverage.values() if k)
+    if covered < num_classes:
+        logger.info("calibration set covers %d of %d classes", covered, num_classes)
     stack = np.stack([images[i] for i in chosen])  # (N, H, W, 3)
     labels = np.stack([masks[i] for i in chosen])  # (N, H, W)
-    return CalibrationSet(stack, data, seed, method, chosen, coverage, checkpoint_sha256, labels)
+    return CalibrationSet(stack, data, seed, method, chosen, coverage, checkpoint_sha256, labels,
+                          "labels" if has_masks else "float model")  # fmt: skip

@@ -18,8 +18,20 @@ from typing import Any
 
 import torch
 from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
+from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 
-__all__ = ["PercentileObserver", "activation_observer", "keep_float", "pt2e_quantize", "with_activation_observer"]
+from .spec import LAYER_GROUPS, QuantSpec, group_of
+
+PT2E_METHODS = ("minmax", "moving_average", "percentile", "mse")  # what the PT2E observers below implement
+
+__all__ = [
+    "PT2E_METHODS",
+    "PercentileObserver",
+    "SpecQuantizer",
+    "activation_observer",
+    "count_quantized_ops",
+    "pt2e_quantize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,27 +70,77 @@ def activation_observer(method: str) -> Any:
     return observers[method].with_args(eps=2**-12)
 
 
-def with_activation_observer(config: Any, method: str) -> Any:
-    """A copy of a PT2E QuantizationConfig whose activation specs use ``method``'s observer."""
-    ctr = activation_observer(method)
-    changes = {}
-    for name in ("input_activation", "output_activation"):
-        spec = getattr(config, name, None)
-        if spec is not None:
-            changes[name] = dataclasses.replace(spec, observer_or_fake_quant_ctr=ctr)
-    return dataclasses.replace(config, **changes)
+def _module_path(node: torch.fx.Node) -> str:
+    """The innermost module path a node was traced in (``model.encoder.stages.0.blocks.0.attn.q``), or ''."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
 
 
-def keep_float(quantizer: Any, module_names: Iterable[str]) -> Any:
-    """Leave these submodules unquantized in an XNNPACK-style PT2E quantizer.
+class SpecQuantizer(Quantizer):
+    """A target's PT2E quantizer made to honour a :class:`QuantSpec` the same way on every target.
 
-    ``set_module_name(name, None)`` asserts in the XNNPACK and litert-torch quantizers, but their annotation
-    already treats a ``None`` config as "do not annotate" (the path ``set_module_type(T, None)`` takes); the
-    entry is written directly so that those modules also drop out of the global config.
+    The inner quantizer annotates the graph as its backend wants it; then every node traced inside a
+    float-kept layer group loses its annotation (so it stays float, whatever the inner quantizer's own
+    module-name filter understands), and every per-tensor activation spec gets the observer of
+    ``spec.method`` (weights keep the inner quantizer's observers).
     """
-    for name in module_names:
-        quantizer.module_name_config[name] = None
-    return quantizer
+
+    def __init__(self, inner: Quantizer, spec: QuantSpec) -> None:
+        super().__init__()
+        if spec.method not in PT2E_METHODS:
+            raise ValueError(f"--method {spec.method}: this target's PT2E quantizer takes {', '.join(PT2E_METHODS)}")
+        self.inner = inner
+        self.spec = spec
+        self.observer = activation_observer(spec.method)
+
+    def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return self.inner.transform_for_annotation(model)
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        model = self.inner.annotate(model)
+        float_groups = set(self.spec.float_groups)
+        for node in model.graph.nodes:
+            annotation = node.meta.get("quantization_annotation")
+            if annotation is None:
+                continue
+            if float_groups and group_of(_module_path(node)) in float_groups:
+                del node.meta["quantization_annotation"]
+                continue
+            annotation.input_qspec_map = {
+                arg: qspec if arg.op == "get_attr" else self._observed(qspec) for arg, qspec in annotation.input_qspec_map.items()
+            }
+            annotation.output_qspec = self._observed(annotation.output_qspec)
+        return model
+
+    def _observed(self, qspec: Any) -> Any:
+        per_tensor = (torch.per_tensor_affine, torch.per_tensor_symmetric)
+        if isinstance(qspec, QuantizationSpec) and not qspec.is_dynamic and qspec.qscheme in per_tensor:
+            return dataclasses.replace(qspec, observer_or_fake_quant_ctr=self.observer)
+        return qspec
+
+    def validate(self, model: torch.fx.GraphModule) -> None:
+        self.inner.validate(model)
+
+    def prepare_obs_or_fq_callback(self, model: torch.fx.GraphModule, edge_or_node_to_obs_or_fq: dict[Any, Any]) -> None:
+        self.inner.prepare_obs_or_fq_callback(model, edge_or_node_to_obs_or_fq)
+
+
+_COMPUTE = ("linear", "conv2d", "convolution", "matmul", "bmm", "addmm", "aten.mm")
+
+
+def count_quantized_ops(graph_module: torch.fx.GraphModule) -> dict[str, dict[str, int]]:
+    """Per layer group: how many compute ops (linear, conv, matmul) take a dequantized int8 input and how
+    many stay float, read from a converted PT2E graph: what the quantizer did, not what was asked of it."""
+    counts = {group: {"quantized": 0, "float": 0} for group in (*LAYER_GROUPS, "other")}
+    for node in graph_module.graph.nodes:
+        target = str(node.target)
+        if node.op != "call_function" or "quantize" in target or not any(name in target for name in _COMPUTE):
+            continue
+        source = node.args[0] if node.args else None
+        quantized = isinstance(source, torch.fx.Node) and "dequantize" in str(source.target)
+        group = group_of(_module_path(node)) or "other"
+        counts[group]["quantized" if quantized else "float"] += 1
+    return {g: c for g, c in counts.items() if c["quantized"] or c["float"]}
 
 
 def pt2e_quantize(

@@ -1,8 +1,9 @@
-"""What every target shares: export options, the graph-edge wrapper, artifacts, manifests and runners.
+"""What every target shares: export options, the Target base class, artifacts, manifests and runners.
 
 An artifact is a folder ``<out>/<variant>_<target>_<precision>/`` holding the model file and its
-``manifest.json``. The folder is built under a temporary name and swapped into place, so a failed or
-interrupted export leaves the previous artifact intact and no partial file.
+``manifest.json``. The folder is built under a temporary name and swapped into place only once its
+manifest is complete (parity included), so a failed or interrupted export leaves the previous artifact
+intact and no partial file.
 """
 
 from __future__ import annotations
@@ -11,27 +12,31 @@ import hashlib
 import json
 import logging
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
 from segformer_edge.errors import ExportError, SegformerEdgeError
+from segformer_edge.inputs import INPUT_KINDS, LAYOUTS, InputSpec
 
 if TYPE_CHECKING:
     import torch
 
-    from segformer_edge.model import SegFormer
+    from segformer_edge.calibration.spec import QuantSpec
 
 __all__ = [
+    "FEATURES",
     "MANIFEST",
     "Artifact",
     "ArtifactError",
     "ExportOptions",
     "Runner",
     "Target",
+    "conversion_error",
     "file_sha256",
     "read_manifest",
     "tool_versions",
@@ -41,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "segformer-edge-artifact/1"
-INPUT_KINDS = ("normalized", "rgb01", "uint8")
 OUTPUT_KINDS = ("logits", "mask")
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -50,19 +54,32 @@ class ArtifactError(SegformerEdgeError, ValueError):
     """An artifact folder is missing, damaged, or does not match its manifest."""
 
 
+# Graph-edge features an export can ask for; a target lists the ones it takes.
+FEATURES = {
+    "nhwc": "--layout nhwc",
+    "input:rgb01": "--input rgb01",
+    "input:uint8": "--input uint8",
+    "output:mask": "--output mask",
+    "dynamic": "--dynamic",
+    "image_input": "--image-input",
+}
+EDGE_FEATURES = frozenset({"nhwc", "input:rgb01", "input:uint8", "output:mask"})
+
+
 @dataclass
 class ExportOptions:
-    """How to cut the graph's edges and at which precision.
+    """How to cut the graph's edges, at which precision, and any options of the target itself.
 
     Attributes:
-        precision: fp32, fp16 (or int8, with a calibration).
-        size: Static input (H, W).
+        precision: fp32, fp16 or int8.
+        size: Static input (H, W) (for dynamic graphs, the size they are checked at).
         input_kind: ``normalized`` (float, already normalised), ``rgb01`` (float RGB in 0..1) or ``uint8``
             (0..255); the last two fuse the normalisation into the graph.
         output: ``logits`` at 1/4 resolution, or ``mask`` (upsample to the input size, argmax: int labels).
-        layout: ``nchw`` or ``nhwc`` (what mobile camera pipelines hand over); where a target supports it.
-        dynamic: Dynamic H and W, where the target supports it.
-        image_input: Core ML only: a camera-frame ImageType input with the normalisation folded in.
+        layout: ``nchw`` or ``nhwc`` (what mobile camera pipelines hand over).
+        dynamic: Dynamic H and W.
+        image_input: A camera-frame image input of the runtime, normalisation folded in.
+        target_options: Options of the target itself (``--target-option KEY=VALUE``), checked by the target.
     """
 
     precision: str = "fp32"
@@ -72,7 +89,7 @@ class ExportOptions:
     layout: str = "nchw"
     dynamic: bool = False
     image_input: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    target_options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -81,11 +98,37 @@ class ExportOptions:
             raise ExportError(f"--input {self.input_kind}: choose one of {', '.join(INPUT_KINDS)}")
         if self.output not in OUTPUT_KINDS:
             raise ExportError(f"--output {self.output}: choose one of {', '.join(OUTPUT_KINDS)}")
-        if self.layout not in ("nchw", "nhwc"):
+        if self.layout not in LAYOUTS:
             raise ExportError(f"--layout {self.layout}: choose nchw or nhwc")
         h, w = self.size
         if not (32 <= h <= 4096 and 32 <= w <= 4096):
             raise ExportError(f"--size {h} {w}: height and width must be within 32..4096")
+
+    @property
+    def features(self) -> set[str]:
+        """The graph-edge features these options ask for (see :data:`FEATURES`)."""
+        asked = {"nhwc"} if self.layout == "nhwc" else set()
+        if self.input_kind != "normalized":
+            asked.add(f"input:{self.input_kind}")
+        if self.output != "logits":
+            asked.add(f"output:{self.output}")
+        if self.dynamic:
+            asked.add("dynamic")
+        if self.image_input:
+            asked.add("image_input")
+        return asked
+
+    def input_spec(self, meta: Any, integer_input: bool = True) -> InputSpec:
+        """The artifact's input: these options' edges on the model's normalisation."""
+        kind = "uint8" if self.image_input else self.input_kind
+        dtype = "uint8" if kind == "uint8" and integer_input and not self.image_input else "float32"
+        return InputSpec(self.size, meta.mean, meta.std, kind=kind, layout=self.layout, dynamic=self.dynamic,
+                         dtype=dtype, image=self.image_input)  # fmt: skip
+
+    def graph_spec(self, meta: Any) -> InputSpec:
+        """What the traced graph takes (an image input is traced as 0..1 RGB: the runtime scales by 1/255)."""
+        kind = "rgb01" if self.image_input else self.input_kind
+        return InputSpec(self.size, meta.mean, meta.std, kind=kind, layout=self.layout, dynamic=self.dynamic)
 
 
 @dataclass
@@ -104,6 +147,10 @@ class Artifact:
     def precision(self) -> str:
         return str(self.manifest["precision"])
 
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.from_manifest(self.manifest["input"])
+
     def write_manifest(self) -> None:
         from segformer_edge.io import atomic_write_json
 
@@ -119,31 +166,39 @@ class Runner(Protocol):
 
 
 class Target:
-    """One edge runtime. Subclasses set ``name``, ``suffix``, ``precisions`` and implement the two hooks."""
+    """One edge runtime: every fact about it lives on its subclass, in its own module.
 
-    name: str = ""
-    suffix: str = ""
-    precisions: tuple[str, ...] = ("fp32", "fp16")
-    dynamic_shapes: bool = False
-    runtime_modules: tuple[str, ...] = ()
-    extra: str = "export"  # the pip extra that installs what the runner needs
-    integer_input: bool = True  # whether a uint8 input stays uint8 (Core ML multi-arrays have no uint8)
+    A subclass sets the class attributes below and implements :meth:`convert` and :meth:`load`; targets
+    with a PT2E quantizer implement :meth:`pt2e_quantizer`, others quantize inside :meth:`convert`. The
+    registry (:mod:`segformer_edge.converters`) is the only list of targets.
+    """
 
-    @staticmethod
-    def runs_here() -> bool:
+    name: ClassVar[str] = ""
+    suffix: ClassVar[str] = ""  # the model file's suffix (a folder for .mlpackage)
+    summary: ClassVar[str] = ""  # one line for --help and `info --targets`
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
+    features: ClassVar[frozenset[str]] = EDGE_FEATURES
+    quant_schemes: ClassVar[tuple[str, ...]] = ("static",)
+    quant_methods: ClassVar[tuple[str, ...]] = ("minmax", "moving_average", "percentile", "mse")
+    default_method: ClassVar[str] = "mse"  # what --method auto means for this target
+    quant_weights: ClassVar[tuple[str, ...]] = ("per_channel", "per_tensor")
+    options: ClassVar[dict[str, tuple[str, ...]]] = {}  # --target-option KEY -> allowed values (first: default)
+    tools: ClassVar[tuple[str, ...]] = ()  # packages whose versions the manifest records
+    runtime_modules: ClassVar[tuple[str, ...]] = ()
+    extra: ClassVar[str] = "export"  # the pip extra that installs what the runner needs
+    integer_input: ClassVar[bool] = True  # whether a uint8 input stays uint8 (Core ML multi-arrays have no uint8)
+    in_all: ClassVar[bool] = True  # exported by --target all
+    fold_quantize: ClassVar[bool] = True  # False keeps weight quantize ops (what litert-torch's lowering expects)
+    not_here: ClassVar[str] = "cannot run on this machine"  # the bench/verify status where runs_here() is False
+
+    # -- the host ------------------------------------------------------------------------------------
+
+    def runs_here(self) -> bool:
         """Whether this machine can run the target's artifacts (parity is checked only where it can)."""
         return True
 
-    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Export-time module swaps this target needs (the checkpoint's modules are never changed)."""
-        return module
-
-    def convert(self, module: torch.nn.Module, example: torch.Tensor, options: ExportOptions, path: Path) -> dict[str, Any]:
-        """Write the model file at ``path``; return target-specific manifest fields."""
-        raise NotImplementedError
-
-    def load(self, artifact: Artifact) -> Runner:
-        raise NotImplementedError
+    def tool_versions(self) -> dict[str, str]:
+        return tool_versions(*self.tools)
 
     def check_runtime(self) -> None:
         """Raise a clear error naming the extra to install when the runtime is missing."""
@@ -155,6 +210,92 @@ class Target:
                     f"{self.name} artifacts need {module}, which is not installed; "
                     f"pip install 'segformer-edge[{self.extra}]'"
                 )
+
+    # -- plan ----------------------------------------------------------------------------------------
+
+    def plan(self, options: ExportOptions, quant: QuantSpec | None) -> dict[str, str]:
+        """Check the options against what this target supports; return its own options with defaults.
+
+        Raises ExportError naming the option, and where possible the targets that do support it.
+        """
+        if options.precision not in self.precisions:
+            raise ExportError(f"{self.name}: --precision {options.precision} is not supported (choose {', '.join(self.precisions)})")
+        for feature in sorted(options.features - self.features):
+            raise ExportError(f"{self.name}: {FEATURES[feature]} is not supported by this target{_who_supports(feature)}")
+        if options.precision == "int8":
+            if quant is None:
+                raise ExportError(f"{self.name}: int8 needs a quantization spec")
+            for attr, allowed, flag in (("scheme", self.quant_schemes, "scheme"), ("method", self.quant_methods, "--method"),
+                                        ("weights", self.quant_weights, "weights")):  # fmt: skip
+                value = getattr(quant, attr)
+                if value not in allowed:
+                    raise ExportError(f"{self.name}: int8 {flag} {value} is not supported (choose {', '.join(allowed)})")
+        chosen = {}
+        for key, value in options.target_options.items():
+            if key not in self.options:
+                known = ", ".join(self.options) or "none"
+                raise ExportError(f"{self.name}: unknown --target-option {key} (this target's options: {known})")
+            if value not in self.options[key]:
+                raise ExportError(f"{self.name}: --target-option {key}={value}: choose one of {', '.join(self.options[key])}")
+            chosen[key] = value
+        return {key: chosen.get(key, values[0]) for key, values in self.options.items()}
+
+    # -- capture, quantize, lower --------------------------------------------------------------------
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Export-time module swaps this target needs (the checkpoint's modules are never changed)."""
+        return module
+
+    def pt2e_quantizer(self, quant: QuantSpec) -> Any:
+        """This target's PT2E quantizer for ``quant``, or None where it quantizes while lowering."""
+        return None
+
+    def quantize(self, module: torch.nn.Module, example: torch.Tensor, quant: QuantSpec, inputs: list[torch.Tensor]) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """PT2E prepare -> calibrate -> convert with this target's quantizer, honouring ``quant`` exactly.
+
+        Returns the quantized module and what was done (per layer group: quantized and float compute ops,
+        read from the converted graph). Targets without a PT2E quantizer return the module unchanged and
+        quantize in :meth:`convert`.
+        """
+        quantizer = self.pt2e_quantizer(quant)
+        if quantizer is None:
+            return module, {}
+        from segformer_edge.calibration.recipes import SpecQuantizer, count_quantized_ops, pt2e_quantize
+
+        wrapped = SpecQuantizer(quantizer, quant)
+        quantized = pt2e_quantize(module, example, wrapped, inputs, fold_quantize=self.fold_quantize)
+        return quantized, {"quantizer": type(quantizer).__name__, "ops_by_group": count_quantized_ops(quantized)}
+
+    def convert(self, module: torch.nn.Module, example: torch.Tensor, options: ExportOptions, path: Path,
+                quant: QuantSpec | None, target_options: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+        """Write the model file at ``path``; return manifest fields read back from what was written."""
+        raise NotImplementedError
+
+    # -- run -----------------------------------------------------------------------------------------
+
+    def load(self, artifact: Artifact, threads: int | None = None) -> Runner:
+        raise NotImplementedError
+
+    def runner_factory(self, artifact: Artifact, threads: int, compute_units: str = "all") -> Callable[[], Runner]:
+        """A zero-argument constructor of a runner, with the runtime already imported (bench times the load
+        alone, not the runtime's import)."""
+        import importlib
+
+        self.check_runtime()
+        for module in self.runtime_modules:
+            importlib.import_module(module)
+        return lambda: self.load(artifact, threads=threads)
+
+    def profile(self, artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> list[dict[str, Any]] | None:
+        """The ops that take the time, where the runtime can say (None where it cannot)."""
+        return None
+
+
+def _who_supports(feature: str) -> str:
+    from . import get_target, target_names
+
+    names = [n for n in target_names() if feature in get_target(n).features]
+    return f"; targets that support it: {', '.join(names)}" if names else ""
 
 
 def file_sha256(path: Path) -> str:
@@ -214,71 +355,6 @@ def read_manifest(path: str | Path, *, check_hash: bool = True) -> Artifact:
                 "the file was changed or truncated: re-export it"
             )
     return Artifact(folder, file, manifest)
-
-
-def model_manifest(model: SegFormer, options: ExportOptions) -> dict[str, Any]:
-    """The manifest fields that describe the model and its graph edges."""
-    meta = model.meta
-    h, w = options.size
-    shape: list[Any] = [1, h, w, 3] if options.layout == "nhwc" else [1, 3, h, w]
-    if options.dynamic:
-        if options.layout == "nhwc":
-            shape[1], shape[2] = "H", "W"
-        else:
-            shape[2], shape[3] = "H", "W"
-    k = model.config.num_classes
-    if options.output == "mask":
-        out_shape: list[Any] = [1, h, w]
-    else:
-        out_shape = [1, k, -(-h // 4), -(-w // 4)]
-    return {
-        "variant": model.config.variant,
-        "num_classes": k,
-        "class_names": list(meta.class_names),
-        "palette": [list(c) for c in meta.palette],
-        "input": {
-            "shape": shape,
-            "layout": options.layout,
-            "dtype": "uint8" if options.input_kind == "uint8" else "float32",
-            "kind": options.input_kind,
-            "normalization": {
-                "mean": list(meta.mean),
-                "std": list(meta.std),
-                "fused": options.input_kind != "normalized",
-                "scale": 255.0 if options.input_kind == "uint8" else 1.0,
-            },
-            "dynamic_hw": options.dynamic,
-        },
-        "output": {"kind": options.output, "shape": out_shape, "dtype": "int32" if options.output == "mask" else "float32"},
-    }
-
-
-def prepare_input(images: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
-    """uint8 RGB images (N, H, W, 3) -> the artifact's input (kind and layout from the manifest)."""
-    spec = manifest["input"]
-    if spec["kind"] == "uint8":
-        x = images.astype(np.uint8)
-    elif spec["kind"] == "rgb01":
-        x = images.astype(np.float32) / 255.0
-    else:
-        mean = np.asarray(spec["normalization"]["mean"], np.float32)
-        std = np.asarray(spec["normalization"]["std"], np.float32)
-        x = (images.astype(np.float32) / 255.0 - mean) / std
-    if spec["layout"] == "nchw":
-        x = x.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x)
-
-
-def calibration_inputs(options: ExportOptions, example: Any) -> list[Any]:
-    """The calibration images as the graph's inputs (kind and layout of ``options``), one tensor per image."""
-    import torch
-
-    calib = options.extra.get("calibration")
-    if calib is None:
-        raise ExportError("int8 needs a calibration set: pass --calibration DIR or let export calibrate on the fly")
-    spec = {"input": {"kind": options.input_kind, "layout": options.layout, "normalization": options.extra["normalization"]}}
-    batch = prepare_input(calib.images, spec)
-    return [torch.from_numpy(batch[i : i + 1]).to(example.dtype) for i in range(len(batch))]
 
 
 def conversion_error(target: str, exc: BaseException) -> ExportError:

@@ -1,7 +1,9 @@
 """Latency measurement of artifacts (and of torch eager, for ratios), one fresh process per measurement.
 
-Each (artifact, thread count) runs in its own interpreter, so that the cold load is really cold and the
-peak RSS belongs to that artifact alone. The worker needs torch only for ExecuTorch artifacts and for the
+Each (artifact, thread count) runs in its own interpreter, so that the peak RSS belongs to that artifact
+alone. ``import_ms`` is the runtime's import; ``load_ms`` the runtime's load of the model file after the
+file's pages were dropped from the page cache (posix_fadvise DONTNEED; where the OS has no such call the
+file may still be cached, and the record says ``"cold": false``). The worker needs torch only for ExecuTorch artifacts and for the
 eager reference: benching .tflite and .onnx works on a device with the light ``[runtime]`` install.
 """
 
@@ -22,9 +24,9 @@ import numpy as np
 
 from segformer_edge.errors import SegformerEdgeError
 
-from .base import ArtifactError, prepare_input, read_manifest
+from .base import ArtifactError, read_manifest
 
-__all__ = ["bench_artifact", "bench_paired", "bench_torch", "machine_info", "merge_rounds", "summarize"]
+__all__ = ["bench_artifact", "bench_paired", "bench_torch", "machine_info", "merge_rounds", "summarize", "top_ops"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,121 +78,57 @@ def _input_images(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (1, h, w, 3), dtype=np.uint8)
 
 
-def _profile_executorch(artifact: Any, x: np.ndarray, runs: int) -> list[dict[str, Any]]:
-    """Per-op time from ETDump through the devtools Inspector (XNNPACK reports each of its kernels)."""
-    import re
-    import tempfile
-    import warnings
-
-    import torch
-    from executorch.devtools import Inspector
-    from executorch.runtime import Runtime
-
-    # No debug buffer: only timings are read, and logging every output tensor overflows any fixed buffer.
-    program = Runtime.get().load_program(artifact.file, enable_etdump=True, debug_buffer_size=0)
-    method = program.load_method("forward")
-    for _ in range(runs):
-        method.execute([torch.from_numpy(x)])
-    with tempfile.TemporaryDirectory() as tmp:
-        program.write_etdump_result_to_file(f"{tmp}/run.etdp", f"{tmp}/debug.bin")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            frame = Inspector(etdump_path=f"{tmp}/run.etdp").to_dataframe()
-    frame = frame[frame["event_block_name"] == "Execute"]
-    totals: dict[str, float] = {}
-    for name, raw in zip(frame["event_name"], frame["raw"]):
-        if name in ("Method::execute", "DELEGATE_CALL"):  # wrappers around the ops below
-            continue
-        kind = re.sub(r" #\d+$", "", str(name))
-        totals[kind] = totals.get(kind, 0.0) + float(np.median(raw))
-    return _top(totals)
-
-
-def _profile_onnx(artifact: Any, x: np.ndarray, runs: int, threads: int) -> list[dict[str, Any]]:
-    """Per-op-type time from ONNX Runtime's own profiler."""
-    import onnxruntime as ort
-
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:  # ORT writes its trace file; keep it out of the user's folder
-        options = ort.SessionOptions()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "ort")
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(artifact.file), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        for _ in range(runs):
-            session.run(None, {name: x})
-        trace = json.loads(Path(session.end_profiling()).read_text())
-    totals: dict[str, float] = {}
-    for event in trace:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            op = event.get("args", {}).get("op_name", "?")
-            totals[op] = totals.get(op, 0.0) + event["dur"] / 1000.0 / runs
-    return _top(totals)
-
-
-def _top(totals: dict[str, float], n: int = 10) -> list[dict[str, Any]]:
+def top_ops(totals: dict[str, float], n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` ops that take the most time, with their share of the total."""
     whole = sum(totals.values()) or 1.0
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:n]
     return [{"op": op, "ms": ms, "share": ms / whole} for op, ms in ranked]
 
 
+def _evict(path: Path) -> bool:
+    """Drop a file's (or a folder's files') pages from the page cache, where the OS offers posix_fadvise."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for item in [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]:
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
 def _measure_artifact(path: str, threads: int, warmup: int, runs: int, compute_units: str, profile: bool = False) -> dict[str, Any]:
-    artifact = read_manifest(path)
+    from . import get_target
+
+    artifact = read_manifest(path, check_hash=False)  # the parent checked the hash: keep the file out of the page cache
     manifest = artifact.manifest
+    target = get_target(artifact.target)
     record: dict[str, Any] = {
         "artifact": str(artifact.folder), "target": artifact.target, "precision": artifact.precision,
         "threads": threads, "size_mb": manifest["size_bytes"] / 1e6,
     }  # fmt: skip
-    if artifact.target == "coreml" and platform.system() != "Darwin":
-        return {**record, "status": "needs macOS"}
-    shape = manifest["input"]["shape"]
-    h, w = (shape[1], shape[2]) if manifest["input"]["layout"] == "nhwc" else (shape[2], shape[3])
-    if not isinstance(h, int):
-        raise ArtifactError(f"{path}: dynamic-shape artifact; bench it at a size with --size")
-    x = prepare_input(_input_images(h, w), manifest)
-    make_runner = _runner_factory(artifact, threads, compute_units)  # imports the runtime (not part of load)
+    if not target.runs_here():
+        return {**record, "status": target.not_here}
+    spec = artifact.input_spec
+    h, w = spec.size
+    x = spec(_input_images(h, w))
+    start = time.perf_counter()
+    make_runner = target.runner_factory(artifact, threads, compute_units)  # imports the runtime: reported apart
+    import_ms = 1000 * (time.perf_counter() - start)
+    cold = _evict(artifact.file)  # cold load: the model file is read from disk, not from the page cache
     start = time.perf_counter()
     runner = make_runner()
     load_ms = 1000 * (time.perf_counter() - start)
     timing = _time_runs(runner, x, warmup, runs)
-    result = {**record, "status": "ok", "executor": runner.executor, "input": [h, w], "load_ms": load_ms, **timing,
+    result = {**record, "status": "ok", "executor": runner.executor, "input": [h, w], "import_ms": import_ms, "load_ms": load_ms, "cold": cold,
+              **timing,
               "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
     if profile:  # after the timed runs, so that profiling never slows what is reported
-        if artifact.target == "executorch":
-            result["profile"] = _profile_executorch(artifact, x, min(runs, 10))
-        elif artifact.target == "onnx":
-            result["profile"] = _profile_onnx(artifact, x, min(runs, 10), threads)
+        ops = target.profile(artifact, x, min(runs, 10), threads)
+        if ops is not None:
+            result["profile"] = ops
     return result
-
-
-def _runner_factory(artifact: Any, threads: int, compute_units: str) -> Any:
-    """A zero-argument constructor of the artifact's runner, with its runtime already imported."""
-    target = artifact.target
-    if target == "onnx":
-        import onnxruntime  # noqa: F401
-
-        from .onnx import OnnxRunner
-
-        return lambda: OnnxRunner(artifact, threads=threads)
-    if target == "tflite":
-        from .tflite import LiteRTRunner, _interpreter_class
-
-        _interpreter_class()
-        return lambda: LiteRTRunner(artifact, threads=threads)
-    if target == "executorch":
-        import executorch.runtime  # noqa: F401
-
-        from .executorch import ExecuTorchRunner, set_threads
-
-        set_threads(threads)
-        return lambda: ExecuTorchRunner(artifact)
-    if target == "coreml":  # pragma: no cover - macOS only
-        from .coreml import CoreMLRunner
-
-        return lambda: CoreMLRunner(artifact, compute_units=compute_units)
-    raise ArtifactError(f"{artifact.folder}: unknown target {target!r}")
 
 
 def _measure_torch(checkpoint: str | None, size: list[int], threads: int, warmup: int, runs: int) -> dict[str, Any]:
@@ -198,14 +136,14 @@ def _measure_torch(checkpoint: str | None, size: list[int], threads: int, warmup
 
     from segformer_edge.weights import builtin_checkpoint, load_pretrained
 
+    from segformer_edge.inputs import InputSpec
+
     torch.set_num_threads(threads)
     start = time.perf_counter()
     model = load_pretrained(checkpoint or builtin_checkpoint())
     load_ms = 1000 * (time.perf_counter() - start)
     h, w = size
-    meta = model.meta
-    images = _input_images(h, w).astype(np.float32) / 255.0
-    x = torch.from_numpy(((images - np.asarray(meta.mean, np.float32)) / np.asarray(meta.std, np.float32)).transpose(0, 3, 1, 2).copy())
+    x = torch.from_numpy(InputSpec.for_model(model.meta, (h, w))(_input_images(h, w)))
     with torch.inference_mode():
         timing = _time_runs(model, x, warmup, runs)
     return {"artifact": "torch eager", "target": "torch", "precision": "fp32", "threads": threads, "status": "ok",

@@ -10,11 +10,14 @@ import json
 import logging
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Artifact, ExportOptions, Target
+from .base import EDGE_FEATURES, Artifact, ExportOptions, Target
+
+if TYPE_CHECKING:
+    from segformer_edge.calibration.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,8 @@ class CoreMLRunner:
     """Core ML framework on macOS, the numpy MIL reference executor elsewhere."""
 
     def __init__(self, artifact: Artifact, compute_units: str = "all", force_reference: bool = False) -> None:
+        if compute_units not in COMPUTE_UNITS:
+            raise ValueError(f"--compute-units {compute_units}: choose one of {', '.join(COMPUTE_UNITS)}")
         self.output_name = "out"
         self.input_name = "x"
         self.image_input = bool(artifact.manifest.get("coreml", {}).get("image_input"))
@@ -56,25 +61,38 @@ class CoreMLRunner:
 class CoreMLTarget(Target):
     name = "coreml"
     suffix = ".mlpackage"
+    summary = "Core ML ML program (iOS, macOS); checked off macOS by a numpy MIL executor"
     precisions = ("fp32", "fp16", "int8")
+    features = EDGE_FEATURES | {"image_input"}
+    tools = ("coremltools",)
     runtime_modules = ("coremltools",)
     integer_input = False  # Core ML multi-arrays have no uint8: 0..255 values come in as float32
 
-    def convert(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def pt2e_quantizer(self, quant: QuantSpec) -> Any:
+        """W8A8 made on the torch side (coremltools' activation calibration needs macOS): PT2E with Core ML's
+        quantizer, symmetric int8 weights and uint8 activations."""
+        import torch
+        from coremltools.optimize.torch.quantization.quantization_config import LinearQuantizerConfig, QuantizationScheme
+        from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
+
+        config = LinearQuantizerConfig.from_dict({
+            "global_config": {"quantization_scheme": QuantizationScheme.symmetric, "activation_dtype": torch.quint8,
+                              "weight_dtype": torch.qint8, "weight_per_channel": quant.weights == "per_channel"},
+        })  # fmt: skip
+        return CoreMLQuantizer(config)
+
+    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import coremltools as ct
         import torch
 
         meta, variant = module.model.meta, module.model.config.variant
-        quantization = None
-        if options.precision == "int8":
-            module, quantization = self._quantize(module, example.float(), options)
         program = torch.export.export(module, (example.float(),)).run_decompositions({})
         if options.image_input:
             inputs = [ct.ImageType(name="x", shape=tuple(example.shape), scale=1.0 / 255.0, color_layout=ct.colorlayout.RGB)]
         else:
             inputs = [ct.TensorType(name="x", shape=tuple(example.shape), dtype=np.float32)]
         precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
-        target = ct.target.iOS17 if options.precision == "int8" else ct.target.iOS16
+        target = ct.target.iOS17 if quant is not None else ct.target.iOS16
         model = ct.convert(
             program, convert_to="mlprogram", inputs=inputs, outputs=[ct.TensorType(name="out")],
             compute_precision=precision, minimum_deployment_target=target,
@@ -89,32 +107,20 @@ class CoreMLTarget(Target):
             "source": "segformer-edge",
         })  # fmt: skip
         model.save(str(path))
-        ops = sorted({op.op_type for f in model._mil_program.functions.values() for op in f.operations})
-        result: dict[str, Any] = {"coreml": {"ops": ops, "image_input": options.image_input,
-                                             "deployment_target": "iOS17" if options.precision == "int8" else "iOS16"}}
-        if quantization:
-            result["quantization"] = quantization
-        return result
+        return {"coreml": {**read_back(path), "image_input": options.image_input, "deployment_target": str(target.name)}}
 
-    @staticmethod
-    def _quantize(module, example, options: ExportOptions):  # type: ignore[no-untyped-def]
-        """W8A8 made on the torch side (coremltools' activation calibration needs macOS): PT2E with Core ML's
-        quantizer, per-channel symmetric int8 weights and uint8 activations."""
-        import torch
-        from coremltools.optimize.torch.quantization.quantization_config import LinearQuantizerConfig, QuantizationScheme
-        from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
+    def load(self, artifact: Artifact, threads: int | None = None, compute_units: str = "all") -> CoreMLRunner:
+        return CoreMLRunner(artifact, compute_units=compute_units)
 
-        from segformer_edge.calibration.recipes import pt2e_quantize
+    def runner_factory(self, artifact: Artifact, threads: int, compute_units: str = "all") -> Any:
+        import coremltools  # noqa: F401
 
-        from .base import calibration_inputs
+        return lambda: CoreMLRunner(artifact, compute_units=compute_units)
 
-        config = LinearQuantizerConfig.from_dict({
-            "global_config": {"quantization_scheme": QuantizationScheme.symmetric, "activation_dtype": torch.quint8,
-                              "weight_dtype": torch.qint8, "weight_per_channel": True},
-            "module_name_configs": {name: None for name in options.extra.get("float_modules", [])},
-        })  # fmt: skip
-        quantized = pt2e_quantize(module, example, CoreMLQuantizer(config), calibration_inputs(options, example))
-        return quantized, {"quantizer": "CoreMLQuantizer (W8A8, per-channel weights; activation observer: Core ML's own)"}
 
-    def load(self, artifact: Artifact) -> CoreMLRunner:
-        return CoreMLRunner(artifact)
+def read_back(path: Path) -> dict[str, Any]:
+    """The saved program's ops, its tensor dtypes and its I/O, read back from the .mlpackage."""
+    from .mil_executor import MilProgram
+
+    program = MilProgram(path)
+    return {"ops": program.op_types, "dtypes": program.dtype_counts(), "io": program.io_dtypes()}

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .base import Artifact, ExportOptions, Target
+
+if TYPE_CHECKING:
+    from segformer_edge.calibration.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -79,56 +82,102 @@ class _HalfCompute:
 class ExecuTorchTarget(Target):
     name = "executorch"
     suffix = ".pte"
+    summary = "ExecuTorch .pte, XNNPACK-delegated (Android, iOS, Linux)"
     precisions = ("fp32", "fp16", "int8")
-    runtime_modules = ("executorch",)
+    tools = ("executorch",)
+    runtime_modules = ("executorch.runtime",)
 
     def prepare(self, module):  # type: ignore[no-untyped-def]
         from .graph import decompose_layer_norms
 
         return decompose_layer_norms(module)
 
-    def convert(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-        import torch
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
-
-        if options.precision == "fp16":
-            module = _HalfCompute(module)
-        quantization = None
-        if options.precision == "int8":
-            module, quantization = self._quantize(module, example, options)
-        program = torch.export.export(module, (example,))
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        report = delegation_report(edge.exported_program().graph_module)
-        path.write_bytes(edge.to_executorch().buffer)
-        if report["portable_ops"]:
-            logger.warning("executorch: ops left to portable kernels: %s", ", ".join(report["portable_ops"]))
-        return {"delegation": report, **({"quantization": quantization} if quantization else {})}
-
-    @staticmethod
-    def _quantize(module, example, options: ExportOptions):  # type: ignore[no-untyped-def]
+    def pt2e_quantizer(self, quant: QuantSpec) -> Any:
         """XNNPACKQuantizer, static, per-channel weights; LayerNorm statistics deliberately stay fp32."""
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
         )
 
-        from segformer_edge.calibration.recipes import keep_float, pt2e_quantize, with_activation_observer
-
-        from .base import calibration_inputs
         from .graph import DecomposedLayerNorm
 
-        calib = options.extra["calibration"]
-        config = with_activation_observer(get_symmetric_quantization_config(is_per_channel=True), calib.method)
-        quantizer = XNNPACKQuantizer().set_global(config)
-        quantizer.set_module_type(DecomposedLayerNorm, None)
-        keep_float(quantizer, options.extra.get("float_modules", []))
-        quantized = pt2e_quantize(module, example, quantizer, calibration_inputs(options, example))
-        return quantized, {"quantizer": "XNNPACKQuantizer (static, per-channel weights)", "float_ops": ["layer_norm", "softmax", "gelu"]}
+        config = get_symmetric_quantization_config(is_per_channel=quant.weights == "per_channel")
+        return XNNPACKQuantizer().set_global(config).set_module_type(DecomposedLayerNorm, None)
 
-    def load(self, artifact: Artifact) -> ExecuTorchRunner:
+    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        import torch
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+
+        if options.precision == "fp16":
+            module = _HalfCompute(module)
+        program = torch.export.export(module, (example,))
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        report = delegation_report(edge.exported_program().graph_module)
+        path.write_bytes(edge.to_executorch().buffer)
+        if report["portable_ops"]:
+            logger.info("executorch: ops left to portable kernels: %s", ", ".join(report["portable_ops"]))
+        return {"delegation": report, "io": program_io(path)}
+
+    def load(self, artifact: Artifact, threads: int | None = None) -> ExecuTorchRunner:
         self.check_runtime()
+        if threads:
+            set_threads(threads)
         return ExecuTorchRunner(artifact)
+
+    def profile(self, artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> list[dict[str, Any]]:
+        from .bench import top_ops
+
+        return top_ops(profile_etdump(artifact, x, runs))
+
+
+def program_io(path: Path) -> dict[str, list[str]]:
+    """The input and output dtypes of a .pte's forward method, read back from the program."""
+    from executorch.runtime import Runtime
+
+    meta = Runtime.get().load_program(path).metadata("forward")
+
+    def dtype(tensor: Any) -> str:
+        return _SCALAR_TYPES.get(int(tensor.dtype()), f"scalar type {int(tensor.dtype())}")
+
+    return {"inputs": [dtype(meta.input_tensor_meta(i)) for i in range(meta.num_inputs())],
+            "outputs": [dtype(meta.output_tensor_meta(i)) for i in range(meta.num_outputs())]}  # fmt: skip
+
+
+# c10::ScalarType codes, as a program's tensor metadata gives them.
+_SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64",
+                 11: "bool", 15: "bfloat16"}  # fmt: skip
+
+
+def profile_etdump(artifact: Artifact, x: np.ndarray, runs: int) -> dict[str, float]:
+    """Per-op time (ms, median per run) from ETDump through the devtools Inspector (XNNPACK reports each
+    of its kernels)."""
+    import re
+    import tempfile
+    import warnings
+
+    import torch
+    from executorch.devtools import Inspector
+    from executorch.runtime import Runtime
+
+    # No debug buffer: only timings are read, and logging every output tensor overflows any fixed buffer.
+    program = Runtime.get().load_program(artifact.file, enable_etdump=True, debug_buffer_size=0)
+    method = program.load_method("forward")
+    for _ in range(runs):
+        method.execute([torch.from_numpy(x)])
+    with tempfile.TemporaryDirectory() as tmp:
+        program.write_etdump_result_to_file(f"{tmp}/run.etdp", f"{tmp}/debug.bin")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frame = Inspector(etdump_path=f"{tmp}/run.etdp").to_dataframe()
+    frame = frame[frame["event_block_name"] == "Execute"]
+    totals: dict[str, float] = {}
+    for name, raw in zip(frame["event_name"], frame["raw"]):
+        if name in ("Method::execute", "DELEGATE_CALL"):  # wrappers around the ops below
+            continue
+        kind = re.sub(r" #\d+$", "", str(name))
+        totals[kind] = totals.get(kind, 0.0) + float(np.median(raw))
+    return totals
 
 
 def set_threads(threads: int) -> None:

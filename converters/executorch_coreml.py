@@ -20,14 +20,17 @@ logger = logging.getLogger(__name__)
 class ExecuTorchCoreMLTarget(Target):
     name = "executorch-coreml"
     suffix = ".pte"
+    summary = "ExecuTorch .pte with the Core ML delegate (iOS, macOS)"
     precisions = ("fp32", "fp16")
-    runtime_modules = ("executorch",)
+    tools = ("executorch", "coremltools")
+    runtime_modules = ("executorch.runtime",)
+    in_all = False
+    not_here = "needs macOS"
 
-    @staticmethod
-    def runs_here() -> bool:
+    def runs_here(self) -> bool:
         return platform.system() == "Darwin"
 
-    def convert(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import coremltools as ct
         import torch
         from executorch.backends.apple.coreml.compiler import CoreMLBackend
@@ -42,10 +45,10 @@ class ExecuTorchCoreMLTarget(Target):
         report["backend"] = "CoreMLBackend"
         path.write_bytes(edge.to_executorch().buffer)
         if not self.runs_here():
-            logger.warning("executorch-coreml: compiled only; the Core ML delegate runs on macOS/iOS, not here")
+            logger.info("executorch-coreml: compiled only; the Core ML delegate runs on macOS/iOS, not here")
         return {"delegation": report, "runs_on": "macOS / iOS (Core ML delegate)"}
 
-    def load(self, artifact: Artifact) -> ExecuTorchRunner:
+    def load(self, artifact: Artifact, threads: int | None = None) -> ExecuTorchRunner:
         if not self.runs_here():
             raise ArtifactError(f"{artifact.file}: the Core ML delegate runs only on macOS/iOS; this artifact was compiled, not run")
         return ExecuTorchRunner(artifact)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from segformer_edge.model import EfficientSelfAttention, SegFormer
 
-from .base import ExportOptions
+from segformer_edge.inputs import InputSpec
 
 __all__ = [
     "DecomposedLayerNorm",
@@ -29,15 +29,15 @@ __all__ = [
 class EdgeModule(nn.Module):
     """SegFormer plus its graph edges: input layout and normalisation, logits or a fused argmax mask."""
 
-    def __init__(self, model: SegFormer, options: ExportOptions) -> None:
+    def __init__(self, model: SegFormer, spec: InputSpec, output: str = "logits") -> None:
         super().__init__()
         self.model = model
-        self.input_kind = options.input_kind
-        self.output = options.output
-        self.nhwc = options.layout == "nhwc"
-        scale = 255.0 if options.input_kind == "uint8" else 1.0
-        mean = torch.tensor(model.meta.mean).reshape(1, 3, 1, 1) * scale
-        std = torch.tensor(model.meta.std).reshape(1, 3, 1, 1) * scale
+        self.spec = spec
+        self.input_kind = spec.kind
+        self.output = output
+        self.nhwc = spec.layout == "nhwc"
+        mean = torch.tensor(spec.mean).reshape(1, 3, 1, 1) * spec.scale
+        std = torch.tensor(spec.std).reshape(1, 3, 1, 1) * spec.scale
         # (x - mean) / std as one multiply-add: x * (1 / std) + (-mean / std).
         self.register_buffer("in_scale", 1.0 / std, persistent=False)
         self.register_buffer("in_shift", -mean / std, persistent=False)

@@ -80,6 +80,23 @@ class MilProgram:
         self.outputs = list(self.block.outputs)
         self.op_types = sorted({op.type for op in self.block.operations})
 
+    def dtype_counts(self) -> dict[str, dict[str, int]]:
+        """How many stored constants (weights) and computed values of each dtype the program holds."""
+        counts: dict[str, dict[str, int]] = {"constants": {}, "values": {}}
+        for op in self.block.operations:
+            kind = "constants" if op.type in ("const", "constexpr_affine_dequantize") else "values"
+            for out in op.outputs:
+                name = self._mil.DataType.Name(out.type.tensorType.dataType).lower()
+                counts[kind][name] = counts[kind].get(name, 0) + 1
+        return counts
+
+    def io_dtypes(self) -> dict[str, list[str]]:
+        """The dtypes of the program's inputs and outputs."""
+        produced = {out.name: out.type for op in self.block.operations for out in op.outputs}
+        name = lambda value_type: self._mil.DataType.Name(value_type.tensorType.dataType).lower()  # noqa: E731
+        function = self.spec.mlProgram.functions["main"]
+        return {"inputs": [name(i.type) for i in function.inputs], "outputs": [name(produced[o]) for o in self.outputs if o in produced]}
+
     # -- values -------------------------------------------------------------------------------------------
     def _dtype(self, value_type: Any) -> Any:
         name = self._mil.DataType.Name(value_type.tensorType.dataType)

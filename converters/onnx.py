@@ -1,14 +1,24 @@
-"""ONNX: the dynamo-based exporter with dynamic H and W, checked by the onnx checker, run by ONNX Runtime."""
+"""ONNX: the dynamo-based exporter with dynamic H and W, checked by the onnx checker, run by ONNX Runtime.
+
+INT8 is QDQ static quantization with onnxruntime.quantization (its own calibrators), calibrated on the
+same set as every target; float-kept layer groups are found by the torch name scopes the exporter records.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Artifact, ExportOptions, Target
+from segformer_edge.errors import ExportError
+
+from .base import EDGE_FEATURES, Artifact, ExportOptions, Target
+
+if TYPE_CHECKING:
+    from segformer_edge.calibration.spec import QuantSpec
+    from segformer_edge.inputs import InputSpec
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +42,20 @@ class OnnxRunner:
 class OnnxTarget(Target):
     name = "onnx"
     suffix = ".onnx"
+    summary = "ONNX (dynamo exporter), run by ONNX Runtime (x86 and Arm CPUs, any ORT provider)"
     precisions = ("fp32", "fp16", "int8")
-    dynamic_shapes = True
+    features = EDGE_FEATURES | {"dynamic"}
+    quant_methods = ("minmax", "moving_average", "percentile", "entropy")  # ONNX Runtime's calibrators
+    default_method = "entropy"
+    tools = ("onnx", "onnxruntime", "onnxscript")
     runtime_modules = ("onnxruntime",)
     extra = "runtime"
 
-    def convert(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import onnx
         import torch
         from torch.export import Dim
 
-        if options.precision == "int8":
-            return self._convert_int8(module, example, options, path)
         dynamic = None
         if options.dynamic:
             hd, wd = (1, 2) if options.layout == "nhwc" else (2, 3)
@@ -56,22 +68,21 @@ class OnnxTarget(Target):
         if options.precision == "fp16":
             model = _to_fp16(model)
         onnx.checker.check_model(model, full_check=True)
+        if quant is not None:
+            return self._quantize_static(model, path, quant, module.spec)
         onnx.save_model(model, str(path))
-        ops = sorted({node.op_type for node in model.graph.node})
-        return {"onnx": {"opset": int(model.opset_import[0].version), "ops": ops}}
+        return {"onnx": read_back(path)}
 
-    def _convert_int8(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def _quantize_static(self, model: Any, path: Path, quant: QuantSpec, spec: InputSpec) -> dict[str, Any]:
         """QDQ static INT8 through onnxruntime.quantization, calibrated on the same set as every target."""
         import tempfile
-        from dataclasses import replace
 
+        import onnx
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        from .base import calibration_inputs
-
-        calib = options.extra["calibration"]
-        inputs = [x.numpy() for x in calibration_inputs(options, example)]
+        calib = quant.require_calibration(self.name)
+        inputs = [spec(calib.images[i : i + 1]) for i in range(len(calib.images))]
 
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
@@ -84,15 +95,18 @@ class OnnxTarget(Target):
             "minmax": (CalibrationMethod.MinMax, {}),
             "moving_average": (CalibrationMethod.MinMax, {"CalibMovingAverage": True}),
             "percentile": (CalibrationMethod.Percentile, {"CalibPercentile": 99.99}),
-            "mse": (CalibrationMethod.Entropy, {}),  # ORT has no MSE search; entropy (KL) is its closest
+            "entropy": (CalibrationMethod.Entropy, {}),
         }
-        method, extra = methods[calib.method]
+        method, extra = methods[quant.method]
         used = len(inputs)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
-            self.convert(module, example, replace(options, precision="fp32", dynamic=False), fp32)
-            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-            excluded = _nodes_in_modules(pre, options.extra.get("float_modules", []))
+            onnx.save_model(model, str(fp32))
+            # No ORT graph optimisation here: it renames nodes and drops the torch name scopes that tell which
+            # layer group a node belongs to (float-kept groups would silently be quantized). ORT optimises
+            # the quantized graph when a session loads it.
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, skip_optimization=True)
+            excluded = _nodes_in_groups(pre, set(quant.float_groups))
             if method == CalibrationMethod.MinMax:
                 extra["CalibMaxIntermediateOutputs"] = 4  # fold ranges every 4 images: memory stays bounded
             else:
@@ -104,16 +118,118 @@ class OnnxTarget(Target):
                                    method.name, used, len(inputs), per_image / 1e6)  # fmt: skip
                     inputs = inputs[:used]
             quantize_static(
-                str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=quant.weights == "per_channel",
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
                 nodes_to_exclude=excluded, extra_options=extra,
             )  # fmt: skip
-        return {"onnx": {"format": "QDQ"}, "quantization": {"quantizer": f"onnxruntime quantize_static ({method.name})",
-                                                            "ort_calibration_images": used}}
+        return {"onnx": {**read_back(path), "format": "QDQ"},
+                "quantization": {"quantizer": f"onnxruntime quantize_static ({method.name})", "calibration_images_used": used,
+                                 "ops_by_group": ops_by_group(path)}}  # fmt: skip
 
-    def load(self, artifact: Artifact) -> OnnxRunner:
+    def load(self, artifact: Artifact, threads: int | None = None) -> OnnxRunner:
         self.check_runtime()
-        return OnnxRunner(artifact)
+        return OnnxRunner(artifact, threads=threads)
+
+    def profile(self, artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> list[dict[str, Any]]:
+        from .bench import top_ops
+
+        return top_ops(profile_ort(artifact, x, runs, threads))
+
+
+def profile_ort(artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> dict[str, float]:
+    """Per-op-type time (ms per run) from ONNX Runtime's own profiler."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:  # ORT writes its trace file; keep it out of the user's folder
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(artifact.file), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        for _ in range(runs):
+            session.run(None, {name: x})
+        trace = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    for event in trace:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1000.0 / runs
+    return totals
+
+
+def read_back(path: Path) -> dict[str, Any]:
+    """Opset, op types, I/O dtypes and shapes (dynamic dims by name) and initializer dtypes of a saved model."""
+    import onnx
+
+    model = onnx.load(str(path))
+    elem = lambda t: onnx.helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type).name  # noqa: E731
+    dims = lambda t: [d.dim_param or d.dim_value for d in t.tensor_type.shape.dim]  # noqa: E731
+    initializers: dict[str, int] = {}
+    for init in model.graph.initializer:
+        name = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+        initializers[name] = initializers.get(name, 0) + 1
+    return {
+        "opset": int(model.opset_import[0].version),
+        "ops": sorted({node.op_type for node in model.graph.node}),
+        "io": {"inputs": [elem(i.type) for i in model.graph.input], "outputs": [elem(o.type) for o in model.graph.output]},
+        "input_shape": dims(model.graph.input[0].type),
+        "initializers": initializers,
+    }
+
+
+_COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def _node_group(node: Any) -> str | None:
+    """The layer group of an ONNX node, from the torch name scopes the dynamo exporter records."""
+    import ast
+
+    from segformer_edge.calibration.spec import group_of
+
+    scopes = next((p.value for p in node.metadata_props if p.key == _SCOPES), None)
+    if scopes is None:
+        return None
+    try:
+        scope_list = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return None
+    return next((g for s in reversed(scope_list) if (g := group_of(str(s))) is not None), None)
+
+
+def _nodes_in_groups(path: Path, groups: set[str]) -> list[str]:
+    """Names of the ONNX nodes that the dynamo exporter traced inside any of these layer groups."""
+    if not groups:
+        return []
+    import onnx
+
+    names = [node.name for node in onnx.load(str(path)).graph.node if _node_group(node) in groups]
+    if not names:
+        raise ExportError(f"onnx: no node found in the float-kept groups {', '.join(sorted(groups))} (no torch name scopes)")
+    logger.info("onnx: %d nodes kept in float for %s", len(names), ", ".join(sorted(groups)))
+    return names
+
+
+def ops_by_group(path: Path) -> dict[str, dict[str, int]]:
+    """Per layer group, the compute ops (Conv, MatMul, Gemm) fed by a DequantizeLinear (quantized) or not
+    (float), read from the quantized model itself."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    counts: dict[str, dict[str, int]] = {}
+    for node in graph.node:
+        if node.op_type not in _COMPUTE_OPS:
+            continue
+        source = producer.get(node.input[0])
+        quantized = source is not None and source.op_type == "DequantizeLinear"
+        entry = counts.setdefault(_node_group(node) or "other", {"quantized": 0, "float": 0})
+        entry["quantized" if quantized else "float"] += 1
+    return counts
 
 
 _HISTOGRAM_MEMORY = 3e9  # bytes of intermediate tensors ORT's histogram calibration may hold
@@ -134,29 +250,6 @@ def _activation_bytes(path: Path) -> int:
             n *= d.dim_value if d.dim_value > 0 else 1
         total += 4 * n
     return total
-
-
-def _nodes_in_modules(path: Path, modules: list[str]) -> list[str]:
-    """Names of the ONNX nodes that the dynamo exporter traced inside any of ``modules`` (its name scopes)."""
-    if not modules:
-        return []
-    import ast
-
-    import onnx
-
-    names = []
-    for node in onnx.load(str(path)).graph.node:
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
-        if scopes is None:
-            continue
-        try:
-            scope_list = ast.literal_eval(scopes)
-        except (ValueError, SyntaxError):
-            continue
-        if any(m in scope_list for m in modules):
-            names.append(node.name)
-    logger.info("onnx: %d nodes kept in float for %s", len(names), ", ".join(modules))
-    return names
 
 
 def _to_fp16(model):  # type: ignore[no-untyped-def]

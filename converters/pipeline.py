@@ -1,38 +1,51 @@
-"""The flow of one export, and parity verification.
+"""The flow of one export, as a straight line of small steps, and parity verification.
 
-checkpoint -> float model (eval) -> graph edges -> target conversion -> artifact + manifest.json ->
-the target's runner -> parity against the float model on the same images.
+plan (validate the options against the target) -> capture (float model + graph edges + the target's
+module swaps) -> quantize (the target's quantizer, honouring the QuantSpec) -> lower (the target writes
+its file) -> write (the manifest, complete) -> verify (the target's runner against the float model) ->
+record (parity into the manifest, then the atomic swap). Nothing edits the manifest after the swap. An
+artifact that fails parity never replaces what was there: it is kept beside it as ``NAME.failed/``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segformer_edge.errors import CheckpointError, ExportError
+from segformer_edge.errors import CheckpointError, DataError, ExportError, SegformerEdgeError
+from segformer_edge.inputs import InputSpec
 
 from . import get_target
-from .base import (
-    MANIFEST_FORMAT,
-    Artifact,
-    ExportOptions,
-    conversion_error,
-    file_sha256,
-    model_manifest,
-    prepare_input,
-    read_manifest,
-    tool_versions,
-)
+from .base import MANIFEST_FORMAT, Artifact, ExportOptions, Target, conversion_error, file_sha256, read_manifest
 
-__all__ = ["DEFAULT_THRESHOLDS", "Thresholds", "artifact_name", "export_artifact", "verify_artifact"]
+if TYPE_CHECKING:
+    import torch
+
+    from segformer_edge.calibration.spec import QuantSpec
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "ExportPlan",
+    "ParityFailed",
+    "Thresholds",
+    "artifact_name",
+    "checkpoint_digest",
+    "export_artifact",
+    "verify_artifact",
+]
 
 logger = logging.getLogger(__name__)
+
+EXPORT_LOG = "export.log"
 
 
 @dataclass
@@ -50,12 +63,16 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "int8": Thresholds(pixel_agreement=0.98, miou_drop=1.0),
 }
 
-_TOOLS = {
-    "executorch": ("executorch",),
-    "tflite": ("litert-torch", "ai-edge-litert", "ai-edge-quantizer"),
-    "coreml": ("coremltools",),
-    "onnx": ("onnx", "onnxruntime", "onnxscript"),
-}
+
+class ParityFailed(SegformerEdgeError):
+    """The artifact was written but does not agree with the float model; it was kept aside, not swapped in."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, report: dict[str, Any], failed: Path) -> None:
+        super().__init__(message)
+        self.report = report
+        self.failed = failed
 
 
 def artifact_name(variant: str, target: str, options: ExportOptions) -> str:
@@ -66,13 +83,148 @@ def artifact_name(variant: str, target: str, options: ExportOptions) -> str:
         parts.append(options.input_kind)
     if options.layout == "nhwc":
         parts.append("nhwc")
+    if options.dynamic:
+        parts.append("dynamic")
     if options.image_input:
         parts.append("image")
+    parts += [f"{k}-{v}" for k, v in sorted(options.target_options.items())]
     return "_".join(parts)
 
 
 def checkpoint_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else file_sha256(path)
+
+
+# -------------------------------------------------------------------------------------------------
+# The steps
+
+
+@dataclass
+class ExportPlan:
+    """Everything decided before any conversion runs."""
+
+    target: Target
+    options: ExportOptions
+    quant: QuantSpec | None
+    target_options: dict[str, str]
+    folder: Path
+    input: InputSpec  # what the artifact takes
+    graph_input: InputSpec  # what the traced graph takes
+
+
+def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: str | Path, quant: QuantSpec | None) -> ExportPlan:
+    """Validate the options against the target (a clear error for what it cannot honour)."""
+    target = get_target(target_name)
+    if options.precision != "int8":
+        quant = None
+    elif quant is not None and quant.method == "auto":
+        quant = quant.with_(method=target.default_method)
+    if options.precision == "int8" and quant is None:
+        raise ExportError(f"{target_name}: int8 needs a quantization spec with a calibration set")
+    if quant is not None and quant.scheme == "static":
+        calib = quant.require_calibration(target_name)
+        if calib.size != tuple(options.size):
+            raise DataError(f"calibration images are {calib.size[0]}x{calib.size[1]} but the export is {options.size[0]}x{options.size[1]}")
+    target_options = target.plan(options, quant)
+    folder = Path(out_dir) / artifact_name(model.config.variant, target_name, options)
+    return ExportPlan(target, options, quant, target_options, folder,
+                      options.input_spec(model.meta, target.integer_input), options.graph_spec(model.meta))  # fmt: skip
+
+
+def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The module the target converts (float model + graph edges + its swaps) and an example input."""
+    import torch
+
+    from .graph import EdgeModule, fold_batch_norm
+
+    if plan.quant is not None:
+        model = fold_batch_norm(model)  # the quantizers see conv + bias, not conv + BatchNorm
+    module = plan.target.prepare(EdgeModule(model, plan.graph_input, plan.options.output).eval()).eval()
+    shape = plan.graph_input.shape
+    example = torch.randint(0, 256, shape, dtype=torch.uint8) if plan.graph_input.kind == "uint8" else torch.rand(shape)
+    return module, example
+
+
+def quantize(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The target's quantizer on the calibration images (static int8); the module as is otherwise."""
+    if plan.quant is None:
+        return module, {}
+    inputs = calibration_inputs(plan.quant, plan.graph_input, example)
+    try:
+        return plan.target.quantize(module, example, plan.quant, inputs)
+    except SegformerEdgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a quantizer failure becomes one clear error
+        raise conversion_error(f"{plan.target.name} int8 quantization", exc) from exc
+
+
+def calibration_inputs(quant: QuantSpec, spec: InputSpec, example: Any) -> list[Any]:
+    """The calibration images as the graph's inputs, one tensor per image."""
+    import torch
+
+    if quant.calibration is None:
+        return []
+    batch = spec(quant.calibration.images)  # (N, ...) in the graph's kind and layout
+    return [torch.from_numpy(batch[i : i + 1]).to(example.dtype) for i in range(len(batch))]
+
+
+def lower(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan, path: Path) -> dict[str, Any]:
+    """The target writes its model file; returns what it read back from it."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            return plan.target.convert(module, example, plan.options, path, plan.quant, plan.target_options)
+    except SegformerEdgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every converter failure becomes one clear error
+        raise conversion_error(plan.target.name, exc) from exc
+
+
+def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowered: dict[str, Any],
+                   quantized: dict[str, Any], file: Path, seconds: float) -> dict[str, Any]:  # fmt: skip
+    """Every manifest field but parity, from the model, the plan and what the target read back."""
+    meta, options = model.meta, plan.options
+    h, w = options.size
+    k = model.config.num_classes
+    out_shape = [1, h, w] if options.output == "mask" else [1, k, -(-h // 4), -(-w // 4)]
+    lowered = dict(lowered)
+    actual_quant = lowered.pop("quantization", {})
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "target": plan.target.name,
+        "precision": options.precision,
+        "variant": model.config.variant,
+        "num_classes": k,
+        "class_names": list(meta.class_names),
+        "palette": [list(c) for c in meta.palette],
+        "input": plan.input.to_manifest(),
+        "output": {"kind": options.output, "shape": out_shape, "dtype": "int32" if options.output == "mask" else "float32"},
+        "target_options": plan.target_options,
+        "quantization": None,
+        "checkpoint": {"name": checkpoint.name if checkpoint else None,
+                       "sha256": checkpoint_digest(checkpoint) if checkpoint else None},  # fmt: skip
+        "tool_versions": plan.target.tool_versions(),
+    }
+    if plan.quant is not None:
+        manifest["quantization"] = {**plan.quant.to_manifest(), "batch_norm": "folded into the decoder's fuse conv",
+                                    "applied": {**quantized, **actual_quant}}  # fmt: skip
+    manifest.update(lowered)
+    manifest["file"] = file.name
+    manifest["sha256"] = file_sha256(file)
+    manifest["size_bytes"] = sum(p.stat().st_size for p in file.rglob("*") if p.is_file()) if file.is_dir() else file.stat().st_size
+    manifest["export_seconds"] = round(seconds, 2)
+    return manifest
+
+
+def _keep_failed(tmp: Path, folder: Path) -> Path:
+    """Move a built artifact that failed parity to ``NAME.failed/`` beside the real one (replacing an older one)."""
+    failed = folder.with_name(folder.name + ".failed")
+    if failed.exists():
+        shutil.rmtree(failed)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, failed)
+    return failed
 
 
 def export_artifact(
@@ -82,124 +234,120 @@ def export_artifact(
     out_dir: str | Path,
     *,
     checkpoint: Path | None = None,
+    quant: QuantSpec | None = None,
     verify: bool = True,
-    verify_data: str = "synthetic",
+    verify_data: str | None = None,
     verify_images: int = 4,
-    calibration: Any | None = None,
-    calibration_images: int = 32,
-    calibration_method: str = "mse",
-    calibration_data: str = "synthetic",
+    thresholds: Thresholds | None = None,
+    on_step: Callable[[str], None] | None = None,
+    capture_output: bool = True,
 ) -> tuple[Artifact, dict[str, Any] | None]:
-    """Convert ``model`` for one target into ``out_dir/<name>/``; optionally verify parity before it lands.
+    """Convert ``model`` for one target into ``out_dir/<name>/`` and verify parity before it lands.
 
-    The folder is built under a temporary name and swapped in only when conversion (and the parity run)
-    finished, so a failure leaves any earlier artifact as it was.
+    The folder is built under a temporary name with its complete manifest (parity included) and swapped in
+    only when every step succeeded; a failed step or parity check leaves any earlier artifact as it was and
+    keeps what was built as ``<name>.failed/`` (with its ``export.log``). ``on_step`` hears each step's
+    name. With ``capture_output`` the converters' and runtimes' output goes to ``export.log`` in the
+    artifact folder, not to the terminal.
     """
-    import torch
-
     from segformer_edge.io import atomic_path
+    from segformer_edge.logs import OutputCapture
 
-    from .graph import EdgeModule
-
-    target = get_target(target_name)
-    if options.precision not in target.precisions:
-        raise ExportError(f"{target_name}: precision {options.precision} is not supported (choose {', '.join(target.precisions)})")
-    if options.dynamic and not target.dynamic_shapes:
-        raise ExportError(f"{target_name}: dynamic H and W are not supported by this target; export at a fixed --size")
-    if options.image_input and target_name != "coreml":
-        raise ExportError(f"{target_name}: --image-input is a Core ML option")
+    (on_step or _no_step)("plan")
     model = model.eval()
-    float_model = model
-    checkpoint_sha = checkpoint_digest(checkpoint) if checkpoint else None
-    if options.precision == "int8":
-        from segformer_edge.calibration.calibset import select_calibration_set
-
-        from .graph import fold_batch_norm
-
-        if calibration is None:
-            calibration = select_calibration_set(
-                calibration_data, calibration_images, options.size,
-                model.config.num_classes, method=calibration_method, checkpoint_sha256=checkpoint_sha,
-            )  # fmt: skip
-        calibration.check_for(checkpoint_sha, options.size, "--calibration")
-        options.extra["calibration"] = calibration
-        options.extra["normalization"] = {"mean": list(model.meta.mean), "std": list(model.meta.std)}
-        model = fold_batch_norm(model)  # the quantizers see conv + bias, not conv + BatchNorm
-    edge_options = options
-    if options.image_input:  # Core ML scales the camera frame by 1/255; the graph normalises 0..1 RGB
-        from dataclasses import replace
-
-        edge_options = replace(options, input_kind="rgb01")
-    module = EdgeModule(model, edge_options).eval()
-    module = target.prepare(module).eval()
-    h, w = options.size
-    shape = (1, h, w, 3) if options.layout == "nhwc" else (1, 3, h, w)
-    example = torch.randint(0, 256, shape, dtype=torch.uint8) if options.input_kind == "uint8" else torch.rand(shape)
-    name = artifact_name(model.config.variant, target_name, options)
-    folder = Path(out_dir) / name
-    manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "target": target_name, "precision": options.precision}
-    manifest.update(model_manifest(model, options))
-    if options.image_input:
-        manifest["input"].update({"kind": "uint8", "dtype": "float32", "image": True})
-    elif not target.integer_input:
-        manifest["input"]["dtype"] = "float32"
-    manifest.update({
-        "quantization": None,
-        "checkpoint": {"name": checkpoint.name if checkpoint else None, "sha256": checkpoint_sha},
-        "tool_versions": tool_versions(*_TOOLS.get(target_name, ())),
-    })  # fmt: skip
+    plan = plan_export(model, target_name, options, out_dir, quant)
     started = time.perf_counter()
-    with atomic_path(folder, directory=True) as tmp:
-        file = tmp / f"model{target.suffix}"
+    with atomic_path(plan.folder, directory=True) as tmp:
+        output = OutputCapture(tmp / EXPORT_LOG, enabled=capture_output)
+
+        def step(name: str) -> None:
+            with output.paused():
+                (on_step or _no_step)(name)
+
         try:
-            with torch.no_grad():
-                extra = target.convert(module, example, options, file)
-        except ExportError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every converter failure becomes one clear error
-            raise conversion_error(target_name, exc) from exc
-        quant = extra.pop("quantization", None)
-        manifest.update(extra)
-        if options.precision == "int8":
-            calib = options.extra["calibration"]
-            manifest["quantization"] = {
-                **(quant or {}), "method": calib.method, "calibration_sha256": calib.sha256,
-                "calibration_images": len(calib.images), "calibration_data": calib.data,
-                "class_coverage": calib.coverage, "float_modules": list(options.extra.get("float_modules", [])),
-                "batch_norm": "folded into the decoder's fuse conv",
-            }  # fmt: skip
-        manifest["file"] = file.name
-        manifest["sha256"] = file_sha256(file)
-        manifest["size_bytes"] = sum(p.stat().st_size for p in file.rglob("*") if p.is_file()) if file.is_dir() else file.stat().st_size
-        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        artifact = Artifact(tmp, file, manifest)
-        artifact.write_manifest()
-        report = None
-        if verify and not target.runs_here():
-            manifest["parity"] = {"status": "not run: needs macOS"}
-            artifact.write_manifest()
-        elif verify:
-            report = verify_artifact(tmp, model=float_model, data=verify_data, num_images=verify_images)
-            manifest["parity"] = report
-            artifact.write_manifest()
-    artifact = Artifact(folder, folder / file.name, manifest)
-    logger.info("%s: wrote %s", target_name, folder)
-    return artifact, report
+            with output:
+                step("capture")
+                module, example = capture(model, plan)
+                if plan.quant is not None:
+                    step("quantize")
+                module, quantized = quantize(module, example, plan)
+                file = tmp / f"model{plan.target.suffix}"
+                step("lower")
+                lowered = lower(module, example, plan, file)
+                manifest = build_manifest(model, plan, checkpoint, lowered, quantized, file, time.perf_counter() - started)
+                artifact = Artifact(tmp, file, manifest)
+                report = None
+                if not verify:
+                    manifest["parity"] = {"status": "not verified", "passed": None}
+                elif not plan.target.runs_here():
+                    manifest["parity"] = {"status": f"not run: {plan.target.not_here}", "passed": None}
+                else:
+                    step("verify")
+                    artifact.write_manifest()  # verify reads the artifact back from disk, as a user would
+                    report = verify_artifact(tmp, model=model, data=verify_data, num_images=verify_images, thresholds=thresholds)
+                    manifest["parity"] = {"status": "passed" if report["passed"] else "failed", **report}
+                step("record")
+                artifact.write_manifest()
+        except SegformerEdgeError as exc:
+            failed = _keep_failed(tmp, plan.folder)
+            raise type(exc)(f"{exc} (log: {failed / EXPORT_LOG})") from exc
+        if report is not None and not report["passed"]:
+            failed = _keep_failed(tmp, plan.folder)
+            raise ParityFailed(f"{target_name}: parity failed: {report['failure']}; the artifact was kept at {failed}, "
+                               f"and {plan.folder} was left as it was", report, failed)  # fmt: skip
+    logger.info("%s: wrote %s", target_name, plan.folder)
+    return Artifact(plan.folder, plan.folder / file.name, manifest), report
 
 
-def _float_logits(model: Any, images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+def _no_step(name: str) -> None:
+    return None
+
+
+# -------------------------------------------------------------------------------------------------
+# Parity
+
+
+def float_logits(model: Any, spec: InputSpec, images: np.ndarray) -> np.ndarray:
+    """The float model's logits (N, K, H/4, W/4) for uint8 RGB images (N, H, W, 3)."""
     import torch
 
-    x = (images.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     with torch.no_grad():
-        return model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+        return model(torch.from_numpy(spec.float_spec(images))).numpy()
 
 
-def _upsampled_argmax(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def upsampled_argmax(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, K, h, w) logits -> (N, H, W) labels: bilinear upsampling to the input size, then argmax."""
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
     return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False).argmax(1).numpy()
+
+
+def open_verify_data(data: str | None, model: Any) -> tuple[Any, str, bool]:
+    """The images to verify on: (source, how they are used, whether their masks are usable).
+
+    Without ``data``, the built-in synthetic scenes: with their labels where the model has their label
+    space, as plain images (the float model's predictions as the reference) otherwise, and the report says so.
+    """
+    from segformer_edge.data import open_source, synthetic_labels
+
+    spec = data or "synthetic"
+    source = open_source(spec, "val")
+    has_masks = getattr(source, "has_masks", True)
+    if has_masks and source.labels.num_classes != model.config.num_classes:
+        if data is not None:
+            raise DataError(f"{data}: the data has {source.labels.num_classes} classes but the model has {model.config.num_classes}")
+        has_masks = False
+    if data is None and source.labels.classes != synthetic_labels().classes:
+        has_masks = False
+    usage = "labels" if has_masks else "images only; the float model's predictions are the reference"
+    return source, usage, has_masks
+
+
+def _data_record(spec: str, source: Any, indices: range, usage: str) -> dict[str, Any]:
+    names = "\n".join(source.item_name(i) for i in indices)
+    return {"spec": spec, "kind": source.name.split(":")[0], "images": len(indices), "usage": usage,
+            "sha256": hashlib.sha256(names.encode()).hexdigest()}  # fmt: skip
 
 
 def verify_artifact(
@@ -207,98 +355,227 @@ def verify_artifact(
     *,
     model: Any | None = None,
     checkpoint: str | Path | None = None,
-    data: str = "synthetic",
+    data: str | None = None,
     num_images: int = 8,
     thresholds: Thresholds | None = None,
     runner: Any | None = None,
 ) -> dict[str, Any]:
     """Run an artifact and the float model on the same images and compare them.
 
-    Returns ``max_abs_diff``, ``cosine``, ``psnr_db`` (logits artifacts), ``pixel_agreement``, ``miou_float``,
-    ``miou_artifact``, ``passed`` and what was checked.
+    Returns ``max_abs_diff``, ``cosine``, ``psnr_db`` (logits artifacts), ``nonfinite`` (NaN/inf outputs),
+    ``pixel_agreement``, agreement mIoU and per-class IoU of the artifact's masks against the float model's,
+    mIoU of both against the labels where the data has them, ``passed``, ``failure`` and what was checked.
     """
-    from segformer_edge.data import open_source
-    from segformer_edge.data.transforms import resize_pair
     from segformer_edge.evaluate import ConfusionMatrix
 
     artifact = read_manifest(path)
     manifest = artifact.manifest
     if model is None:
-        from segformer_edge.weights import builtin_checkpoint, load_pretrained
-
-        ckpt = Path(checkpoint) if checkpoint is not None else builtin_checkpoint()
-        expected = (manifest.get("checkpoint") or {}).get("sha256")
-        if expected and checkpoint_digest(ckpt) != expected:
-            raise CheckpointError(
-                f"{ckpt}: this is not the checkpoint {artifact.folder.name} was exported from "
-                f"({manifest['checkpoint'].get('name')}); pass the right --checkpoint"
-            )
-        model = load_pretrained(ckpt)
+        model = _load_reference(artifact, checkpoint)
     if model.config.num_classes != manifest["num_classes"]:
         raise CheckpointError(f"the model has {model.config.num_classes} classes but {artifact.file.name} has {manifest['num_classes']}")
-    source = open_source(data, "val")
+    source, usage, has_masks = open_verify_data(data, model)
     n = min(num_images, len(source))
     if n < 1:
-        raise CheckpointError(f"{data}: no validation images to verify on")
-    spec = manifest["input"]
-    layout = spec["layout"]
-    shape = spec["shape"]
-    h, w = (shape[1], shape[2]) if layout == "nhwc" else (shape[2], shape[3])
-    if not isinstance(h, int):
-        h, w = model.meta.input_size
+        raise DataError(f"{data}: no images to verify on")
+    spec = artifact.input_spec
+    h, w = spec.size
     if runner is None:
         runner = get_target(manifest["target"]).load(artifact)
     k = manifest["num_classes"]
-    cm_float, cm_art = ConfusionMatrix(k), ConfusionMatrix(k)
+    cm_agree, cm_float, cm_art = ConfusionMatrix(k), ConfusionMatrix(k), ConfusionMatrix(k)
     diffs, dots, norms_a, norms_b, sq_err, peak = [], 0.0, 0.0, 0.0, 0.0, 0.0
-    agree, total, elements = 0, 0, 0
+    agree, total, elements, nonfinite = 0, 0, 0, 0
     for i in range(n):
         image, mask = source.load(i)
-        image, mask = resize_pair(image, mask, (h, w))
-        images = image[None]
-        ref = _float_logits(model, images, spec["normalization"]["mean"], spec["normalization"]["std"])  # (1, K, h/4, w/4)
-        ref_mask = _upsampled_argmax(ref, (h, w))
-        out = np.asarray(runner(prepare_input(images, manifest)))
+        image, mask = spec.resize(image, mask)
+        images = image[None]  # (1, H, W, 3)
+        ref = float_logits(model, spec, images)  # (1, K, H/4, W/4)
+        ref_mask = upsampled_argmax(ref, (h, w))  # (1, H, W)
+        out = np.asarray(runner(spec(images)))
         if manifest["output"]["kind"] == "mask":
             out_mask = out.reshape(ref_mask.shape).astype(np.int64)
         else:
             out = out.astype(np.float32).reshape(ref.shape)
-            out_mask = _upsampled_argmax(out, (h, w))
-            diffs.append(float(np.abs(out - ref).max()))
-            dots += float((out.astype(np.float64) * ref).sum())
-            norms_a += float((out.astype(np.float64) ** 2).sum())
+            finite = np.isfinite(out)
+            nonfinite += int((~finite).sum())
+            safe = np.where(finite, out, 0.0)
+            out_mask = upsampled_argmax(safe, (h, w))
+            out_mask[_nonfinite_reach(out, (h, w))] = -1  # pixels that a NaN or inf reaches never agree
+            diffs.append(float(np.abs(out - ref).max()) if finite.all() else float("inf"))
+            dots += float((safe.astype(np.float64) * ref).sum())
+            norms_a += float((safe.astype(np.float64) ** 2).sum())
             norms_b += float((ref.astype(np.float64) ** 2).sum())
-            sq_err += float(((out.astype(np.float64) - ref) ** 2).sum())
+            sq_err += float(((safe.astype(np.float64) - ref) ** 2).sum())
             peak = max(peak, float(np.abs(ref).max()))
             elements += ref.size
         agree += int((out_mask == ref_mask).sum())
         total += out_mask.size
-        cm_float.update(ref_mask, mask)
-        cm_art.update(out_mask, mask)
+        cm_agree.update(np.where(out_mask < 0, 0, out_mask), ref_mask)
+        if has_masks:
+            cm_float.update(ref_mask, mask)
+            cm_art.update(np.where(out_mask < 0, 0, out_mask), mask)
+    agreement = cm_agree.metrics(list(manifest.get("class_names") or []) or None)
     report: dict[str, Any] = {
         "target": manifest["target"],
         "precision": manifest["precision"],
         "executor": getattr(runner, "executor", manifest["target"]),
         "images": n,
-        "data": data,
+        "data": _data_record(data or "synthetic", source, range(n), usage),
         "size": [h, w],
+        "nonfinite": nonfinite,
         "max_abs_diff": max(diffs) if diffs else None,
         "cosine": dots / max(np.sqrt(norms_a * norms_b), 1e-30) if diffs else None,
         "psnr_db": 10 * float(np.log10(peak**2 / max(sq_err / elements, 1e-30))) if diffs else None,
         "pixel_agreement": agree / total,
-        "miou_float": cm_float.metrics()["miou"],
-        "miou_artifact": cm_art.metrics()["miou"],
+        "agreement_miou": agreement["miou"],
+        "agreement_per_class_iou": {name: iou for name, iou in agreement["per_class_iou"].items() if iou == iou},
+        "miou_float": cm_float.metrics()["miou"] if has_masks else None,
+        "miou_artifact": cm_art.metrics()["miou"] if has_masks else None,
     }
-    report["miou_drop_points"] = 100 * (report["miou_float"] - report["miou_artifact"])
-    limits = thresholds or DEFAULT_THRESHOLDS[manifest["precision"]]
-    checks = {}
+    if has_masks:
+        report["miou_drop_points"] = 100 * (report["miou_float"] - report["miou_artifact"])
+    else:  # no labels: the drop is measured against the float model's own masks (its mIoU there is 100%)
+        report["miou_drop_points"] = 100 * (1.0 - report["agreement_miou"])
+    return _judge(report, thresholds or DEFAULT_THRESHOLDS[manifest["precision"]])
+
+
+def _nonfinite_reach(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) bool: the output pixels whose upsampled logits a NaN or inf takes part in."""
+    import torch
+
+    bad = torch.from_numpy((~np.isfinite(logits)).any(1, keepdims=True).astype(np.float32))  # (N, 1, h, w)
+    return (torch.nn.functional.interpolate(bad, size=size, mode="bilinear", align_corners=False)[:, 0] > 0).numpy()
+
+
+def _judge(report: dict[str, Any], limits: Thresholds) -> dict[str, Any]:
+    """Apply the thresholds; NaN or inf in the output fails on its own, named as such."""
+    checks: dict[str, bool] = {"finite": report["nonfinite"] == 0}
     if limits.max_abs_diff is not None and report["max_abs_diff"] is not None:
         checks["max_abs_diff"] = report["max_abs_diff"] <= limits.max_abs_diff
     if limits.pixel_agreement is not None:
         checks["pixel_agreement"] = report["pixel_agreement"] >= limits.pixel_agreement
     if limits.miou_drop is not None:
         checks["miou_drop"] = report["miou_drop_points"] <= limits.miou_drop
-    report["thresholds"] = {k2: v for k2, v in vars(limits).items() if v is not None}
+    report["thresholds"] = {k: v for k, v in vars(limits).items() if v is not None}
     report["checks"] = checks
     report["passed"] = all(checks.values())
+    failures = [name for name, ok in checks.items() if not ok]
+    if "finite" in failures:
+        report["failure"] = f"the output holds {report['nonfinite']} NaN or inf values"
+    elif failures:
+        values = {"max_abs_diff": report["max_abs_diff"], "pixel_agreement": report["pixel_agreement"],
+                  "miou_drop": report["miou_drop_points"]}  # fmt: skip
+        report["failure"] = ", ".join(f"{name} {values[name]:.4g} (limit {report['thresholds'][name]})" for name in failures)
+    else:
+        report["failure"] = None
     return report
+
+
+def _load_reference(artifact: Artifact, checkpoint: str | Path | None) -> Any:
+    from segformer_edge.weights import builtin_checkpoint, load_pretrained
+
+    ckpt = Path(checkpoint) if checkpoint is not None else builtin_checkpoint()
+    expected = (artifact.manifest.get("checkpoint") or {}).get("sha256")
+    if expected and checkpoint_digest(ckpt) != expected:
+        raise CheckpointError(
+            f"{ckpt}: this is not the checkpoint {artifact.folder.name} was exported from "
+            f"({artifact.manifest['checkpoint'].get('name')}); pass the right --checkpoint"
+        )
+    return load_pretrained(ckpt)
+
+
+def quantized_predictor(model: Any, target_name: str, options: ExportOptions, quant: QuantSpec,
+                        workdir: Path) -> Callable[[np.ndarray], np.ndarray]:  # fmt: skip
+    """uint8 images (N, H, W, 3) -> (N, H, W) labels of ``model`` quantized by ``target_name``'s quantizer.
+
+    Where the target has a PT2E quantizer, the quantized graph runs in torch (the numbers the target
+    lowers); elsewhere a real artifact is built in ``workdir`` and run by the target's runner.
+    """
+    import torch
+
+    options = replace(options, precision="int8", input_kind="normalized", output="logits", layout="nchw",
+                      dynamic=False, image_input=False)  # fmt: skip
+    plan = plan_export(model, target_name, options, workdir, quant)
+    h, w = options.size
+    if plan.target.pt2e_quantizer(quant) is not None:
+        module, example = capture(model, plan)
+        quantized, _ = quantize(module, example, plan)
+
+        def predict(images: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                logits = quantized(torch.from_numpy(plan.graph_input(images))).numpy()
+            return upsampled_argmax(logits, (h, w))
+
+        return predict
+    artifact, _ = export_artifact(model, target_name, options, workdir, quant=quant, verify=False)
+    runner = plan.target.load(artifact)
+    return lambda images: upsampled_argmax(np.asarray(runner(plan.input(images)), np.float32), (h, w))
+
+
+# -------------------------------------------------------------------------------------------------
+# INT8 inputs: the calibration set and the per-target mixed-precision policy
+
+
+def uses_builtin_labels(model: Any) -> bool:
+    """Whether the model predicts the built-in synthetic scenes' classes (the reference model does)."""
+    from segformer_edge.data import synthetic_labels
+
+    return list(model.meta.class_names) == list(synthetic_labels().classes)
+
+
+def float_labeler(model: Any, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
+    """(H, W, 3) uint8 image at ``size`` -> (H, W) labels of the float model: the reference where data has no masks."""
+    spec = InputSpec.for_model(model.meta, size)
+    return lambda image: upsampled_argmax(float_logits(model, spec, image[None]), size)[0]
+
+
+def calibration_for(
+    model: Any,
+    checkpoint: Path | None,
+    size: tuple[int, int],
+    *,
+    data: str | None = None,
+    calibration: Path | None = None,
+    num_images: int = 32,
+    method: str = "auto",
+    seed: int = 0,
+) -> Any:
+    """The calibration set of an int8 export: a folder from ``calibrate`` (checked), or one picked now.
+
+    Without ``data``, only a model of the built-in label space calibrates on the built-in synthetic scenes;
+    any other model needs the user's images: nothing silently falls back to synthetic scenes.
+    """
+    from segformer_edge.calibration.calibset import CalibrationSet, select_calibration_set
+
+    sha = checkpoint_digest(checkpoint) if checkpoint is not None else None
+    if calibration is not None:
+        calib = CalibrationSet.load(calibration)
+        calib.check_for(sha, size, calibration)
+        return calib
+    if data is None:
+        if not uses_builtin_labels(model):
+            raise DataError(
+                f"this model has {model.config.num_classes} classes of its own: int8 needs calibration images; "
+                "pass --data PHOTOS (a folder of images, masks optional) or --calibration DIR"
+            )
+        data = "synthetic"
+    return select_calibration_set(data, num_images, size, model.config.num_classes, seed=seed, method=method, checkpoint_sha256=sha,
+                                  class_names=list(model.meta.class_names), labeler=float_labeler(model, size))  # fmt: skip
+
+
+def budget_spec(model: Any, target_name: str, options: ExportOptions, quant: QuantSpec, budget: float,
+                workdir: Path, progress: Callable[[int], None] | None = None) -> QuantSpec:  # fmt: skip
+    """``quant`` with the fewest layer groups in float that bring ``target_name``'s int8 mIoU drop within
+    ``budget`` points, measured with that target's own quantizer on held-out calibration images."""
+    from segformer_edge.calibration.sensitivity import analyse, budget_policy
+
+    calib = quant.require_calibration(target_name)
+    k = model.config.num_classes
+    resolved = plan_export(model, target_name, replace(options, precision="int8"), workdir, quant).quant or quant
+    make = lambda spec: quantized_predictor(model, target_name, options, spec, workdir)  # noqa: E731
+    labeler = float_labeler(model, calib.size)
+    float_predict = lambda images: np.stack([labeler(im) for im in images])  # noqa: E731
+    report = analyse(calib, resolved, make, float_predict, k, target=target_name, progress=progress)
+    policy = budget_policy(calib, resolved, make, budget, report, k)
+    return resolved.with_(float_groups=tuple(policy["float_groups"]), policy={**policy, "sensitivity": report.rows})

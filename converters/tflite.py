@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .base import Artifact, ArtifactError, ExportOptions, Target
+
+if TYPE_CHECKING:
+    from segformer_edge.calibration.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -129,50 +132,78 @@ def delegation_report(path: Path) -> dict[str, Any] | None:
 class TFLiteTarget(Target):
     name = "tflite"
     suffix = ".tflite"
+    summary = "LiteRT (TFLite) flatbuffer, XNNPACK by default (Android, Linux boards, microcontrollers)"
     precisions = ("fp32", "fp16", "int8")
+    tools = ("litert-torch", "ai-edge-litert", "ai-edge-quantizer")
     runtime_modules = ("ai_edge_litert",)
     extra = "runtime"
+    fold_quantize = False  # litert-torch's lowering expects the weight quantize ops in the graph
 
     def prepare(self, module):  # type: ignore[no-untyped-def]
         from .graph import split_single_head_attention
 
         return split_single_head_attention(module)
 
-    def convert(self, module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def pt2e_quantizer(self, quant: QuantSpec) -> Any:
+        """litert-torch PT2E full integer: int8 weights and activations."""
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+
+        config = get_symmetric_quantization_config(is_per_channel=quant.weights == "per_channel", is_dynamic=False)
+        return PT2EQuantizer().set_global(config)
+
+    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import litert_torch
 
-        if options.precision == "int8":
-            return self._convert_int8(module, example, options, path)
-        edge = litert_torch.convert(module, (example,))
+        if quant is not None:
+            from litert_torch.quantize.quant_config import QuantConfig
+
+            edge = litert_torch.convert(module, (example,), quant_config=QuantConfig(pt2e_quantizer=self.pt2e_quantizer(quant)))
+        else:
+            edge = litert_torch.convert(module, (example,))
         edge.export(str(path))
         if options.precision == "fp16":
             from ai_edge_quantizer import quantizer
 
             qt = quantizer.Quantizer(str(path), _FP16_RECIPE)
             path.write_bytes(bytes(qt.quantize().quantized_model))
-        return {"tflite": {"converter": "litert-torch", "weights": "fp16" if options.precision == "fp16" else "fp32"},
-                "delegation": delegation_report(path)}
+        return {"tflite": {"converter": "litert-torch", **read_back(path)}, "delegation": delegation_report(path),
+                "io": model_io(path)}  # fmt: skip
 
-    @staticmethod
-    def _convert_int8(module, example, options: ExportOptions, path: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-        """litert-torch PT2E full integer: int8 weights and activations, int8 input and output tensors."""
-        import litert_torch
-        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-        from litert_torch.quantize.quant_config import QuantConfig
+    def load(self, artifact: Artifact, threads: int | None = None) -> LiteRTRunner:
+        return LiteRTRunner(artifact, threads=threads)
 
-        from segformer_edge.calibration.recipes import keep_float, pt2e_quantize, with_activation_observer
+    def runner_factory(self, artifact: Artifact, threads: int, compute_units: str = "all") -> Any:
+        _interpreter_class()  # ai_edge_litert, or tflite_runtime where only that is installed
+        return lambda: LiteRTRunner(artifact, threads=threads)
 
-        from .base import calibration_inputs
 
-        calib = options.extra["calibration"]
-        config = with_activation_observer(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False), calib.method)
-        quantizer = PT2EQuantizer().set_global(config)
-        keep_float(quantizer, options.extra.get("float_modules", []))
-        quantized = pt2e_quantize(module, example, quantizer, calibration_inputs(options, example), fold_quantize=False)
-        edge = litert_torch.convert(quantized, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
-        edge.export(str(path))
-        return {"tflite": {"converter": "litert-torch", "weights": "int8"}, "delegation": delegation_report(path),
-                "quantization": {"quantizer": "litert-torch PT2EQuantizer (static, per-channel weights)", "io": "int8"}}
+def model_io(path: Path) -> dict[str, list[str]]:
+    """The input and output tensor dtypes, read back from the flatbuffer by the interpreter."""
+    interpreter_cls, _ = _interpreter_class()
+    interpreter = interpreter_cls(model_path=str(path), num_threads=1)
+    return {"inputs": [np.dtype(d["dtype"]).name for d in interpreter.get_input_details()],
+            "outputs": [np.dtype(d["dtype"]).name for d in interpreter.get_output_details()]}  # fmt: skip
 
-    def load(self, artifact: Artifact) -> LiteRTRunner:
-        return LiteRTRunner(artifact)
+
+def read_back(path: Path) -> dict[str, Any]:
+    """Weight storage, read from the flatbuffer: the dtypes of the constant tensors that feed compute ops."""
+    interpreter_cls, _ = _interpreter_class()
+    interpreter = interpreter_cls(model_path=str(path), num_threads=1)
+    ops = interpreter._get_ops_details()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    compute = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+    weight_dtypes: dict[str, int] = {}
+    activation_dtypes: dict[str, int] = {}
+    for op in ops:
+        if op["op_name"] not in compute or len(op["inputs"]) < 2:
+            continue
+        act, weight = tensors.get(int(op["inputs"][0])), tensors.get(int(op["inputs"][1]))
+        if weight is not None:
+            producer = next((o for o in ops if int(op["inputs"][1]) in [int(t) for t in o["outputs"]]), None)
+            source = tensors.get(int(producer["inputs"][0])) if producer and producer["op_name"] == "DEQUANTIZE" else weight
+            name = np.dtype(source["dtype"]).name
+            weight_dtypes[name] = weight_dtypes.get(name, 0) + 1
+        if act is not None:
+            name = np.dtype(act["dtype"]).name
+            activation_dtypes[name] = activation_dtypes.get(name, 0) + 1
+    return {"weights": weight_dtypes, "compute_inputs": activation_dtypes}

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,16 +39,7 @@ def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> I
         # mkstemp/mkdtemp (and some writers) make 0600/0700; a finished artifact gets the usual mode.
         os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
         if directory:
-            if target.exists():
-                # Swap folders: move the old one aside first so that a failure can restore it.
-                old = target.with_name(f".{target.name}.old")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            _swap_directory(tmp, target)
         else:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -58,6 +50,51 @@ def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> I
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    if sys.platform != "linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _swap_directory(tmp: Path, target: Path) -> None:
+    """Put the folder ``tmp`` in place of ``target``: at every instant one of the two complete folders is there.
+
+    On Linux the two are exchanged in one atomic rename. Elsewhere the old folder is first moved aside to
+    ``.NAME.old`` and moved back if the second rename fails; a run killed between the two renames leaves it
+    there, and the next swap of the same target puts it back first.
+    """
+    old = target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():
+        os.replace(old, target)  # an earlier swap was killed between its two renames: restore what was there
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous folder
+        return
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:

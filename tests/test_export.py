@@ -171,7 +171,10 @@ def test_failed_conversion_leaves_no_file_and_names_target(small_model: SegForme
         export_artifact(bad, "coreml", ExportOptions(size=(64, 64)), tmp_path, verify=False)
     message = str(info.value)
     assert message.startswith("coreml: conversion failed") and "bessel_j0" in message
-    assert folder_snapshot(tmp_path) == before
+    # The good artifact is untouched; what the failed run wrote is kept aside with its log, and named.
+    failed = good.folder.with_name(good.folder.name + ".failed")
+    assert str(failed / "export.log") in message and (failed / "export.log").is_file()
+    assert {k: v for k, v in folder_snapshot(tmp_path).items() if ".failed" not in k} == before
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
     assert read_manifest(good.folder).manifest["sha256"] == file_sha256(good.file)
 
@@ -204,7 +207,7 @@ def test_export_and_verify_cli(small_model: SegFormer, tmp_path: Path, capsys) -
     code, out, err = run_cli(["export", ckpt, "--target", "onnx", "--out", tmp_path / "x", "--json"], capsys)
     assert code == 0, err
     rows = json.loads(out)
-    assert rows[0]["status"] == "ok" and rows[0]["pixel_agreement"] >= 0.999
+    assert rows[0]["status"] == "passed" and rows[0]["pixel_agreement"] >= 0.999
     folder = Path(rows[0]["artifact"])
     code, out, err = run_cli(["verify", folder, "--checkpoint", ckpt, "--num-images", "2", "--json"], capsys)
     assert code == 0, err
@@ -231,13 +234,20 @@ def test_export_and_verify_cli(small_model: SegFormer, tmp_path: Path, capsys) -
 
 
 def test_main_job_no_arguments_exports_every_target(tmp_path: Path) -> None:
-    """The README's main-job command: `segformer-edge export` with no arguments, in a fresh folder."""
+    """The README's main-job command: `segformer-edge export` with no arguments, in a fresh folder, in an
+    80-column terminal: a short clean result, the converters' chatter in each artifact's export.log."""
     result = subprocess.run([sys.executable, "-m", "segformer_edge", "export"], cwd=tmp_path, capture_output=True,
-                            text=True, env={**__import__("os").environ, "COLUMNS": "200"})  # fmt: skip
+                            text=True, env={**__import__("os").environ, "COLUMNS": "80"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for target in TARGETS:
         assert target in result.stdout
-    assert result.stdout.count(" ok ") >= 4 or result.stdout.count("│ ok") >= 4, result.stdout
+    assert result.stdout.count("passed") >= 4, result.stdout
+    terminal = (result.stdout + result.stderr).splitlines()
+    assert len(terminal) <= 25, "\n".join(terminal)
+    assert max(len(line) for line in terminal) <= 80, "\n".join(terminal)
+    for noise in ("Warning", "WARNING", "[START]", "I0000", "cpuinfo", "Running MIL", "%|"):
+        assert noise not in result.stdout + result.stderr, noise
+    assert "LiteRT-Torch" in (tmp_path / "exports" / "segformer-b0_tflite_fp32" / "export.log").read_text()
     folders = sorted(p.name for p in (tmp_path / "exports").iterdir())
     assert folders == sorted(f"segformer-b0_{t}_fp32" for t in TARGETS)
     for folder in folders:
@@ -256,6 +266,6 @@ def test_executorch_coreml_compiles_off_macos_and_says_so(small_model: SegFormer
     assert delegation["backend"] == "CoreMLBackend" and delegation["delegated_subgraphs"] == 1
     assert delegation["portable_ops"] == []
     if platform.system() != "Darwin":
-        assert report is None and artifact.manifest["parity"] == {"status": "not run: needs macOS"}
+        assert report is None and artifact.manifest["parity"] == {"status": "not run: needs macOS", "passed": None}
         with pytest.raises(ArtifactError, match="only on macOS"):
             get_target("executorch-coreml").load(read_manifest(artifact.folder))

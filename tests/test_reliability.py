@@ -122,7 +122,7 @@ CASES = [
     ("mask-size-differs", ["eval", "{c}/five.safetensors", "--data", "{c}/mask_wrong_size", "--split", "train"], "a.png: mask is 30x10 but its image is 30x20"),
     ("empty-data-folder", ["eval", "{c}/five.safetensors", "--data", "{c}/empty", "--split", "train"], "no images found"),
     ("missing-data-folder", ["eval", "{c}/five.safetensors", "--data", "{c}/nowhere"], "nowhere: no such data folder"),
-    ("unknown-target", ["export", "{c}/five.safetensors", "--target", "tensorrt", "--out", "{o}"], "--target tensorrt: unknown target"),
+    ("unknown-target", ["export", "{c}/five.safetensors", "--target", "tensorrt", "--out", "{o}"], "unknown target 'tensorrt'"),
     ("unknown-precision", ["export", "{c}/five.safetensors", "--target", "onnx", "--precision", "int4", "--out", "{o}"], "--precision int4"),
     ("unknown-input-kind", ["export", "{c}/five.safetensors", "--target", "onnx", "--input", "bgr", "--out", "{o}"], "--input bgr"),
     ("size-too-small", ["export", "{c}/five.safetensors", "--size", "16", "16", "--out", "{o}"], "16x16 is out of range"),

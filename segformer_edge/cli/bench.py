@@ -18,8 +18,10 @@ of those adjacent ratios over --rounds: a shared machine drifts too much for one
 minutes earlier.
 --profile lists the ops that take the most time (ExecuTorch: ETDump and the devtools Inspector; ONNX:
 ONNX Runtime's profiler; LiteRT has no per-op profiler in its Python API). .tflite and .onnx artifacts bench
-without torch (pip install 'segformer-edge[runtime]'). Core ML runs on
-macOS only; elsewhere it is reported as "needs macOS".
+without torch (pip install 'segformer-edge\\[runtime]'). An artifact whose runtime cannot run on this machine
+(Core ML and the ExecuTorch Core ML delegate off macOS) gets a row that says so.
+load ms is the runtime's load of the model file after its pages were dropped from the page cache; the
+runtime's import is reported apart (import_ms in the JSON).
 
 Examples:
 
@@ -45,7 +47,7 @@ def bench(
     runs: Annotated[int, typer.Option(min=1, help="Timed runs.")] = 30,
     threads: Annotated[str, typer.Option(help="Thread counts, comma separated.")] = "2",
     compare_torch: Annotated[bool, typer.Option("--compare-torch", help="Also time torch eager fp32; add speedup ratios.")] = False,
-    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint for --compare-torch (default: built-in).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint or Hub id for --compare-torch (default: built-in).")] = None,
     compute_units: Annotated[str, typer.Option(help="Core ML on macOS: all, cpu, gpu or ane.")] = "all",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the records as JSON.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown table.")] = None,
@@ -57,11 +59,15 @@ def bench(
     from segformer_edge.converters.bench import bench_paired
     from segformer_edge.io import atomic_write_json, atomic_write_text
 
+    from .common import resolve_checkpoint
+
     counts = _threads(threads)
+    if checkpoint is not None:
+        checkpoint = str(resolve_checkpoint(checkpoint))
     manifests = [read_manifest(p) for p in artifacts]  # every artifact is checked before anything runs
     size = None
     if compare_torch:
-        sizes = {tuple(_size(m.manifest)) for m in manifests if _size(m.manifest)}
+        sizes = {m.input_spec.size for m in manifests}
         size = sizes.pop() if len(sizes) == 1 else None
         if size is None:
             raise typer.BadParameter("--compare-torch needs artifacts of one static input size", param_hint="--compare-torch")
@@ -86,12 +92,6 @@ def bench(
         atomic_write_text(markdown, table + "\n")
     if plot:
         _plot(records, plot)
-
-
-def _size(manifest: dict) -> list[int] | None:  # type: ignore[type-arg]
-    shape = manifest["input"]["shape"]
-    hw = shape[1:3] if manifest["input"]["layout"] == "nhwc" else shape[2:4]
-    return hw if all(isinstance(v, int) for v in hw) else None
 
 
 def _markdown(records: list[dict]) -> str:  # type: ignore[type-arg]

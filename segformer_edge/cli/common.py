@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+STATE = {"debug": False, "verbose": False}  # the root options, for commands that need them
 console = Console()
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -40,6 +41,38 @@ def progress_bar(label: str):  # type: ignore[no-untyped-def]
     return Progress(
         TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
     )
+
+
+class StepProgress:
+    """One progress line per target on stderr, showing the step it is in (plan, capture, quantize, lower, ...)."""
+
+    def __init__(self) -> None:
+        from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
+                                 auto_refresh=False)  # fmt: skip
+
+    def __enter__(self) -> StepProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def line(self, label: str):  # type: ignore[no-untyped-def]
+        """A new line for ``label``; returns the function that sets its current step (``done=True``: its
+        last word, which stops its clock)."""
+        task = self.progress.add_task(label, total=1)
+
+        def update(step: str, done: bool = False) -> None:
+            self.progress.update(task, description=f"{label}: {step}", completed=1 if done else 0)
+            self.progress.refresh()
+
+        return update
+
+
+def step_progress() -> StepProgress:
+    return StepProgress()
 
 
 def resolve_checkpoint(path: Path | None) -> Path:

@@ -5,76 +5,96 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from .common import CheckpointArgument, JsonFlag, SizeOption, check_size, console, err_console, resolve_checkpoint
-
-TARGET_NAMES = ("executorch", "tflite", "coreml", "onnx")  # what --target all exports
-EXTRA_TARGETS = ("executorch-coreml",)
+from .common import (
+    STATE,
+    CheckpointArgument,
+    JsonFlag,
+    SizeOption,
+    check_size,
+    console,
+    err_console,
+    resolve_checkpoint,
+    step_progress,
+)
 
 EXPORT_HELP = """Convert a checkpoint for edge runtimes, then prove each artifact agrees with the float model.
 
-With no checkpoint it uses the built-in reference model; with no arguments at all it exports it to every
-target at fp32 and prints a table. Each artifact lands in OUT/<name>/ with a manifest.json (variant, classes,
-palette, input/output spec, normalization, precision, tool versions, sha256, parity figures).
+CHECKPOINT is a segformer-edge .safetensors, a Hugging Face folder or Hub id (org/name\\[@revision]), or an NVlabs/mmseg .pth; with none, the built-in reference model. With no arguments at all it exports the reference model to every target at fp32 and prints a table. Each artifact lands in OUT/<name>/ with a manifest.json (classes, palette, input/output spec, normalization, precision, quantization, tool versions, sha256, parity figures) and export.log (the converters' own output). An artifact that fails parity never replaces an earlier one: it is kept as OUT/<name>.failed/ and the command exits 1.
+
+--data (a folder of your photos, masks optional; ADE20K, Cityscapes or generic layouts; synthetic[:N]) is what int8 calibrates on and what parity is checked on. Without masks the float model's predictions are the reference. A model with its own classes needs --data for int8.
+
+Targets: {targets}.
 
 Examples:
 
   segformer-edge export
 
+  segformer-edge export nvidia/segformer-b0-finetuned-ade-512-512 --precision int8 --data photos/
+
   segformer-edge export runs/ade/best.safetensors --target tflite --precision fp16 --size 512 512
 
-  segformer-edge export --target coreml --output mask --input uint8
-
-  segformer-edge export --target onnx --dynamic
+  segformer-edge export --target onnx --dynamic --output mask --input uint8
 """
 
 VERIFY_HELP = """Run an artifact and the float model on the same images and report parity.
 
-Reports max_abs_diff, cosine and psnr_db of the logits, pixel_agreement of the argmax, and mIoU of both
-against the ground truth. Exits 1 when parity fails, 2 on bad input.
+Reports max_abs_diff, cosine and psnr_db of the logits, NaN/inf counts, pixel_agreement and agreement mIoU
+of the masks against the float model's, and mIoU of both against the labels where --data has them.
+Exits 1 when parity fails (NaN or inf in the output always fails), 2 on bad input.
 
 Examples:
 
   segformer-edge verify exports/segformer-b0_tflite_fp32
 
-  segformer-edge verify exports/segformer-b0_coreml_fp16 --checkpoint runs/x/best.safetensors --json
+  segformer-edge verify exports/segformer-b0_coreml_fp16 --checkpoint runs/x/best.safetensors --data photos/ --json
 """
 
 
 def _targets(target: str) -> list[str]:
-    if target == "all":
-        return list(TARGET_NAMES)
-    from segformer_edge.errors import ExportError
+    from segformer_edge.converters import get_target, target_names
 
-    if target not in TARGET_NAMES + EXTRA_TARGETS:
-        raise ExportError(f"--target {target}: unknown target; choose one of {', '.join(TARGET_NAMES + EXTRA_TARGETS)} or all")
+    if target == "all":
+        return target_names(in_all=True)
+    get_target(target)  # an unknown name is one clear error listing the registered targets
     return [target]
+
+
+def _target_options(values: list[str] | None) -> dict[str, str]:
+    options = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r}: give KEY=VALUE", param_hint="--target-option")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def export(
     checkpoint: CheckpointArgument = None,
-    target: Annotated[str, typer.Option("--target", "-t", help="executorch, tflite, coreml, onnx, all, or executorch-coreml.")] = "all",
+    target: Annotated[str, typer.Option("--target", "-t", help="A registered target (see the list above) or all.")] = "all",
     precision: Annotated[str, typer.Option("--precision", "-p", help="fp32, fp16 or int8.")] = "fp32",
     size: SizeOption = None,
     output: Annotated[str, typer.Option(help="logits (1/4 resolution) or mask (upsample + argmax in the graph).")] = "logits",
     input_kind: Annotated[str, typer.Option("--input", help="normalized, rgb01 or uint8 (the last two fuse normalization).")] = "normalized",
     layout: Annotated[str, typer.Option(help="nchw or nhwc input layout.")] = "nchw",
-    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic H and W (onnx).")] = False,
-    image_input: Annotated[bool, typer.Option("--image-input", help="Core ML: camera-frame image input.")] = False,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic H and W (where the target takes it).")] = False,
+    image_input: Annotated[bool, typer.Option("--image-input", help="A camera-frame image input (where the target has one).")] = False,
+    target_option: Annotated[list[str] | None, typer.Option("--target-option", "-O", help="KEY=VALUE option of the target itself (info --targets lists them).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("exports"),
+    data: Annotated[str | None, typer.Option(help="Images to calibrate and verify on: a photo folder or glob, a dataset folder, or synthetic[:N].")] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity before the artifact lands.")] = True,
-    verify_images: Annotated[int, typer.Option(min=1, help="Synthetic val images for the parity check.")] = 4,
-    calibration: Annotated[Path | None, typer.Option(help="int8: a folder from segformer-edge calibrate (default: calibrate now).")] = None,
+    verify_images: Annotated[int, typer.Option(min=1, help="Images for the parity check.")] = 4,
+    calibration: Annotated[Path | None, typer.Option(help="int8: a folder from segformer-edge calibrate (default: calibrate now on --data).")] = None,
     calibration_images: Annotated[int, typer.Option(min=1, help="int8 without --calibration: images to calibrate on.")] = 32,
-    method: Annotated[str, typer.Option(help="int8 without --calibration: minmax, moving_average, percentile or mse.")] = "mse",
-    budget: Annotated[float | None, typer.Option(help="int8: keep the most sensitive layer groups in float until the mIoU drop is within POINTS.")] = None,
+    method: Annotated[str, typer.Option(help="int8 activation ranges: auto, minmax, moving_average, percentile, mse or entropy (ONNX).")] = "auto",
+    budget: Annotated[float | None, typer.Option(help="int8: keep the most sensitive layer groups in float until the mIoU drop, measured with each target's quantizer, is within POINTS.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     from segformer_edge.converters.base import ExportOptions
-    from segformer_edge.converters.pipeline import export_artifact
     from segformer_edge.errors import SegformerEdgeError
     from segformer_edge.weights import load_pretrained
 
@@ -83,91 +103,109 @@ def export(
     model = load_pretrained(path)
     h, w = check_size(size, model.meta.input_size)
     options = ExportOptions(precision=precision, size=(h, w), input_kind=input_kind, output=output, layout=layout,
-                            dynamic=dynamic, image_input=image_input)  # fmt: skip
-    calib, policy = _int8_setup(model, path, options, calibration, calibration_images, method, budget)
+                            dynamic=dynamic, image_input=image_input, target_options=_target_options(target_option))  # fmt: skip
+    quant = _quant_spec(model, path, options, data, calibration, calibration_images, method, budget)
     rows = []
-    for name in names:
-        err_console.print(f"[bold]{name}[/] {precision} {h}x{w} ...")
-        try:
-            from dataclasses import replace
-
-            per_target = replace(options, extra=dict(options.extra))
-            artifact, report = export_artifact(model, name, per_target, out, checkpoint=path, verify=verify,
-                                               verify_images=verify_images, calibration=calib)  # fmt: skip
-            if policy is not None:
-                artifact.manifest["quantization"]["mixed_precision"] = policy
-                artifact.write_manifest()
-        except SegformerEdgeError as exc:
-            if len(names) == 1:
-                raise
-            rows.append({"target": name, "precision": precision, "status": f"failed: {exc}"})
-            continue
-        rows.append({
-            "target": name, "precision": precision, "artifact": str(artifact.folder),
-            "size_mb": artifact.manifest["size_bytes"] / 1e6,
-            "max_abs_diff": report and report["max_abs_diff"], "pixel_agreement": report and report["pixel_agreement"],
-            "executor": report and report["executor"],
-            "status": artifact.manifest.get("parity", {}).get("status", "ok") if report is None
-            else "ok" if report["passed"] else "parity FAILED",
-        })  # fmt: skip
+    with step_progress() as progress:
+        for name in names:
+            try:
+                rows.append(_export_one(model, path, name, options, quant, budget, out, data, verify, verify_images, progress))
+            except SegformerEdgeError as exc:
+                if len(names) == 1:
+                    raise
+                rows.append({"target": name, "precision": precision, "status": "error", "error": str(exc),
+                             "exit_code": exc.exit_code})  # fmt: skip
     if as_json:
         console.print_json(json.dumps(rows))
     else:
-        from rich.table import Table
-
-        table = Table(title=f"{path.name} -> {out}/")
-        for col in ("target", "precision", "size", "max |diff|", "pixel agreement", "executor", "status"):
-            table.add_column(col, justify="right" if col in ("size", "max |diff|", "pixel agreement") else "left")
-        for r in rows:
-            diff = r.get("max_abs_diff")
-            agree = r.get("pixel_agreement")
-            table.add_row(
-                r["target"], r["precision"], f"{r['size_mb']:.2f} MB" if "size_mb" in r else "-",
-                "-" if diff is None else f"{diff:.2e}", "-" if agree is None else f"{100 * agree:.3f}%",
-                r.get("executor") or "-", r["status"],
-            )  # fmt: skip
-        console.print(table)
-    failed = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("not run")]
-    if any(r["status"].startswith("failed") for r in failed):
-        sys.exit(2)
-    if failed:
-        sys.exit(1)
+        _print_table(rows, f"{Path(str(path)).name} -> {out}/")
+    codes = [r.get("exit_code", 0) for r in rows]
+    if any(codes):
+        sys.exit(max(codes))
 
 
-def _int8_setup(model, checkpoint: Path, options, calibration: Path | None, images: int, method: str, budget: float | None):  # type: ignore[no-untyped-def]
-    """The calibration set (loaded and checked, or made now) and the mixed-precision policy for int8."""
+def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, budget: float | None, out: Path,
+                data: str | None, verify: bool, verify_images: int, progress: Any) -> dict[str, Any]:  # fmt: skip
+    """Export one target and return its row (a failed parity is a row with exit code 1)."""
+    import tempfile
+    from dataclasses import replace
+
+    from segformer_edge.converters.pipeline import ParityFailed, budget_spec, export_artifact
+
+    line = progress.line(f"{name} {options.precision}")
+    if quant is not None and budget is not None:
+        line("sensitivity")
+        with tempfile.TemporaryDirectory() as tmp:
+            quant = budget_spec(model, name, options, quant, budget, Path(tmp))
+    try:
+        artifact, report = export_artifact(model, name, replace(options), out, checkpoint=path, quant=quant,
+                                           verify=verify, verify_data=data, verify_images=verify_images, on_step=line,
+                                           capture_output=not STATE["verbose"])  # fmt: skip
+    except ParityFailed as exc:
+        line("parity FAILED", done=True)
+        return {"target": name, "precision": options.precision, "status": "FAILED", "error": str(exc), "exit_code": 1,
+                "artifact": str(exc.failed), **_figures(exc.report)}  # fmt: skip
+    manifest = artifact.manifest
+    status = manifest["parity"]["status"]
+    line(status, done=True)
+    row = {"target": name, "precision": options.precision, "status": status, "artifact": str(artifact.folder),
+           "size_mb": manifest["size_bytes"] / 1e6, **_figures(report)}  # fmt: skip
+    if quant is not None:
+        row["float_groups"] = manifest["quantization"]["float_groups"]
+    return row
+
+
+def _figures(report: dict[str, Any] | None) -> dict[str, Any]:
+    if report is None:
+        return {}
+    return {key: report[key] for key in ("max_abs_diff", "pixel_agreement", "agreement_miou", "miou_drop_points", "executor",
+                                         "nonfinite", "data")}  # fmt: skip
+
+
+def _print_table(rows: list[dict[str, Any]], title: str) -> None:
+    """The result: one row per target, within 80 columns; errors and kept-aside artifacts below it."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("target", "prec", "MB", "max |diff|", "agree", "status"):
+        table.add_column(col, justify="right" if col in ("MB", "max |diff|", "agree") else "left", no_wrap=True)
+    for r in rows:
+        diff, agree = r.get("max_abs_diff"), r.get("pixel_agreement")
+        table.add_row(
+            r["target"], r["precision"], f"{r['size_mb']:.2f}" if "size_mb" in r else "-",
+            "-" if diff is None else f"{diff:.1e}", "-" if agree is None else f"{100 * agree:.2f}%", r["status"],
+        )  # fmt: skip
+    console.print(table)
+    data = next((r["data"] for r in rows if r.get("data")), None)
+    if data is not None:
+        console.print(f"parity on {data['images']} images of {data['spec']} ({data['usage']})", markup=False)
+    for r in rows:
+        if r.get("error"):
+            console.print(f"{r['target']}: {r['error']}", markup=False, soft_wrap=True)
+
+
+def _quant_spec(model: Any, path: Path, options: Any, data: str | None, calibration: Path | None, images: int,
+                method: str, budget: float | None) -> Any:  # fmt: skip
+    """The int8 recipe with its calibration set (loaded and checked, or picked now), or None for float exports."""
     if options.precision != "int8":
         if calibration is not None or budget is not None:
             raise typer.BadParameter("--calibration and --budget apply to --precision int8", param_hint="--precision")
-        return None, None
-    from segformer_edge.calibration.calibset import METHODS, CalibrationSet, select_calibration_set
-    from segformer_edge.converters.pipeline import checkpoint_digest
+        return None
+    from segformer_edge.calibration.spec import QuantSpec
+    from segformer_edge.converters.pipeline import calibration_for
 
-    if method not in METHODS:
-        raise typer.BadParameter(f"{method!r}: choose one of {', '.join(METHODS)}", param_hint="--method")
-    sha = checkpoint_digest(checkpoint)
-    if calibration is not None:
-        calib = CalibrationSet.load(calibration)
-        calib.check_for(sha, options.size, calibration)
-    else:
-        err_console.print(f"calibrating on {images} synthetic training images ({method}) ...")
-        calib = select_calibration_set("synthetic", images, options.size, model.config.num_classes, method=method,
-                                       checkpoint_sha256=sha)  # fmt: skip
-    policy = None
-    if budget is not None:
-        from segformer_edge.calibration.sensitivity import budget_policy
-
-        err_console.print(f"finding the layer groups to keep in float for a {budget}-point budget ...")
-        policy = budget_policy(model, calib, budget)
-        options.extra["float_modules"] = policy["float_modules"]
-        err_console.print(f"float layer groups: {', '.join(policy['float_groups']) or 'none'}")
-    return calib, policy
+    quant = QuantSpec(method=method)  # validates the method before any work
+    with err_console.status("calibrating ..."):
+        calib = calibration_for(model, path, options.size, data=data, calibration=calibration, num_images=images, method=method)
+    if method == "auto" and calibration is not None:
+        quant = quant.with_(method=calib.method)  # what `calibrate --method` recorded
+    return quant.with_(calibration=calib)
 
 
 def verify(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder (or its model file).")],
-    checkpoint: Annotated[Path | None, typer.Option(help="The float checkpoint (default: the built-in model).")] = None,
-    data: Annotated[str, typer.Option(help="synthetic[:N] or a dataset folder (val split).")] = "synthetic",
+    checkpoint: Annotated[str | None, typer.Option(help="The float checkpoint or Hub id (default: the built-in model).")] = None,
+    data: Annotated[str | None, typer.Option(help="A photo folder or glob, a dataset folder (val split), or synthetic[:N].")] = None,
     num_images: Annotated[int, typer.Option(min=1, help="Images to compare on.")] = 8,
     max_abs_diff: Annotated[float | None, typer.Option(help="Override the max |diff| threshold.")] = None,
     min_pixel_agreement: Annotated[float | None, typer.Option(help="Override the pixel-agreement threshold (0..1).")] = None,
@@ -183,16 +221,20 @@ def verify(
     limits = DEFAULT_THRESHOLDS[manifest["precision"]]
     overrides = {"max_abs_diff": max_abs_diff, "pixel_agreement": min_pixel_agreement, "miou_drop": max_miou_drop}
     limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})
-    report = verify_artifact(artifact, checkpoint=checkpoint, data=data, num_images=num_images, thresholds=limits)
+    ckpt = resolve_checkpoint(checkpoint) if checkpoint is not None else None
+    report = verify_artifact(artifact, checkpoint=ckpt, data=data, num_images=num_images, thresholds=limits)
     if as_json:
         console.print_json(json.dumps(report))
     else:
-        lines = [f"{report['target']} {report['precision']} ({report['executor']}, {report['images']} images, "
-                 f"{report['size'][0]}x{report['size'][1]})"]  # fmt: skip
-        for key in ("max_abs_diff", "cosine", "psnr_db", "pixel_agreement", "miou_float", "miou_artifact"):
+        d = report["data"]
+        lines = [f"{report['target']} {report['precision']} ({report['executor']}, {report['images']} images of {d['spec']}, "
+                 f"{report['size'][0]}x{report['size'][1]}; {d['usage']})"]  # fmt: skip
+        for key in ("max_abs_diff", "cosine", "psnr_db", "nonfinite", "pixel_agreement", "agreement_miou", "miou_float",
+                    "miou_artifact", "miou_drop_points"):  # fmt: skip
             value = report[key]
-            lines.append(f"  {key:16s} {'-' if value is None else f'{value:.6g}'}")
-        lines.append(f"  {'passed':16s} {report['passed']}  (thresholds {report['thresholds']})")
+            lines.append(f"  {key:17s} {'-' if value is None else f'{value:.6g}'}")
+        verdict = "passed" if report["passed"] else f"FAILED: {report['failure']}"
+        lines.append(f"  {verdict}  (thresholds {report['thresholds']})")
         console.print("\n".join(lines), markup=False)
     if not report["passed"]:
         sys.exit(1)

@@ -10,9 +10,10 @@ import typer
 
 from .common import JsonFlag, NumClassesOption, SizeOption, check_size, console
 
-HELP = """Parameters, multiply-accumulates and stage shapes of a SegFormer variant or checkpoint.
+HELP = """Parameters, multiply-accumulates and stage shapes of a SegFormer variant or checkpoint; or what an
+artifact's manifest says; or (--targets) every registered target and what it supports.
 
-MODEL is a variant (b0..b5) or a checkpoint path. MACs count the multiply-accumulates of convolutions,
+MODEL is a variant (b0..b5), a checkpoint path or Hub id, or an artifact folder. MACs count the multiply-accumulates of convolutions,
 linear layers and attention matmuls at batch 1: what the paper's "GFLOPs" column counts.
 Normalisation, softmax, GELU, upsampling and additions are not counted.
 
@@ -23,6 +24,10 @@ Examples:
   segformer-edge info b5 --json
 
   segformer-edge info runs/reference/best.safetensors
+
+  segformer-edge info exports/segformer-b0_tflite_int8
+
+  segformer-edge info --targets
 """
 
 
@@ -30,8 +35,15 @@ def info(
     model: Annotated[str, typer.Argument(help="A variant (b0..b5) or a checkpoint path.")] = "b0",
     num_classes: NumClassesOption = None,
     size: SizeOption = None,
+    targets: Annotated[bool, typer.Option("--targets", help="List the registered targets and what each supports.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
+    if targets:
+        _targets_info(as_json)
+        return
+    if (Path(model) / "manifest.json").is_file():
+        _artifact_info(Path(model), as_json)
+        return
     from segformer_edge.model import VARIANTS, variant_config
     from segformer_edge.profile import model_stats
 
@@ -44,7 +56,9 @@ def info(
 
         from segformer_edge.weights import load_pretrained
 
-        loaded = load_pretrained(Path(model), num_classes=num_classes)
+        from .common import resolve_checkpoint
+
+        loaded = load_pretrained(resolve_checkpoint(model), num_classes=num_classes)
         config, default_size, names = loaded.config, loaded.meta.input_size, loaded.meta.class_names
         if num_classes:
             config = replace(config, num_classes=num_classes)
@@ -81,3 +95,51 @@ def info(
         f"decoder {stats['params_decoder'] / 1e6:.3f} M)"
     )
     console.print(f"MACs:   {stats['macs'] / 1e9:.3f} G at {h}x{w} (conv, linear and attention matmuls)")
+
+
+def _targets_info(as_json: bool) -> None:
+    """Every registered target (built-in and plugins), from the registry."""
+    from segformer_edge.converters import get_target, target_names
+
+    rows = []
+    for name in target_names():
+        t = get_target(name)
+        rows.append({"name": name, "summary": t.summary, "suffix": t.suffix, "precisions": list(t.precisions),
+                     "features": sorted(t.features), "int8_methods": list(t.quant_methods) if "int8" in t.precisions else [],
+                     "options": {k: list(v) for k, v in t.options.items()}, "in_all": t.in_all,
+                     "runs_here": t.runs_here(), "extra": t.extra})  # fmt: skip
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    for r in rows:
+        here = "runs here" if r["runs_here"] else "compile only here"
+        console.print(f"[bold]{r['name']}[/] ({r['suffix']}, {', '.join(r['precisions'])}; {here}): {r['summary']}")
+        extras = [f"edges: {', '.join(r['features'])}"]
+        if r["int8_methods"]:
+            extras.append(f"int8 methods: {', '.join(r['int8_methods'])}")
+        extras += [f"-O {k}={'|'.join(v)}" for k, v in r["options"].items()]
+        console.print("  " + "; ".join(extras), markup=False, highlight=False)
+
+
+def _artifact_info(folder: Path, as_json: bool) -> None:
+    """What an artifact's manifest says, checked against its file."""
+    from segformer_edge.converters.base import read_manifest
+
+    manifest = read_manifest(folder).manifest
+    if as_json:
+        console.print_json(json.dumps(manifest))
+        return
+    spec = manifest["input"]
+    parity = manifest.get("parity") or {}
+    quant = manifest.get("quantization") or {}
+    lines = [
+        f"{folder.name}: {manifest['target']} {manifest['precision']}, {manifest['variant']}, {manifest['num_classes']} classes",
+        f"  input   {spec['shape']} {spec['dtype']} ({spec['kind']}, {spec['layout']})",
+        f"  output  {manifest['output']['shape']} {manifest['output']['dtype']} ({manifest['output']['kind']})",
+        f"  file    {manifest['file']} {manifest['size_bytes'] / 1e6:.2f} MB, sha256 {manifest['sha256'][:16]}...",
+        f"  parity  {parity.get('status', '-')}"
+        + (f", pixel agreement {100 * parity['pixel_agreement']:.3f}%" if parity.get("pixel_agreement") is not None else ""),
+    ]
+    if quant:
+        lines.append(f"  int8    {quant['method']}, {quant['weights']}, float groups: {', '.join(quant['float_groups']) or 'none'}")
+    console.print("\n".join(lines), markup=False, highlight=False)

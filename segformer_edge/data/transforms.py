@@ -12,25 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..inputs import InputSpec, resize_pair
 from .folders import IGNORE_INDEX
 
 __all__ = ["EvalTransform", "TrainTransform", "normalize", "photometric_distortion", "resize_pair"]
 
 
 def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32, ``(x / 255 - mean) / std``."""
-    x = image.astype(np.float32) / 255.0
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
-def resize_pair(image: np.ndarray, mask: np.ndarray | None, size_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize an image (bilinear) and its mask (nearest, labels intact) to (H, W)."""
-    h, w = size_hw
-    image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-    if mask is not None:
-        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
-    return image, mask
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32, ``(x / 255 - mean) / std`` (the float model's input)."""
+    return InputSpec(image.shape[:2], mean, std)(image)[0]  # type: ignore[arg-type]
 
 
 def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
@@ -123,6 +113,5 @@ class EvalTransform:
     size: tuple[int, int] | None = None
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        if self.size is not None and image.shape[:2] != self.size:
-            image, _ = resize_pair(image, None, self.size)
-        return normalize(image, self.mean, self.std)
+        spec = InputSpec(self.size or image.shape[:2], self.mean, self.std)  # type: ignore[arg-type]
+        return spec(spec.resize(image)[0])[0]  # (3, H, W)

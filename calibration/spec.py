@@ -1,0 +1,111 @@
+"""The whole quantization choice as one typed object, and the layer groups it can keep in float.
+
+A :class:`QuantSpec` is passed to every target's quantizer; each target maps it to its own quantizer in
+one function and raises a clear error for what it cannot honour. The manifest stores it whole
+(:meth:`QuantSpec.to_manifest`), next to what the target actually did (read back from the artifact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from segformer_edge.errors import ExportError
+
+if TYPE_CHECKING:
+    from .calibset import CalibrationSet
+
+__all__ = ["LAYER_GROUPS", "METHODS", "SCHEMES", "QuantSpec", "group_of", "module_names"]
+
+METHODS = ("auto", "minmax", "moving_average", "percentile", "mse", "entropy")
+SCHEMES = ("static", "dynamic")
+
+# Group name -> module names inside the export wrapper (EdgeModule holds the SegFormer as `model`).
+LAYER_GROUPS: dict[str, tuple[str, ...]] = {
+    "stage1": ("model.encoder.stages.0",),
+    "stage2": ("model.encoder.stages.1",),
+    "stage3": ("model.encoder.stages.2",),
+    "stage4": ("model.encoder.stages.3",),
+    "decoder.mlp": ("model.decoder.linear_c",),
+    "decoder.head": ("model.decoder.fuse", "model.decoder.classifier"),
+}
+
+
+def module_names(groups: tuple[str, ...] | list[str]) -> list[str]:
+    """The module names (inside the export wrapper) of these layer groups."""
+    unknown = [g for g in groups if g not in LAYER_GROUPS]
+    if unknown:
+        raise ExportError(f"unknown layer group(s) {', '.join(unknown)}; choose from {', '.join(LAYER_GROUPS)}")
+    return [name for g in groups for name in LAYER_GROUPS[g]]
+
+
+def group_of(module_path: str) -> str | None:
+    """The layer group a module path (``model.encoder.stages.0.blocks.1.attn.q``) belongs to, or None."""
+    for group, names in LAYER_GROUPS.items():
+        if any(module_path == n or module_path.startswith(n + ".") for n in names):
+            return group
+    return None
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One INT8 recipe, the same for every target.
+
+    Attributes:
+        scheme: ``static`` (activation ranges from calibration) or ``dynamic`` (ranges per inference).
+        method: Activation range estimator: ``minmax``, ``moving_average``, ``percentile`` (99.99%),
+            ``mse`` (histogram search for the least L2 error), ``entropy`` (KL, ONNX Runtime's) or ``auto``
+            (each target's best: ``mse`` for PT2E quantizers, ``entropy`` for ONNX Runtime). The manifest
+            records the method a target used.
+        weights: Weight granularity, ``per_channel`` or ``per_tensor`` (symmetric int8).
+        float_groups: Layer groups kept in float (see :data:`LAYER_GROUPS`).
+        calibration: The calibration set (its reference, not its images, goes into the manifest).
+        policy: How ``float_groups`` was chosen (the ``--budget`` search), when it was.
+    """
+
+    scheme: str = "static"
+    method: str = "auto"
+    weights: str = "per_channel"
+    float_groups: tuple[str, ...] = ()
+    calibration: CalibrationSet | None = field(default=None, compare=False, repr=False)
+    policy: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ExportError(f"quantization scheme {self.scheme!r}: choose one of {', '.join(SCHEMES)}")
+        if self.method not in METHODS:
+            raise ExportError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        if self.weights not in ("per_channel", "per_tensor"):
+            raise ExportError(f"weight granularity {self.weights!r}: choose per_channel or per_tensor")
+        module_names(self.float_groups)  # validates the names
+        object.__setattr__(self, "float_groups", tuple(self.float_groups))
+
+    def with_(self, **changes: Any) -> QuantSpec:
+        return replace(self, **changes)
+
+    @property
+    def float_modules(self) -> list[str]:
+        return module_names(self.float_groups)
+
+    def only(self, groups: list[str] | tuple[str, ...]) -> QuantSpec:
+        """The same recipe with only ``groups`` quantized (every other group in float)."""
+        return replace(self, float_groups=tuple(g for g in LAYER_GROUPS if g not in groups))
+
+    def require_calibration(self, target: str) -> CalibrationSet:
+        if self.calibration is None:
+            raise ExportError(f"{target}: static int8 needs a calibration set: pass --data or --calibration")
+        return self.calibration
+
+    def to_manifest(self) -> dict[str, Any]:
+        calib = self.calibration
+        block: dict[str, Any] = {
+            "scheme": self.scheme,
+            "method": self.method,
+            "weights": self.weights,
+            "float_groups": list(self.float_groups),
+            "float_modules": self.float_modules,
+            "calibration": None if calib is None else calib.reference(),
+        }
+        if self.policy is not None:
+            block["policy"] = self.policy
+        return block

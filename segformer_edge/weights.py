@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .errors import CheckpointError
 from .io import atomic_path
+from .hub import resolve_model_path
 from .model import ModelMeta, SegFormer, SegFormerConfig, match_variant, variant_config
 from .palettes import palette_for
 
@@ -565,7 +566,9 @@ def load_pretrained(
 
     Args:
         path: One of our ``.safetensors`` checkpoints; a Hugging Face SegFormer folder (``config.json`` with
-            ``model.safetensors``, a sharded index or ``pytorch_model.bin``); or an NVlabs/mmseg ``.pth``. Class names come
+            ``model.safetensors``, a sharded index or ``pytorch_model.bin``); a Hugging Face Hub id
+            (``org/name`` or ``org/name@revision``, resolved through the local cache by
+            :func:`~segformer_edge.hub.resolve_model_path`); or an NVlabs/mmseg ``.pth``. Class names come
             from ``id2label`` (or mmseg's ``meta.CLASSES``); names that are ADE20K's or Cityscapes' get
             that dataset's palette.
         num_classes: Needed for encoder-only checkpoints (mit-bX), whose decoder starts from scratch.
@@ -575,12 +578,10 @@ def load_pretrained(
 
     Raises:
         CheckpointError: the file is missing, corrupt, of an unknown layout, has an invalid config field, or
-            does not match strictly. The message names
+            does not match strictly; an id that is not cached and cannot be downloaded. The message names
             the file and, for config problems, the field.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+    path = resolve_model_path(path)
     names: list[str] | None = None
     palette: list[tuple[int, int, int]] | None = None
     if path.is_dir():

@@ -18,6 +18,7 @@ projections of the decoder are 1x1 convolutions on NCHW maps (the same arithmeti
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -72,16 +73,20 @@ class SegFormerConfig:
     decoder_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("embed_dims", "depths", "num_heads", "sr_ratios"):
+        for name, minimum in (("embed_dims", 1), ("depths", 0), ("num_heads", 1), ("sr_ratios", 1)):
             value = getattr(self, name)
-            if len(value) != 4:
+            if not isinstance(value, (tuple, list)) or len(value) != 4:
                 raise ValueError(f"SegFormerConfig.{name} needs 4 values (one per stage), got {value!r}")
-            object.__setattr__(self, name, tuple(int(v) for v in value))
+            object.__setattr__(self, name, tuple(_checked_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(value)))
+        for name, minimum in (("mlp_ratio", 1), ("decoder_dim", 1), ("num_classes", 1), ("in_chans", 1)):
+            object.__setattr__(self, name, _checked_int(name, getattr(self, name), minimum))
         for dim, heads in zip(self.embed_dims, self.num_heads):
             if dim % heads:
                 raise ValueError(f"embed dim {dim} is not divisible by {heads} attention heads")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}")
+        for name in ("drop_path_rate", "decoder_dropout"):
+            rate = getattr(self, name)
+            if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+                raise ValueError(f"SegFormerConfig.{name} must be a number in [0, 1), got {rate!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -93,6 +98,15 @@ class SegFormerConfig:
         if unknown:
             raise ValueError(f"unknown SegFormer config fields: {', '.join(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _checked_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int, refusing fractions, strings and booleans (``int(2.5)`` would silently give 2)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"SegFormerConfig.{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"SegFormerConfig.{name} must be at least {minimum}, got {value!r}")
+    return int(value)
 
 
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:

@@ -24,7 +24,9 @@ from torch import Tensor
 
 from .errors import CheckpointError
 from .io import atomic_path
-from .model import ModelMeta, SegFormer, SegFormerConfig, default_palette, match_variant, variant_config
+from .hub import resolve_model_path
+from .model import ModelMeta, SegFormer, SegFormerConfig, match_variant, variant_config
+from .palettes import palette_for
 
 __all__ = ["load_pretrained", "load_state_dict_strict", "read_checkpoint_meta", "save_checkpoint"]
 
@@ -252,32 +254,187 @@ def _config_from_mmseg(tensors: Mapping[str, Tensor], path: Path, num_classes: i
         if num_classes is not None and found is not None and num_classes != found:
             raise CheckpointError(f"{path}: the checkpoint has {found} classes, but num_classes={num_classes} was asked for")
         num_classes = found if found is not None else num_classes
-    config = SegFormerConfig(
-        variant="custom",
-        embed_dims=tuple(dims),  # type: ignore[arg-type]
-        depths=tuple(depths),  # type: ignore[arg-type]
-        num_heads=(1, 2, 5, 8),
-        sr_ratios=tuple(srs),  # type: ignore[arg-type]
-        mlp_ratio=mlp_ratio,
-        decoder_dim=decoder_dim,
-        num_classes=num_classes or 1,
-    )
+    try:
+        config = SegFormerConfig(
+            variant="custom",
+            embed_dims=tuple(dims),  # type: ignore[arg-type]
+            depths=tuple(depths),  # type: ignore[arg-type]
+            num_heads=(1, 2, 5, 8),
+            sr_ratios=tuple(srs),  # type: ignore[arg-type]
+            mlp_ratio=mlp_ratio,
+            decoder_dim=decoder_dim,
+            num_classes=num_classes or 1,
+        )
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{path}: the architecture read from the weight shapes is not a valid SegFormer ({_first_line(exc)}; "
+            "heads cannot be read from weights, so MiT's 1, 2, 5, 8 are assumed)"
+        ) from exc
     return replace(config, variant=match_variant(config)), encoder_only
 
 
-def _config_from_hf(config_path: Path, num_classes: int | None) -> tuple[SegFormerConfig, bool, list[str] | None]:
+# transformers' SegformerConfig defaults (the b0 architecture), for fields a config.json leaves out.
+_HF_DEFAULTS: dict[str, Any] = {
+    "hidden_sizes": [32, 64, 160, 256],
+    "depths": [2, 2, 2, 2],
+    "num_attention_heads": [1, 2, 5, 8],
+    "sr_ratios": [8, 4, 2, 1],
+    "mlp_ratios": [4, 4, 4, 4],
+    "patch_sizes": [7, 3, 3, 3],
+    "strides": [4, 2, 2, 2],
+    "decoder_hidden_size": 256,
+    "num_channels": 3,
+    "drop_path_rate": 0.1,
+    "classifier_dropout_prob": 0.1,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hf_int(hf: Mapping[str, Any], field: str, config_path: Path, minimum: int = 1) -> int:
+    value = hf.get(field, _HF_DEFAULTS.get(field))
+    if not _is_int(value) or value < minimum:
+        raise CheckpointError(f"{config_path}: {field} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _hf_stage_ints(
+    hf: Mapping[str, Any], field: str, config_path: Path, minimum: int = 1
+) -> tuple[int, int, int, int]:
+    """A per-stage field of a Hugging Face config: exactly 4 integers, each at least ``minimum``."""
+    value = hf.get(field, _HF_DEFAULTS[field])
+    if not isinstance(value, list) or len(value) != 4:
+        raise CheckpointError(f"{config_path}: {field} must list 4 integers (one per encoder stage), got {value!r}")
+    if not all(_is_int(v) and v >= minimum for v in value):
+        raise CheckpointError(f"{config_path}: {field} must hold integers >= {minimum}, got {value!r}")
+    return tuple(int(v) for v in value)  # type: ignore[return-value]
+
+
+def _hf_rate(hf: Mapping[str, Any], field: str, config_path: Path) -> float:
+    value = hf.get(field, _HF_DEFAULTS[field])
+    if value is None:  # transformers writes null for "no dropout"
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise CheckpointError(f"{config_path}: {field} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _hf_class_names(hf: Mapping[str, Any], config_path: Path) -> list[str] | None:
+    """``id2label`` as a list in id order; its keys must be exactly 0..N-1."""
+    id2label = hf.get("id2label")
+    if id2label is None or id2label == {}:
+        return None
+    if not isinstance(id2label, dict):
+        raise CheckpointError(f"{config_path}: id2label must map class ids to names, got {type(id2label).__name__}")
+    try:
+        ids = sorted(int(k) for k in id2label)
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path}: id2label keys must be class ids 0..N-1 ({_first_line(exc)})") from exc
+    if ids != list(range(len(ids))):
+        raise CheckpointError(f"{config_path}: id2label keys must be the class ids 0..{len(ids) - 1} without gaps")
+    by_id = {int(k): v for k, v in id2label.items()}
+    return [str(by_id[i]) for i in ids]
+
+
+def _hf_class_count(
+    hf: Mapping[str, Any], names: list[str] | None, weights: Mapping[str, Tensor], config_path: Path
+) -> int | None:
+    """Classes declared by ``id2label`` (or ``num_labels``), checked against the classifier; else the classifier's.
+
+    transformers 5 writes neither ``id2label`` nor ``num_labels`` for a 2-class model with default labels,
+    so the weights are the only record of the class count there.
+    """
+    declared, field = (len(names), "id2label") if names is not None else (None, "num_labels")
+    if declared is None and "num_labels" in hf:
+        declared = _hf_int(hf, "num_labels", config_path)
+    classifier = weights.get("decode_head.classifier.weight")
+    found = int(classifier.shape[0]) if classifier is not None else None
+    if declared is not None and found is not None and declared != found:
+        raise CheckpointError(
+            f"{config_path}: {field} has {declared} classes but the weights have {found} "
+            "(decode_head.classifier.weight)"
+        )
+    return declared if declared is not None else found
+
+
+def _hf_weight_facts(
+    config: SegFormerConfig, weights: Mapping[str, Tensor], encoder_only: bool
+) -> list[tuple[str, int, int, str]]:
+    """(config.json field, its value, what the weights record, the tensor that records it) per checkable field.
+
+    Fields whose tensors are absent are left out (strict loading names missing keys). Heads leave no trace.
+    """
+    enc = "segformer.encoder"
+    facts: list[tuple[str, int, int, str]] = []
+
+    def add(field: str, declared: int, key: str, dim: int) -> None:
+        if key in weights:
+            facts.append((field, declared, int(weights[key].shape[dim]), key))
+
+    add("num_channels", config.in_chans, f"{enc}.patch_embeddings.0.proj.weight", 1)
+    for s in range(4):
+        add(f"hidden_sizes[{s}]", config.embed_dims[s], f"{enc}.patch_embeddings.{s}.proj.weight", 0)
+        blocks = {int(m.group(1)) for k in weights if (m := re.match(rf"^{enc}\.block\.{s}\.(\d+)\.", k))}
+        if blocks:
+            facts.append((f"depths[{s}]", config.depths[s], len(blocks), f"{enc}.block.{s}.*"))
+        sr_key = f"{enc}.block.{s}.0.attention.self.sr.weight"
+        if 0 in blocks:  # no reduction conv means sr_ratio 1
+            found = int(weights[sr_key].shape[-1]) if sr_key in weights else 1
+            facts.append((f"sr_ratios[{s}]", config.sr_ratios[s], found, sr_key))
+    hidden = config.mlp_ratio * config.embed_dims[0]
+    add("mlp_ratios (x hidden_sizes[0])", hidden, f"{enc}.block.0.0.mlp.dense1.weight", 0)
+    if not encoder_only:
+        add("decoder_hidden_size", config.decoder_dim, "decode_head.linear_fuse.weight", 0)
+    return facts
+
+
+def _check_hf_shapes(
+    config: SegFormerConfig, weights: Mapping[str, Tensor], config_path: Path, encoder_only: bool
+) -> None:
+    """Each config.json field the weights also record must agree with them; a mismatch names field and tensor."""
+    for field, declared, found, key in _hf_weight_facts(config, weights, encoder_only):
+        if declared != found:
+            raise CheckpointError(
+                f"{config_path}: {field} is {declared} but the weights have {found} ({key}); "
+                "the config does not belong to these weights"
+            )
+
+
+def _config_from_hf(
+    config_path: Path, num_classes: int | None, weights: Mapping[str, Tensor]
+) -> tuple[SegFormerConfig, bool, list[str] | None]:
+    """The architecture of a Hugging Face checkpoint: every field checked, and against ``weights`` where they record it.
+
+    Returns (config, whether the checkpoint is encoder-only, class names from ``id2label`` or None).
+    """
     try:
         hf = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{config_path}: not a readable JSON config ({_first_line(exc)})") from exc
     if not isinstance(hf, dict) or hf.get("model_type") != "segformer":
-        raise CheckpointError(f"{config_path}: not a SegFormer config (model_type is {hf.get('model_type')!r})")
-    if list(hf.get("patch_sizes", [7, 3, 3, 3])) != [7, 3, 3, 3] or list(hf.get("strides", [4, 2, 2, 2])) != [4, 2, 2, 2]:
-        raise CheckpointError(f"{config_path}: patch sizes/strides other than 7,3,3,3 / 4,2,2,2 are not SegFormer")
-    ratios = set(hf.get("mlp_ratios", [4, 4, 4, 4]))
+        found = hf.get("model_type") if isinstance(hf, dict) else None
+        raise CheckpointError(f"{config_path}: not a SegFormer config (model_type is {found!r})")
+    if hf.get("num_encoder_blocks", 4) != 4:
+        found = hf["num_encoder_blocks"]
+        raise CheckpointError(f"{config_path}: num_encoder_blocks is {found!r}; SegFormer has 4 stages")
+    patches, strides = _hf_stage_ints(hf, "patch_sizes", config_path), _hf_stage_ints(hf, "strides", config_path)
+    if patches != (7, 3, 3, 3) or strides != (4, 2, 2, 2):
+        raise CheckpointError(f"{config_path}: patch_sizes/strides other than 7,3,3,3 / 4,2,2,2 are not SegFormer")
+    ratios = set(_hf_stage_ints(hf, "mlp_ratios", config_path))
     if len(ratios) != 1:
         raise CheckpointError(f"{config_path}: per-stage mlp_ratios {hf['mlp_ratios']} are not supported (one ratio)")
+    embed_dims = _hf_stage_ints(hf, "hidden_sizes", config_path)
+    heads = _hf_stage_ints(hf, "num_attention_heads", config_path)
+    for s, (dim, n) in enumerate(zip(embed_dims, heads)):
+        if dim % n:
+            raise CheckpointError(
+                f"{config_path}: hidden_sizes[{s}] = {dim} is not divisible by num_attention_heads[{s}] = {n}"
+            )
     architectures = hf.get("architectures") or ["SegformerForSemanticSegmentation"]
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise CheckpointError(f"{config_path}: architectures must be a list of class names, got {architectures!r}")
     encoder_only = "SegformerForSemanticSegmentation" not in architectures
     names: list[str] | None = None
     if encoder_only:
@@ -287,28 +444,32 @@ def _config_from_hf(config_path: Path, num_classes: int | None) -> tuple[SegForm
                 "so the class count is unknown; pass num_classes"
             )
     else:
-        id2label = hf.get("id2label") or {}
-        found = len(id2label) if id2label else int(hf.get("num_labels", 0)) or None
+        names = _hf_class_names(hf, config_path)
+        found = _hf_class_count(hf, names, weights, config_path)
         if num_classes is not None and found is not None and num_classes != found:
             raise CheckpointError(f"{config_path}: the checkpoint has {found} classes, but num_classes={num_classes} was asked for")
         num_classes = found or num_classes
-        if id2label:
-            names = [str(id2label[k]) for k in sorted(id2label, key=int)]
     if num_classes is None:
-        raise CheckpointError(f"{config_path}: no id2label or num_labels; pass num_classes")
-    config = SegFormerConfig(
-        variant="custom",
-        # Missing fields take transformers' SegformerConfig defaults (the b0 architecture).
-        embed_dims=tuple(hf.get("hidden_sizes", [32, 64, 160, 256])),
-        depths=tuple(hf.get("depths", [2, 2, 2, 2])),
-        num_heads=tuple(hf.get("num_attention_heads", [1, 2, 5, 8])),
-        sr_ratios=tuple(hf.get("sr_ratios", [8, 4, 2, 1])),
-        mlp_ratio=int(ratios.pop()),
-        decoder_dim=int(hf.get("decoder_hidden_size", 256)),
-        num_classes=num_classes,
-        drop_path_rate=float(hf.get("drop_path_rate", 0.1)),
-        decoder_dropout=float(hf.get("classifier_dropout_prob", 0.1)),
-    )
+        raise CheckpointError(
+            f"{config_path}: no id2label, num_labels or decode_head.classifier weights; pass num_classes"
+        )
+    try:
+        config = SegFormerConfig(
+            variant="custom",
+            embed_dims=embed_dims,
+            depths=_hf_stage_ints(hf, "depths", config_path, minimum=0),
+            num_heads=heads,
+            sr_ratios=_hf_stage_ints(hf, "sr_ratios", config_path),
+            mlp_ratio=ratios.pop(),
+            decoder_dim=_hf_int(hf, "decoder_hidden_size", config_path),
+            num_classes=num_classes,
+            in_chans=_hf_int(hf, "num_channels", config_path),
+            drop_path_rate=_hf_rate(hf, "drop_path_rate", config_path),
+            decoder_dropout=_hf_rate(hf, "classifier_dropout_prob", config_path),
+        )
+    except ValueError as exc:  # a combination the fields above do not cover
+        raise CheckpointError(f"{config_path}: {_first_line(exc)}") from exc
+    _check_hf_shapes(config, weights, config_path, encoder_only)
     return replace(config, variant=match_variant(config)), encoder_only, names
 
 
@@ -405,29 +566,33 @@ def load_pretrained(
 
     Args:
         path: One of our ``.safetensors`` checkpoints; a Hugging Face SegFormer folder (``config.json`` with
-            ``model.safetensors``, a sharded index or ``pytorch_model.bin``); or an NVlabs/mmseg ``.pth``.
+            ``model.safetensors``, a sharded index or ``pytorch_model.bin``); a Hugging Face Hub id
+            (``org/name`` or ``org/name@revision``, resolved through the local cache by
+            :func:`~segformer_edge.hub.resolve_model_path`); or an NVlabs/mmseg ``.pth``. Class names come
+            from ``id2label`` (or mmseg's ``meta.CLASSES``); names that are ADE20K's or Cityscapes' get
+            that dataset's palette.
         num_classes: Needed for encoder-only checkpoints (mit-bX), whose decoder starts from scratch.
             For full checkpoints it is checked against the file.
         variant: For ``.pth`` files, the variant to assume (heads cannot be inferred from weights).
         device: Where to put the model.
 
     Raises:
-        CheckpointError: the file is missing, corrupt, of an unknown layout, or does not match strictly.
+        CheckpointError: the file is missing, corrupt, of an unknown layout, has an invalid config field, or
+            does not match strictly; an id that is not cached and cannot be downloaded. The message names
+            the file and, for config problems, the field.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+    path = resolve_model_path(path)
     names: list[str] | None = None
     palette: list[tuple[int, int, int]] | None = None
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{path}: not a Hugging Face model folder: config.json is missing")
-        config, encoder_only, names = _config_from_hf(config_path, num_classes)
         raw = _read_hf_weights(path)
         layout = _detect_layout(list(raw))
         if layout != "hf":
             raise CheckpointError(f"{path}: the weights are not in the Hugging Face SegFormer layout")
+        config, encoder_only, names = _config_from_hf(config_path, num_classes, raw)
         tensors = _remap(raw, _HF_RULES, _HF_DROPPED)
         meta = None
     elif path.suffix == ".safetensors":
@@ -451,7 +616,11 @@ def load_pretrained(
         config, encoder_only = _config_from_mmseg(tensors, path, num_classes)
         if variant is not None:
             ref = variant_config(variant)
-            config = replace(config, variant=ref.variant, num_heads=ref.num_heads)
+            try:
+                config = replace(config, variant=ref.variant, num_heads=ref.num_heads)
+            except ValueError as exc:
+                message = f"{path}: the weights do not fit variant {variant!r} ({_first_line(exc)})"
+                raise CheckpointError(message) from exc
         meta_obj = obj.get("meta") if isinstance(obj, Mapping) else None
         if isinstance(meta_obj, Mapping):
             classes, colours = meta_obj.get("CLASSES"), meta_obj.get("PALETTE")
@@ -460,7 +629,7 @@ def load_pretrained(
                 if colours is not None and len(colours) == len(names):
                     palette = [tuple(int(v) for v in c) for c in colours]  # type: ignore[misc]
         meta = None
-    model = SegFormer(config)
+    model = _build(config, path)
     load_state_dict_strict(model, tensors, path, encoder_only=encoder_only)
     if encoder_only:
         logger.warning("%s: encoder-only checkpoint; the decoder is freshly initialised and needs training", path)
@@ -468,11 +637,19 @@ def load_pretrained(
         meta = ModelMeta.default(config.num_classes)
         if names is not None:
             meta.class_names = names
-            meta.palette = palette or default_palette(len(names))
+            meta.palette = palette or palette_for(names)
     model.meta = meta
     logger.info("loaded %s (%s, %d classes)", path, config.variant, config.num_classes)
     return model.to(device).eval()
 
+
+
+def _build(config: SegFormerConfig, path: Path) -> SegFormer:
+    """The module for ``config``; a config that cannot be built is the checkpoint's fault, not a bug."""
+    try:
+        return SegFormer(config)
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: cannot build a SegFormer from its config ({_first_line(exc)})") from exc
 
 
 def builtin_checkpoint() -> Path:

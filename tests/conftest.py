@@ -46,3 +46,57 @@ def folder_snapshot(folder: Path) -> dict[str, bytes]:
 
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain helpers shared by several test modules (import them: `from conftest import save_hf_model`).
+
+TINY_HF = {"hidden_sizes": [16, 32, 40, 64], "depths": [1, 1, 1, 1], "decoder_hidden_size": 32}
+
+
+def save_hf_model(path: Path, num_labels: int = 150, tiny: bool = True, id2label: dict[int, str] | None = None) -> Path:
+    """Save a random-init transformers SegformerForSemanticSegmentation with ``save_pretrained``; return ``path``.
+
+    ``tiny`` gives the TINY shape (hidden sizes 16, 32, 40, 64, one block per stage, decoder 32; heads 1, 2, 5, 8
+    and sr 8, 4, 2, 1 as b0), else b0. Without ``id2label`` transformers writes its defaults (``LABEL_i``; for 2
+    classes, transformers 5 writes no labels at all). Seeded: the same call writes the same weights. The
+    decoder's BatchNorm statistics are randomised so that parity checks exercise them.
+    """
+    import torch
+    import transformers
+
+    kwargs: dict = {"num_labels": num_labels, **(TINY_HF if tiny else {})}
+    if id2label is not None:
+        kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
+        kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
+    torch.manual_seed(0)
+    model = transformers.SegformerForSemanticSegmentation(transformers.SegformerConfig(**kwargs)).eval()
+    generator = torch.Generator().manual_seed(1)
+    bn = model.decode_head.batch_norm
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=generator) * 0.5)
+        bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=generator) * 1.5 + 0.5)
+    model.save_pretrained(path)
+    return Path(path)
+
+
+def make_photo_folder(path: Path, n: int = 6) -> Path:
+    """Write ``n`` crops of scikit-learn's two sample photos (china.jpg, flower.jpg; 427x640) into ``path``.
+
+    Real photographs, no network: ``photo_00.jpg``, ``photo_01.png``, ... alternating JPEG and PNG, of
+    different sizes (from 200x300 upward), alternating between the two photos. Returns ``path``.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images  # two (427, 640, 3) uint8 arrays
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        photo = photos[i % 2]
+        h, w = 200 + (17 * i) % 200, 300 + (29 * i) % 300
+        top, left = (31 * i) % (photo.shape[0] - h + 1), (47 * i) % (photo.shape[1] - w + 1)
+        crop = photo[top : top + h, left : left + w]  # (h, w, 3)
+        suffix, options = (".jpg", {"quality": 92}) if i % 2 == 0 else (".png", {})
+        Image.fromarray(crop).save(path / f"photo_{i:02d}{suffix}", **options)
+    return path

@@ -121,8 +121,12 @@ def test_folder_errors_name_the_file(tmp_path: Path) -> None:
     _write(root / "images" / "b.png", np.zeros((20, 30), np.uint16))
     with pytest.raises(DataError, match=r"more than 8 bits"):
         open_source(root, "train").load(1)
-    with pytest.raises(DataError, match="unknown data layout"):
-        open_source(tmp_path / "generic" / "masks", "train")
+    # A folder of images without a labelled layout is plain images; one without any image stays an error.
+    assert not open_source(tmp_path / "generic" / "masks", "train").has_masks
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no pictures here")
+    with pytest.raises(DataError, match=r"notes: no images found"):
+        open_source(tmp_path / "notes", "train")
     (root / "classes.json").unlink()
     with pytest.raises(DataError, match="classes.json"):
         open_source(root, "train")

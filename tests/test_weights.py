@@ -178,9 +178,15 @@ def test_strict_loading_names_the_keys(tmp_path: Path) -> None:
     assert "missing keys: encoder.stages.0.blocks.0.attn.q.weight" in message
     assert "unexpected keys: backbone.block1.0.attn.extra.weight" in message
 
+    state = _hf_to_mmseg(_saved_state(tmp_path / "hf"))
+    state["decode_head.linear_c1.proj.weight"] = torch.zeros(256, 16)
+    torch.save(state, tmp_path / "narrow.pth")
+    with pytest.raises(CheckpointError, match=r"shape mismatch for decoder\.linear_c\.0\.weight"):
+        load_pretrained(tmp_path / "narrow.pth")
+
     config = (tmp_path / "hf" / "config.json").read_text().replace('"decoder_hidden_size": 256', '"decoder_hidden_size": 128')
     (tmp_path / "hf" / "config.json").write_text(config)
-    with pytest.raises(CheckpointError, match="shape mismatch for decoder"):
+    with pytest.raises(CheckpointError, match="decoder_hidden_size is 128 but the weights have 256"):
         load_pretrained(tmp_path / "hf")
 
 

@@ -21,8 +21,11 @@ NumClassesOption = Annotated[
     int | None, typer.Option("--num-classes", "-k", min=1, help="Number of output classes.")
 ]
 CheckpointArgument = Annotated[
-    Path | None,
-    typer.Argument(help="A segformer-edge .safetensors, a Hugging Face folder or an NVlabs/mmseg .pth."),
+    str | None,
+    typer.Argument(
+        help="A segformer-edge .safetensors, a Hugging Face folder, a Hugging Face Hub id (org/name or "
+        "org/name@revision, from the local cache or downloaded once) or an NVlabs/mmseg .pth."
+    ),
 ]
 
 
@@ -75,10 +78,16 @@ def step_progress() -> StepProgress:
     return StepProgress()
 
 
-def resolve_checkpoint(path: Path | None) -> Path:
-    """The given checkpoint, or the built-in reference model."""
+def resolve_checkpoint(path: str | Path | None) -> Path:
+    """A local path for a checkpoint argument: a path, a Hub id (through the Hugging Face cache) or None (built-in).
+
+    Raises:
+        CheckpointError: no such path, or a Hub id that cannot be resolved (see ``segformer_edge.hub``).
+    """
     if path is not None:
-        return path
+        from segformer_edge.hub import resolve_model_path
+
+        return resolve_model_path(path)
     from segformer_edge.weights import builtin_checkpoint
 
     return builtin_checkpoint()

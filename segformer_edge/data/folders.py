@@ -1,12 +1,14 @@
-"""Datasets on disk: ADE20K, Cityscapes and a generic ``images/`` + ``masks/`` layout.
+"""Datasets on disk: ADE20K, Cityscapes, a generic ``images/`` + ``masks/`` layout, and plain images.
 
-Every source is a list of :class:`Sample` (image path, mask path) plus a :class:`LabelSpace`. Reading a
+A labelled source is a list of :class:`Sample` (image path, mask path) plus a :class:`LabelSpace`. A plain
+folder of images (or a glob) is a list of samples without masks and without a label space. Reading a
 sample checks it: an unreadable file, an image and mask of different sizes, or a label outside the
 class range is a :class:`~segformer_edge.errors.DataError` that names the file.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 from dataclasses import dataclass
@@ -16,23 +18,26 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from ..palettes import ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, palette_for
 
-__all__ = ["IGNORE_INDEX", "LabelSpace", "Sample", "find_samples", "read_image", "read_mask"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LabelSpace",
+    "Sample",
+    "detect_layout",
+    "find_images",
+    "find_samples",
+    "glob_images",
+    "missing_masks",
+    "read_image",
+    "read_mask",
+]
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)  # fmt: skip
-CITYSCAPES_PALETTE = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -112,42 +117,64 @@ def _pair(images: list[Path], image_root: Path, mask_root: Path, mask_name: call
     return samples
 
 
+def detect_layout(root: Path) -> str | None:
+    """``ade20k``, ``cityscapes`` or ``generic`` when ``root`` holds that labelled layout, else None.
+
+    A layout counts only with its mask folder (``annotations/``, ``gtFine/``, ``masks/``; for generic, a
+    ``classes.json`` also declares it): a folder of images whose masks are absent is plain images.
+    """
+    if ((root / "images" / "training").is_dir() or (root / "images" / "validation").is_dir()) and (
+        root / "annotations"
+    ).is_dir():
+        return "ade20k"
+    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+        return "cityscapes"
+    if (root / "images").is_dir() and ((root / "masks").is_dir() or (root / "classes.json").is_file()):
+        return "generic"
+    return None
+
+
+def missing_masks(root: Path) -> str | None:
+    """What is missing when ``root`` looks like a labelled layout without its masks (for a warning), else None."""
+    if (root / "images" / "training").is_dir() or (root / "images" / "validation").is_dir():
+        return "ADE20K images/ without annotations/"
+    if (root / "leftImg8bit").is_dir():
+        return "Cityscapes leftImg8bit/ without gtFine/"
+    return None
+
+
 def find_samples(root: Path, split: str) -> tuple[list[Sample], LabelSpace, str]:
     """Find the image/mask pairs of ``split`` (``train`` or ``val``) under ``root``; detect the layout.
 
-    Returns (samples, label space, layout name).
+    Returns (samples, label space, layout name). A folder without a labelled layout is an error here:
+    :func:`find_images` reads it as plain images.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such data folder")
-    if split not in ("train", "val"):
-        raise DataError(f"unknown split {split!r}; choose train or val")
-
-    if (root / "images" / "training").is_dir() or (root / "images" / "validation").is_dir():
+    _check_split(split)
+    layout = detect_layout(root)
+    if layout == "ade20k":
         sub = {"train": "training", "val": "validation"}[split]
         image_root, mask_root = root / "images" / sub, root / "annotations" / sub
         images = _images_in(image_root)
         samples = _pair(images, image_root, mask_root, lambda p: p.stem + ".png")
-        labels = _read_classes(root) or LabelSpace(
-            [f"class_{i}" for i in range(150)], [tuple(int(v) for v in c) for c in _default_palette(150)]
-        )
+        labels = _read_classes(root) or LabelSpace(list(ADE20K_CLASSES), list(ADE20K_PALETTE))
         labels.reduce_zero_label = True
-        layout = "ade20k"
-    elif (root / "leftImg8bit").is_dir():
+    elif layout == "cityscapes":
         image_root, mask_root = root / "leftImg8bit" / split, root / "gtFine" / split
         images = sorted(p for p in image_root.rglob("*_leftImg8bit.png"))
         samples = _pair(images, image_root, mask_root, lambda p: p.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png"))
         labels = LabelSpace(list(CITYSCAPES_CLASSES), list(CITYSCAPES_PALETTE))
-        layout = "cityscapes"
-    elif (root / "images").is_dir():
+    elif layout == "generic":
         image_root = root / "images" / split if (root / "images" / split).is_dir() else root / "images"
         mask_root = root / "masks" / image_root.relative_to(root / "images")
         images = _images_in(image_root)
         samples = _pair(images, image_root, mask_root, lambda p: p.stem + ".png")
-        labels = _read_classes(root)
-        if labels is None:
+        classes = _read_classes(root)
+        if classes is None:
             raise DataError(f"{root}: generic layout without classes.json; add one with \"classes\" (and \"palette\")")
-        layout = "generic"
+        labels = classes
     else:
         raise DataError(
             f"{root}: unknown data layout; expected ADE20K (images/training, annotations/training), "
@@ -158,6 +185,45 @@ def find_samples(root: Path, split: str) -> tuple[list[Sample], LabelSpace, str]
     return samples, labels, layout
 
 
+def find_images(root: Path) -> list[Sample]:
+    """Every image under ``root`` (recursively, sorted; hidden files and folders skipped), without masks.
+
+    Raises:
+        DataError: ``root`` is not a folder, or holds no image (``.jpg``, ``.png``, ...).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such data folder")
+    images = [p for p in _images_in(root) if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    if not images:
+        raise DataError(
+            f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in it and its subfolders) "
+            "and no ADE20K, Cityscapes or images/+masks/ layout"
+        )
+    return [Sample(p, None) for p in images]
+
+
+def glob_images(pattern: str) -> list[Sample]:
+    """The image files a glob pattern matches (``photos/*.jpg``, ``shots/**/*.png``), sorted, without masks.
+
+    Raises:
+        DataError: the pattern matches no image file.
+    """
+    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    images = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        found = f"{len(matches)} matches, none an image ({', '.join(IMAGE_SUFFIXES)})" if matches else "no matches"
+        raise DataError(f"{pattern}: the pattern matches no image files ({found})")
+    if len(images) < len(matches):
+        logger.info("%s: skipped %d matches that are not image files", pattern, len(matches) - len(images))
+    return [Sample(p, None) for p in images]
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "val"):
+        raise DataError(f"unknown split {split!r}; choose train or val")
+
+
 def _read_classes(root: Path) -> LabelSpace | None:
     path = root / "classes.json"
     if not path.is_file():
@@ -165,15 +231,9 @@ def _read_classes(root: Path) -> LabelSpace | None:
     try:
         spec = json.loads(path.read_text())
         classes = [str(c) for c in spec["classes"]]
-        palette = [tuple(int(v) for v in c) for c in spec.get("palette") or _default_palette(len(classes))]
+        palette = [tuple(int(v) for v in c) for c in spec.get("palette") or palette_for(classes)]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a valid classes file ({exc}); expected {{\"classes\": [...], \"palette\": [...]}}") from exc
     if len(palette) != len(classes):
         raise DataError(f"{path}: {len(classes)} classes but {len(palette)} palette colours")
     return LabelSpace(classes, palette)  # type: ignore[arg-type]
-
-
-def _default_palette(n: int) -> list[tuple[int, int, int]]:
-    from ..model import default_palette
-
-    return default_palette(n)

@@ -160,7 +160,7 @@ def select_calibration_set(
     if num_images < 1:
         raise DataError(f"--num-images {num_images}: zero calibration images; use at least 1")
     source = open_source(data, "train")
-    has_masks = getattr(source, "has_masks", True)
+    has_masks = source.has_masks
     if has_masks and source.labels.num_classes != num_classes:
         raise DataError(f"{data}: the data has {source.labels.num_classes} classes but the model has {num_classes}")
     if not has_masks and labeler is None:

@@ -333,7 +333,7 @@ def open_verify_data(data: str | None, model: Any) -> tuple[Any, str, bool]:
 
     spec = data or "synthetic"
     source = open_source(spec, "val")
-    has_masks = getattr(source, "has_masks", True)
+    has_masks = source.has_masks
     if has_masks and source.labels.num_classes != model.config.num_classes:
         if data is not None:
             raise DataError(f"{data}: the data has {source.labels.num_classes} classes but the model has {model.config.num_classes}")

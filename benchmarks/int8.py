@@ -18,6 +18,7 @@ from segformer_edge.calibration.calibset import select_calibration_set
 from segformer_edge.calibration.sensitivity import analyse, budget_policy
 from segformer_edge.converters.base import ExportOptions, tool_versions
 from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, verify_artifact
+
 from segformer_edge.weights import builtin_checkpoint, load_pretrained
 
 HERE = Path(__file__).parent

@@ -17,11 +17,12 @@ import datetime
 import json
 from pathlib import Path
 
-from segformer_edge.cli.bench import _markdown, _plot
+from segformer_edge.calibration.calibset import select_calibration_set
 from segformer_edge.converters.base import ExportOptions, tool_versions
 from segformer_edge.converters.bench import bench_paired, machine_info
-from segformer_edge.calibration.calibset import select_calibration_set
 from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact
+
+from segformer_edge.cli.bench import _markdown, _plot
 from segformer_edge.weights import builtin_checkpoint, load_pretrained
 
 HERE = Path(__file__).parent

@@ -25,7 +25,6 @@ from segformer_edge.inputs import INPUT_KINDS, LAYOUTS, InputSpec
 
 if TYPE_CHECKING:
     import torch
-
     from segformer_edge.calibration.spec import QuantSpec
 
 __all__ = [
@@ -34,6 +33,7 @@ __all__ = [
     "Artifact",
     "ArtifactError",
     "ExportOptions",
+    "ExportPlan",
     "Runner",
     "Target",
     "conversion_error",
@@ -129,6 +129,21 @@ class ExportOptions:
         """What the traced graph takes (an image input is traced as 0..1 RGB: the runtime scales by 1/255)."""
         kind = "rgb01" if self.image_input else self.input_kind
         return InputSpec(self.size, meta.mean, meta.std, kind=kind, layout=self.layout, dynamic=self.dynamic)
+
+
+@dataclass
+class ExportPlan:
+    """Everything decided before any conversion runs: what :meth:`Target.convert` is given."""
+
+    target: Target
+    options: ExportOptions
+    quant: QuantSpec | None  # None for float exports; the method is resolved for this target
+    target_options: dict[str, str]  # this target's own options, defaults filled in
+    folder: Path  # where the artifact lands
+    input: InputSpec  # what the artifact takes
+    graph_input: InputSpec  # what the traced graph takes
+    meta: Any  # the model's ModelMeta: class names, palette, normalisation
+    variant: str
 
 
 @dataclass
@@ -266,9 +281,12 @@ class Target:
         quantized = pt2e_quantize(module, example, wrapped, inputs, fold_quantize=self.fold_quantize)
         return quantized, {"quantizer": type(quantizer).__name__, "ops_by_group": count_quantized_ops(quantized)}
 
-    def convert(self, module: torch.nn.Module, example: torch.Tensor, options: ExportOptions, path: Path,
-                quant: QuantSpec | None, target_options: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-        """Write the model file at ``path``; return manifest fields read back from what was written."""
+    def convert(self, module: torch.nn.Module, example: torch.Tensor, path: Path, plan: ExportPlan) -> dict[str, Any]:
+        """Write the model file at ``path``; return manifest fields read back from what was written.
+
+        ``module`` is the float graph (or the quantized one, for targets with a PT2E quantizer); ``plan``
+        holds the options, the quantization spec (targets without a PT2E quantizer quantize here), this
+        target's own options and the model's metadata."""
         raise NotImplementedError
 
     # -- run -----------------------------------------------------------------------------------------

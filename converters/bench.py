@@ -134,9 +134,8 @@ def _measure_artifact(path: str, threads: int, warmup: int, runs: int, compute_u
 def _measure_torch(checkpoint: str | None, size: list[int], threads: int, warmup: int, runs: int) -> dict[str, Any]:
     import torch
 
-    from segformer_edge.weights import builtin_checkpoint, load_pretrained
-
     from segformer_edge.inputs import InputSpec
+    from segformer_edge.weights import builtin_checkpoint, load_pretrained
 
     torch.set_num_threads(threads)
     start = time.perf_counter()

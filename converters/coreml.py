@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import EDGE_FEATURES, Artifact, ExportOptions, Target
+from .base import EDGE_FEATURES, Artifact, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -72,7 +72,10 @@ class CoreMLTarget(Target):
         """W8A8 made on the torch side (coremltools' activation calibration needs macOS): PT2E with Core ML's
         quantizer, symmetric int8 weights and uint8 activations."""
         import torch
-        from coremltools.optimize.torch.quantization.quantization_config import LinearQuantizerConfig, QuantizationScheme
+        from coremltools.optimize.torch.quantization.quantization_config import (
+            LinearQuantizerConfig,
+            QuantizationScheme,
+        )
         from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
 
         config = LinearQuantizerConfig.from_dict({
@@ -81,18 +84,18 @@ class CoreMLTarget(Target):
         })  # fmt: skip
         return CoreMLQuantizer(config)
 
-    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import coremltools as ct
         import torch
 
-        meta, variant = module.model.meta, module.model.config.variant
+        meta, variant, options = plan.meta, plan.variant, plan.options
         program = torch.export.export(module, (example.float(),)).run_decompositions({})
         if options.image_input:
             inputs = [ct.ImageType(name="x", shape=tuple(example.shape), scale=1.0 / 255.0, color_layout=ct.colorlayout.RGB)]
         else:
             inputs = [ct.TensorType(name="x", shape=tuple(example.shape), dtype=np.float32)]
         precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
-        target = ct.target.iOS17 if quant is not None else ct.target.iOS16
+        target = ct.target.iOS17 if plan.quant is not None else ct.target.iOS16
         model = ct.convert(
             program, convert_to="mlprogram", inputs=inputs, outputs=[ct.TensorType(name="out")],
             compute_precision=precision, minimum_deployment_target=target,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Artifact, ExportOptions, Target
+from .base import Artifact, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -104,12 +104,12 @@ class ExecuTorchTarget(Target):
         config = get_symmetric_quantization_config(is_per_channel=quant.weights == "per_channel")
         return XNNPACKQuantizer().set_global(config).set_module_type(DecomposedLayerNorm, None)
 
-    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import torch
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
-        if options.precision == "fp16":
+        if plan.options.precision == "fp16":
             module = _HalfCompute(module)
         program = torch.export.export(module, (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])

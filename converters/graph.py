@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segformer_edge.model import EfficientSelfAttention, SegFormer
-
 from segformer_edge.inputs import InputSpec
+from segformer_edge.model import EfficientSelfAttention, SegFormer
 
 __all__ = [
     "DecomposedLayerNorm",
@@ -32,7 +31,6 @@ class EdgeModule(nn.Module):
     def __init__(self, model: SegFormer, spec: InputSpec, output: str = "logits") -> None:
         super().__init__()
         self.model = model
-        self.spec = spec
         self.input_kind = spec.kind
         self.output = output
         self.nhwc = spec.layout == "nhwc"

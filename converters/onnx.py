@@ -14,10 +14,11 @@ import numpy as np
 
 from segformer_edge.errors import ExportError
 
-from .base import EDGE_FEATURES, Artifact, ExportOptions, Target
+from .base import EDGE_FEATURES, Artifact, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
+
     from segformer_edge.inputs import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -51,11 +52,12 @@ class OnnxTarget(Target):
     runtime_modules = ("onnxruntime",)
     extra = "runtime"
 
-    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import onnx
         import torch
         from torch.export import Dim
 
+        options = plan.options
         dynamic = None
         if options.dynamic:
             hd, wd = (1, 2) if options.layout == "nhwc" else (2, 3)
@@ -68,8 +70,8 @@ class OnnxTarget(Target):
         if options.precision == "fp16":
             model = _to_fp16(model)
         onnx.checker.check_model(model, full_check=True)
-        if quant is not None:
-            return self._quantize_static(model, path, quant, module.spec)
+        if plan.quant is not None:
+            return self._quantize_static(model, path, plan.quant, plan.graph_input)
         onnx.save_model(model, str(path))
         return {"onnx": read_back(path)}
 
@@ -78,7 +80,13 @@ class OnnxTarget(Target):
         import tempfile
 
         import onnx
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         calib = quant.require_calibration(self.name)

@@ -25,11 +25,10 @@ from segformer_edge.errors import CheckpointError, DataError, ExportError, Segfo
 from segformer_edge.inputs import InputSpec
 
 from . import get_target
-from .base import MANIFEST_FORMAT, Artifact, ExportOptions, Target, conversion_error, file_sha256, read_manifest
+from .base import MANIFEST_FORMAT, Artifact, ExportOptions, ExportPlan, conversion_error, file_sha256, read_manifest
 
 if TYPE_CHECKING:
     import torch
-
     from segformer_edge.calibration.spec import QuantSpec
 
 __all__ = [
@@ -99,20 +98,8 @@ def checkpoint_digest(path: Path) -> str:
 # The steps
 
 
-@dataclass
-class ExportPlan:
-    """Everything decided before any conversion runs."""
-
-    target: Target
-    options: ExportOptions
-    quant: QuantSpec | None
-    target_options: dict[str, str]
-    folder: Path
-    input: InputSpec  # what the artifact takes
-    graph_input: InputSpec  # what the traced graph takes
-
-
-def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: str | Path, quant: QuantSpec | None) -> ExportPlan:
+def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: str | Path, quant: QuantSpec | None,
+                *, check_calibration: bool = True) -> ExportPlan:  # fmt: skip
     """Validate the options against the target (a clear error for what it cannot honour)."""
     target = get_target(target_name)
     if options.precision != "int8":
@@ -121,14 +108,14 @@ def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: s
         quant = quant.with_(method=target.default_method)
     if options.precision == "int8" and quant is None:
         raise ExportError(f"{target_name}: int8 needs a quantization spec with a calibration set")
-    if quant is not None and quant.scheme == "static":
+    if quant is not None and quant.scheme == "static" and check_calibration:
         calib = quant.require_calibration(target_name)
         if calib.size != tuple(options.size):
             raise DataError(f"calibration images are {calib.size[0]}x{calib.size[1]} but the export is {options.size[0]}x{options.size[1]}")
     target_options = target.plan(options, quant)
     folder = Path(out_dir) / artifact_name(model.config.variant, target_name, options)
-    return ExportPlan(target, options, quant, target_options, folder,
-                      options.input_spec(model.meta, target.integer_input), options.graph_spec(model.meta))  # fmt: skip
+    return ExportPlan(target, options, quant, target_options, folder, options.input_spec(model.meta, target.integer_input),
+                      options.graph_spec(model.meta), model.meta, model.config.variant)  # fmt: skip
 
 
 def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -174,7 +161,7 @@ def lower(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan, path
 
     try:
         with torch.no_grad():
-            return plan.target.convert(module, example, plan.options, path, plan.quant, plan.target_options)
+            return plan.target.convert(module, example, path, plan)
     except SegformerEdgeError:
         raise
     except Exception as exc:  # noqa: BLE001 - every converter failure becomes one clear error

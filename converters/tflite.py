@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Artifact, ArtifactError, ExportOptions, Target
+from .base import Artifact, ArtifactError, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -151,17 +151,18 @@ class TFLiteTarget(Target):
         config = get_symmetric_quantization_config(is_per_channel=quant.weights == "per_channel", is_dynamic=False)
         return PT2EQuantizer().set_global(config)
 
-    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import litert_torch
 
-        if quant is not None:
+        if plan.quant is not None:
             from litert_torch.quantize.quant_config import QuantConfig
 
-            edge = litert_torch.convert(module, (example,), quant_config=QuantConfig(pt2e_quantizer=self.pt2e_quantizer(quant)))
+            quant_config = QuantConfig(pt2e_quantizer=self.pt2e_quantizer(plan.quant))
+            edge = litert_torch.convert(module, (example,), quant_config=quant_config)
         else:
             edge = litert_torch.convert(module, (example,))
         edge.export(str(path))
-        if options.precision == "fp16":
+        if plan.options.precision == "fp16":
             from ai_edge_quantizer import quantizer
 
             qt = quantizer.Quantizer(str(path), _FP16_RECIPE)

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError
-from .io import atomic_path
 from .hub import resolve_model_path
+from .io import atomic_path
 from .model import ModelMeta, SegFormer, SegFormerConfig, match_variant, variant_config
 from .palettes import palette_for
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import folder_snapshot, run_cli
-
-from segformer_edge import load_pretrained, save_checkpoint
 from segformer_edge.converters.base import ExportOptions, file_sha256, read_manifest
 from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+
+from segformer_edge import load_pretrained, save_checkpoint
 from segformer_edge.errors import ExportError
 from segformer_edge.model import SegFormer, SegFormerConfig
 from segformer_edge.weights import builtin_checkpoint

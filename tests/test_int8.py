@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, folder_snapshot, run_cli
+from segformer_edge.calibration.calibset import CalibrationSet, select_calibration_set
+from segformer_edge.calibration.spec import LAYER_GROUPS, QuantSpec
+from segformer_edge.converters.base import ExportOptions
+from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, quantized_predictor
 
 from segformer_edge import save_checkpoint
-from segformer_edge.calibration.calibset import CalibrationSet, select_calibration_set
-from segformer_edge.converters.base import ExportOptions
-from segformer_edge.calibration.spec import LAYER_GROUPS, QuantSpec
-from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, quantized_predictor
 from segformer_edge.errors import DataError
 from segformer_edge.model import SegFormer, SegFormerConfig
 from segformer_edge.train import TrainConfig, Trainer

@@ -104,6 +104,7 @@ def export(
     h, w = check_size(size, model.meta.input_size)
     options = ExportOptions(precision=precision, size=(h, w), input_kind=input_kind, output=output, layout=layout,
                             dynamic=dynamic, image_input=image_input, target_options=_target_options(target_option))  # fmt: skip
+    _plan_all(model, names, options, out, method)  # every target refuses what it cannot honour before any work
     quant = _quant_spec(model, path, options, data, calibration, calibration_images, method, budget)
     rows = []
     with step_progress() as progress:
@@ -122,6 +123,16 @@ def export(
     codes = [r.get("exit_code", 0) for r in rows]
     if any(codes):
         sys.exit(max(codes))
+
+
+def _plan_all(model: Any, names: list[str], options: Any, out: Path, method: str) -> None:
+    """Check the options against every chosen target first: one clear error, nothing converted or written."""
+    from segformer_edge.calibration.spec import QuantSpec
+    from segformer_edge.converters.pipeline import plan_export
+
+    quant = QuantSpec(method=method) if options.precision == "int8" else None
+    for name in names:
+        plan_export(model, name, options, out, quant, check_calibration=False)
 
 
 def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, budget: float | None, out: Path,

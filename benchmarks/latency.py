@@ -17,16 +17,16 @@ import datetime
 import json
 from pathlib import Path
 
-from segformer_edge.calibration.calibset import select_calibration_set
+from segformer_edge.calibration.spec import QuantSpec
+from segformer_edge.converters import get_target, target_names
 from segformer_edge.converters.base import ExportOptions, tool_versions
 from segformer_edge.converters.bench import bench_paired, machine_info
-from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact
+from segformer_edge.converters.pipeline import calibration_for, export_artifact
 
 from segformer_edge.cli.bench import _markdown, _plot
 from segformer_edge.weights import builtin_checkpoint, load_pretrained
 
 HERE = Path(__file__).parent
-TARGETS = ("executorch", "tflite", "onnx", "coreml")
 
 
 def main() -> None:
@@ -42,12 +42,14 @@ def main() -> None:
     ckpt = builtin_checkpoint()
     model = load_pretrained(ckpt)
     size = (512, 512)
-    calib = select_calibration_set("synthetic", 32, size, model.config.num_classes, checkpoint_sha256=checkpoint_digest(ckpt))
+    quant = QuantSpec(calibration=calibration_for(model, ckpt, size, num_images=32))
     folders, agreement = [], {}
     for precision in args.precisions.split(","):
-        for target in TARGETS:
+        for target in target_names(in_all=True):
+            if precision not in get_target(target).precisions:
+                continue
             artifact, report = export_artifact(model, target, ExportOptions(precision=precision, size=size), args.out,
-                                               checkpoint=ckpt, verify_images=2, calibration=calib)  # fmt: skip
+                                               checkpoint=ckpt, verify_images=2, quant=quant)  # fmt: skip
             folders.append(artifact.folder)
             agreement[str(artifact.folder)] = report["pixel_agreement"] if report else None
     records = bench_paired(folders, [args.threads], warmup=args.warmup, runs=args.runs, rounds=args.rounds,
@@ -59,7 +61,7 @@ def main() -> None:
         print(json.dumps(record))
     (HERE / "latency.json").write_text(json.dumps(records, indent=2) + "\n")
     _plot(records, HERE / "latency.png")
-    versions = tool_versions("executorch", "litert-torch", "ai-edge-litert", "coremltools", "onnx", "onnxruntime")
+    versions = tool_versions(*dict.fromkeys(p for name in target_names(in_all=True) for p in get_target(name).tools))
     machine = machine_info()
     lines = [
         "# Latency: SegFormer-B0, 512x512, batch 1",

@@ -83,6 +83,7 @@ class CalibrationSet:
         """What a manifest records of the set: where it came from and its hash, not its images."""
         covered = sum(1 for v in self.coverage.values() if v > 0)
         return {"sha256": self.sha256, "data": self.data, "images": len(self.images), "size": list(self.size),
+                "seed": self.seed, "method": self.method,
                 "masks_from": self.masks_from, "classes_covered": covered, "classes": len(self.coverage),
                 "checkpoint_sha256": self.checkpoint_sha256}  # fmt: skip
 

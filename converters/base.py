@@ -62,7 +62,9 @@ FEATURES = {
     "output:mask": "--output mask",
     "dynamic": "--dynamic",
     "image_input": "--image-input",
+    "taps": "verify --layers (a debug graph with the stage outputs as extra outputs)",
 }
+TAPS = ("stage1", "stage2", "stage3", "stage4", "fused")  # the extra outputs of a debug (--layers) graph
 EDGE_FEATURES = frozenset({"nhwc", "input:rgb01", "input:uint8", "output:mask"})
 
 
@@ -90,6 +92,7 @@ class ExportOptions:
     dynamic: bool = False
     image_input: bool = False
     target_options: dict[str, str] = field(default_factory=dict)
+    taps: bool = False  # a debug graph: the stage outputs and the fused decoder feature as extra outputs
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -116,6 +119,8 @@ class ExportOptions:
             asked.add("dynamic")
         if self.image_input:
             asked.add("image_input")
+        if self.taps:
+            asked.add("taps")
         return asked
 
     def input_spec(self, meta: Any, integer_input: bool = True) -> InputSpec:
@@ -173,7 +178,11 @@ class Artifact:
 
 
 class Runner(Protocol):
-    """Runs an artifact: a numpy batch in the manifest's input layout -> numpy outputs."""
+    """Runs an artifact: a numpy batch in the manifest's input layout -> its (first) output.
+
+    Runners of targets with the ``taps`` feature also have ``run(x) -> list[np.ndarray]``: every output, in
+    the graph's order (the main output, then the taps).
+    """
 
     executor: str
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import EDGE_FEATURES, Artifact, ExportPlan, Target
+from .base import EDGE_FEATURES, TAPS, Artifact, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -31,6 +31,7 @@ class CoreMLRunner:
         if compute_units not in COMPUTE_UNITS:
             raise ValueError(f"--compute-units {compute_units}: choose one of {', '.join(COMPUTE_UNITS)}")
         self.output_name = "out"
+        self.output_names = ["out", *artifact.manifest["output"].get("taps", [])]
         self.input_name = "x"
         self.image_input = bool(artifact.manifest.get("coreml", {}).get("image_input"))
         if platform.system() == "Darwin" and not force_reference:
@@ -46,6 +47,13 @@ class CoreMLRunner:
 
             self.program = MilProgram(artifact.file)
             self.executor = "mil-reference-executor (numpy)"
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        if self.program is not None:
+            outs = self.program(**{self.input_name: x})
+        else:  # pragma: no cover - macOS only
+            outs = self.model.predict({self.input_name: x})
+        return [np.asarray(outs[name]) for name in self.output_names]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.program is not None:
@@ -63,7 +71,7 @@ class CoreMLTarget(Target):
     suffix = ".mlpackage"
     summary = "Core ML ML program (iOS, macOS); checked off macOS by a numpy MIL executor"
     precisions = ("fp32", "fp16", "int8")
-    features = EDGE_FEATURES | {"image_input"}
+    features = EDGE_FEATURES | {"image_input", "taps"}
     tools = ("coremltools",)
     runtime_modules = ("coremltools",)
     integer_input = False  # Core ML multi-arrays have no uint8: 0..255 values come in as float32
@@ -97,7 +105,8 @@ class CoreMLTarget(Target):
         precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
         target = ct.target.iOS17 if plan.quant is not None else ct.target.iOS16
         model = ct.convert(
-            program, convert_to="mlprogram", inputs=inputs, outputs=[ct.TensorType(name="out")],
+            program, convert_to="mlprogram", inputs=inputs,
+            outputs=[ct.TensorType(name=n) for n in ("out", *(TAPS if options.taps else ()))],
             compute_precision=precision, minimum_deployment_target=target,
         )  # fmt: skip
         model.short_description = f"SegFormer-{variant.upper()} semantic segmentation ({options.output})"

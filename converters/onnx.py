@@ -14,7 +14,7 @@ import numpy as np
 
 from segformer_edge.errors import ExportError
 
-from .base import EDGE_FEATURES, Artifact, ExportPlan, Target
+from .base import EDGE_FEATURES, TAPS, Artifact, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -36,8 +36,11 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(artifact.file), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input_name: x})
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+        return self.run(x)[0]
 
 
 class OnnxTarget(Target):
@@ -45,7 +48,7 @@ class OnnxTarget(Target):
     suffix = ".onnx"
     summary = "ONNX (dynamo exporter), run by ONNX Runtime (x86 and Arm CPUs, any ORT provider)"
     precisions = ("fp32", "fp16", "int8")
-    features = EDGE_FEATURES | {"dynamic"}
+    features = EDGE_FEATURES | {"dynamic", "taps"}
     quant_methods = ("minmax", "moving_average", "percentile", "entropy")  # ONNX Runtime's calibrators
     default_method = "entropy"
     tools = ("onnx", "onnxruntime", "onnxscript")
@@ -62,8 +65,9 @@ class OnnxTarget(Target):
         if options.dynamic:
             hd, wd = (1, 2) if options.layout == "nhwc" else (2, 3)
             dynamic = {"x": {hd: Dim("H", min=64, max=4096), wd: Dim("W", min=64, max=4096)}}
+        outputs = ["out", *(TAPS if options.taps else ())]
         program = torch.onnx.export(
-            module, (example,), dynamo=True, dynamic_shapes=dynamic, input_names=["x"], output_names=["out"],
+            module, (example,), dynamo=True, dynamic_shapes=dynamic, input_names=["x"], output_names=outputs,
             optimize=True, verbose=False,
         )  # fmt: skip
         model = program.model_proto

@@ -25,7 +25,16 @@ from segformer_edge.errors import CheckpointError, DataError, ExportError, Segfo
 from segformer_edge.inputs import InputSpec
 
 from . import get_target
-from .base import MANIFEST_FORMAT, Artifact, ExportOptions, ExportPlan, conversion_error, file_sha256, read_manifest
+from .base import (
+    MANIFEST_FORMAT,
+    TAPS,
+    Artifact,
+    ExportOptions,
+    ExportPlan,
+    conversion_error,
+    file_sha256,
+    read_manifest,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +95,8 @@ def artifact_name(variant: str, target: str, options: ExportOptions) -> str:
         parts.append("dynamic")
     if options.image_input:
         parts.append("image")
+    if options.taps:
+        parts.append("taps")
     parts += [f"{k}-{v}" for k, v in sorted(options.target_options.items())]
     return "_".join(parts)
 
@@ -126,7 +137,7 @@ def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor
 
     if plan.quant is not None:
         model = fold_batch_norm(model)  # the quantizers see conv + bias, not conv + BatchNorm
-    module = plan.target.prepare(EdgeModule(model, plan.graph_input, plan.options.output).eval()).eval()
+    module = plan.target.prepare(EdgeModule(model, plan.graph_input, plan.options.output, plan.options.taps).eval()).eval()
     shape = plan.graph_input.shape
     example = torch.randint(0, 256, shape, dtype=torch.uint8) if plan.graph_input.kind == "uint8" else torch.rand(shape)
     return module, example
@@ -186,7 +197,8 @@ def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowere
         "class_names": list(meta.class_names),
         "palette": [list(c) for c in meta.palette],
         "input": plan.input.to_manifest(),
-        "output": {"kind": options.output, "shape": out_shape, "dtype": "int32" if options.output == "mask" else "float32"},
+        "output": {"kind": options.output, "shape": out_shape, "dtype": "int32" if options.output == "mask" else "float32",
+                   **({"taps": list(TAPS)} if options.taps else {})},
         "target_options": plan.target_options,
         "quantization": None,
         "checkpoint": {"name": checkpoint.name if checkpoint else None,
@@ -228,6 +240,7 @@ def export_artifact(
     thresholds: Thresholds | None = None,
     on_step: Callable[[str], None] | None = None,
     capture_output: bool = True,
+    layers: bool = False,
 ) -> tuple[Artifact, dict[str, Any] | None]:
     """Convert ``model`` for one target into ``out_dir/<name>/`` and verify parity before it lands.
 
@@ -235,7 +248,8 @@ def export_artifact(
     only when every step succeeded; a failed step or parity check leaves any earlier artifact as it was and
     keeps what was built as ``<name>.failed/`` (with its ``export.log``). ``on_step`` hears each step's
     name. With ``capture_output`` the converters' and runtimes' output goes to ``export.log`` in the
-    artifact folder, not to the terminal.
+    artifact folder, not to the terminal. ``layers`` adds the per-tap comparison (verify --layers) to the
+    manifest's parity block.
     """
     from segformer_edge.io import atomic_path
     from segformer_edge.logs import OutputCapture
@@ -271,7 +285,8 @@ def export_artifact(
                 else:
                     step("verify")
                     artifact.write_manifest()  # verify reads the artifact back from disk, as a user would
-                    report = verify_artifact(tmp, model=model, data=verify_data, num_images=verify_images, thresholds=thresholds)
+                    report = verify_artifact(tmp, model=model, checkpoint=checkpoint, data=verify_data, num_images=verify_images,
+                                             thresholds=thresholds, layers=layers)  # fmt: skip
                     manifest["parity"] = {"status": "passed" if report["passed"] else "failed", **report}
                 step("record")
                 artifact.write_manifest()
@@ -346,8 +361,15 @@ def verify_artifact(
     num_images: int = 8,
     thresholds: Thresholds | None = None,
     runner: Any | None = None,
+    layers: bool = False,
+    report_dir: Path | None = None,
+    calibration: Path | None = None,
 ) -> dict[str, Any]:
     """Run an artifact and the float model on the same images and compare them.
+
+    ``layers``: also compare the stage outputs of a debug graph of the same recipe (``report["layers"]``,
+    see :func:`.debug.layer_report`; ``calibration`` is the set an int8 artifact was made with, when it
+    cannot be picked again). ``report_dir``: write the per-image PNGs and report.md / report.json there.
 
     Returns ``max_abs_diff``, ``cosine``, ``psnr_db`` (logits artifacts), ``nonfinite`` (NaN/inf outputs),
     ``pixel_agreement``, agreement mIoU and per-class IoU of the artifact's masks against the float model's,
@@ -373,6 +395,7 @@ def verify_artifact(
     cm_agree, cm_float, cm_art = ConfusionMatrix(k), ConfusionMatrix(k), ConfusionMatrix(k)
     diffs, dots, norms_a, norms_b, sq_err, peak = [], 0.0, 0.0, 0.0, 0.0, 0.0
     agree, total, elements, nonfinite = 0, 0, 0, 0
+    items: list[dict[str, Any]] = []
     for i in range(n):
         image, mask = source.load(i)
         image, mask = spec.resize(image, mask)
@@ -398,6 +421,12 @@ def verify_artifact(
             elements += ref.size
         agree += int((out_mask == ref_mask).sum())
         total += out_mask.size
+        if report_dir is not None:
+            one = ConfusionMatrix(k)
+            one.update(np.where(out_mask < 0, 0, out_mask), ref_mask)
+            items.append({"name": source.item_name(i), "image": image, "float_mask": ref_mask[0], "artifact_mask": out_mask[0],
+                          "agreement": float((out_mask == ref_mask).mean()),
+                          "per_class_iou": one.metrics(list(manifest["class_names"]))["per_class_iou"]})  # fmt: skip
         cm_agree.update(np.where(out_mask < 0, 0, out_mask), ref_mask)
         if has_masks:
             cm_float.update(ref_mask, mask)
@@ -416,7 +445,7 @@ def verify_artifact(
         "psnr_db": 10 * float(np.log10(peak**2 / max(sq_err / elements, 1e-30))) if diffs else None,
         "pixel_agreement": agree / total,
         "agreement_miou": agreement["miou"],
-        "agreement_per_class_iou": {name: iou for name, iou in agreement["per_class_iou"].items() if iou == iou},
+        "agreement_per_class_iou": {name: iou for name, iou in agreement["per_class_iou"].items() if iou is not None},
         "miou_float": cm_float.metrics()["miou"] if has_masks else None,
         "miou_artifact": cm_art.metrics()["miou"] if has_masks else None,
     }
@@ -424,7 +453,17 @@ def verify_artifact(
         report["miou_drop_points"] = 100 * (report["miou_float"] - report["miou_artifact"])
     else:  # no labels: the drop is measured against the float model's own masks (its mIoU there is 100%)
         report["miou_drop_points"] = 100 * (1.0 - report["agreement_miou"])
-    return _judge(report, thresholds or DEFAULT_THRESHOLDS[manifest["precision"]])
+    report = _judge(report, thresholds or DEFAULT_THRESHOLDS[manifest["precision"]])
+    if layers:
+        from .debug import layer_report
+
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        report["layers"] = layer_report(path, model, checkpoint=ckpt, data=data, num_images=min(n, 4), calibration=calibration)
+    if report_dir is not None:
+        from .debug import write_visual_report
+
+        report["report_dir"] = str(write_visual_report(Path(report_dir), items, report, manifest["palette"], report.get("layers")))
+    return report
 
 
 def _nonfinite_reach(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:

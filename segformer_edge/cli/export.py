@@ -92,6 +92,7 @@ def export(
     calibration_images: Annotated[int, typer.Option(min=1, help="int8 without --calibration: images to calibrate on.")] = 32,
     method: Annotated[str, typer.Option(help="int8 activation ranges: auto, minmax, moving_average, percentile, mse or entropy (ONNX).")] = "auto",
     budget: Annotated[float | None, typer.Option(help="int8: keep the most sensitive layer groups in float until the mIoU drop, measured with each target's quantizer, is within POINTS.")] = None,
+    layers: Annotated[bool, typer.Option("--layers", help="Parity per stage too (verify --layers), recorded in the manifest.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     from segformer_edge.converters.base import ExportOptions
@@ -110,7 +111,8 @@ def export(
     with step_progress() as progress:
         for name in names:
             try:
-                rows.append(_export_one(model, path, name, options, quant, budget, out, data, verify, verify_images, progress))
+                rows.append(_export_one(model, path, name, options, quant, budget, out, data, verify, verify_images, progress,
+                                        layers))  # fmt: skip
             except SegformerEdgeError as exc:
                 if len(names) == 1:
                     raise
@@ -136,7 +138,7 @@ def _plan_all(model: Any, names: list[str], options: Any, out: Path, method: str
 
 
 def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, budget: float | None, out: Path,
-                data: str | None, verify: bool, verify_images: int, progress: Any) -> dict[str, Any]:  # fmt: skip
+                data: str | None, verify: bool, verify_images: int, progress: Any, layers: bool) -> dict[str, Any]:  # fmt: skip
     """Export one target and return its row (a failed parity is a row with exit code 1)."""
     import tempfile
     from dataclasses import replace
@@ -151,7 +153,7 @@ def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, bud
     try:
         artifact, report = export_artifact(model, name, replace(options), out, checkpoint=path, quant=quant,
                                            verify=verify, verify_data=data, verify_images=verify_images, on_step=line,
-                                           capture_output=not STATE["verbose"])  # fmt: skip
+                                           capture_output=not STATE["verbose"], layers=layers)  # fmt: skip
     except ParityFailed as exc:
         line("parity FAILED", done=True)
         return {"target": name, "precision": options.precision, "status": "FAILED", "error": str(exc), "exit_code": 1,
@@ -221,6 +223,9 @@ def verify(
     max_abs_diff: Annotated[float | None, typer.Option(help="Override the max |diff| threshold.")] = None,
     min_pixel_agreement: Annotated[float | None, typer.Option(help="Override the pixel-agreement threshold (0..1).")] = None,
     max_miou_drop: Annotated[float | None, typer.Option(help="Override the allowed mIoU drop (points).")] = None,
+    layers: Annotated[bool, typer.Option("--layers", help="Compare the stage outputs too, in a debug graph of the same recipe, and name the first that diverges.")] = False,
+    report: Annotated[Path | None, typer.Option("--report", help="Write per-image PNGs (input, float, artifact, disagreement), report.md and report.json here.")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="--layers on int8: the calibration folder the artifact was made with (default: pick it again).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     from dataclasses import replace
@@ -233,9 +238,11 @@ def verify(
     overrides = {"max_abs_diff": max_abs_diff, "pixel_agreement": min_pixel_agreement, "miou_drop": max_miou_drop}
     limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     ckpt = resolve_checkpoint(checkpoint) if checkpoint is not None else None
-    report = verify_artifact(artifact, checkpoint=ckpt, data=data, num_images=num_images, thresholds=limits)
+    with err_console.status("verifying ..."):
+        report = verify_artifact(artifact, checkpoint=ckpt, data=data, num_images=num_images, thresholds=limits, layers=layers,
+                                 report_dir=report, calibration=calibration)  # fmt: skip
     if as_json:
-        console.print_json(json.dumps(report))
+        console.print_json(json.dumps(report, default=_json_float))
     else:
         d = report["data"]
         lines = [f"{report['target']} {report['precision']} ({report['executor']}, {report['images']} images of {d['spec']}, "
@@ -246,6 +253,26 @@ def verify(
             lines.append(f"  {key:17s} {'-' if value is None else f'{value:.6g}'}")
         verdict = "passed" if report["passed"] else f"FAILED: {report['failure']}"
         lines.append(f"  {verdict}  (thresholds {report['thresholds']})")
+        if report.get("layers"):
+            lines += _layer_lines(report["layers"])
+        if report.get("report_dir"):
+            lines.append(f"  report: {report['report_dir']}/report.md")
         console.print("\n".join(lines), markup=False)
     if not report["passed"]:
         sys.exit(1)
+
+
+def _json_float(value: Any) -> Any:
+    return str(value)
+
+
+def _layer_lines(layers: dict[str, Any]) -> list[str]:
+    lines = [f"  layers ({layers['images']} images, threshold {layers['threshold_db']} dB):"]
+    for t in layers["taps"]:
+        if "sqnr_db" in t:
+            lines.append(f"    {t['tap']:8s} SQNR {t['sqnr_db']:7.2f} dB  cosine {t['cosine']:.6f}  max|diff| {t['max_abs_diff']:.3g}"
+                         f"  NaN/inf {100 * t['nonfinite_fraction']:.2f}%")  # fmt: skip
+        else:
+            lines.append(f"    {t['tap']:8s} pixel agreement {100 * t['pixel_agreement']:.3f}%")
+    lines.append(f"  first divergent: {layers['first_divergent'] or 'none'}: {layers['conclusion']}")
+    return lines

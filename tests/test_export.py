@@ -269,3 +269,7 @@ def test_executorch_coreml_compiles_off_macos_and_says_so(small_model: SegFormer
         assert report is None and artifact.manifest["parity"] == {"status": "not run: needs macOS", "passed": None}
         with pytest.raises(ArtifactError, match="only on macOS"):
             get_target("executorch-coreml").load(read_manifest(artifact.folder))
+        from segformer_edge.converters.bench import bench_artifact
+
+        record = bench_artifact(artifact.folder, 1, warmup=0, runs=1)  # the same row Core ML gets off macOS
+        assert record["status"] == "needs macOS" and record["target"] == "executorch-coreml"

@@ -83,20 +83,15 @@ class ParityFailed(SegformerEdgeError):
         self.failed = failed
 
 
+# What each asked-for graph-edge feature adds to an artifact's name, in name order.
+_NAME_PARTS = {"output:mask": "mask", "input:rgb01": "rgb01", "input:uint8": "uint8", "nhwc": "nhwc", "dynamic": "dynamic",
+               "image_input": "image", "taps": "taps"}  # fmt: skip
+
+
 def artifact_name(variant: str, target: str, options: ExportOptions) -> str:
+    features = options.features
     parts = [f"segformer-{variant}", target, options.precision]
-    if options.output == "mask":
-        parts.append("mask")
-    if options.input_kind != "normalized":
-        parts.append(options.input_kind)
-    if options.layout == "nhwc":
-        parts.append("nhwc")
-    if options.dynamic:
-        parts.append("dynamic")
-    if options.image_input:
-        parts.append("image")
-    if options.taps:
-        parts.append("taps")
+    parts += [part for feature, part in _NAME_PARTS.items() if feature in features]
     parts += [f"{k}-{v}" for k, v in sorted(options.target_options.items())]
     return "_".join(parts)
 

@@ -129,15 +129,16 @@ _COMPUTE = ("linear", "conv2d", "convolution", "matmul", "bmm", "addmm", "aten.m
 
 
 def count_quantized_ops(graph_module: torch.fx.GraphModule) -> dict[str, dict[str, int]]:
-    """Per layer group: how many compute ops (linear, conv, matmul) take a dequantized int8 input and how
-    many stay float, read from a converted PT2E graph: what the quantizer did, not what was asked of it."""
+    """Per layer group: how many compute ops (linear, conv, matmul) run in int8 (both operands, weight and
+    activation, come out of a dequantize) and how many stay float, read from a converted PT2E graph: what the
+    quantizer did, not what was asked of it."""
     counts = {group: {"quantized": 0, "float": 0} for group in (*LAYER_GROUPS, "other")}
     for node in graph_module.graph.nodes:
         target = str(node.target)
         if node.op != "call_function" or "quantize" in target or not any(name in target for name in _COMPUTE):
             continue
-        source = node.args[0] if node.args else None
-        quantized = isinstance(source, torch.fx.Node) and "dequantize" in str(source.target)
+        operands = node.args[1:3] if "addmm" in target else node.args[:2]
+        quantized = len(operands) == 2 and all(isinstance(a, torch.fx.Node) and "dequantize" in str(a.target) for a in operands)
         group = group_of(_module_path(node)) or "other"
         counts[group]["quantized" if quantized else "float"] += 1
     return {g: c for g, c in counts.items() if c["quantized"] or c["float"]}

@@ -227,8 +227,8 @@ def _nodes_in_groups(path: Path, groups: set[str]) -> list[str]:
 
 
 def ops_by_group(path: Path) -> dict[str, dict[str, int]]:
-    """Per layer group, the compute ops (Conv, MatMul, Gemm) fed by a DequantizeLinear (quantized) or not
-    (float), read from the quantized model itself."""
+    """Per layer group, the compute ops (Conv, MatMul, Gemm) whose two operands (activation and weight) both
+    come out of a DequantizeLinear (int8) or not (float), read from the quantized model itself."""
     import onnx
 
     graph = onnx.load(str(path)).graph
@@ -237,8 +237,8 @@ def ops_by_group(path: Path) -> dict[str, dict[str, int]]:
     for node in graph.node:
         if node.op_type not in _COMPUTE_OPS:
             continue
-        source = producer.get(node.input[0])
-        quantized = source is not None and source.op_type == "DequantizeLinear"
+        sources = [producer.get(name) for name in node.input[:2]]
+        quantized = len(sources) == 2 and all(src is not None and src.op_type == "DequantizeLinear" for src in sources)
         entry = counts.setdefault(_node_group(node) or "other", {"quantized": 0, "float": 0})
         entry["quantized" if quantized else "float"] += 1
     return counts

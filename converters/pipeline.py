@@ -524,8 +524,9 @@ def quantized_predictor(model: Any, target_name: str, options: ExportOptions, qu
         quantized, _ = quantize(module, example, plan)
 
         def predict(images: np.ndarray) -> np.ndarray:
+            batch = plan.graph_input(images)  # (N, 3, H, W); the exported graph takes one image at a time
             with torch.no_grad():
-                logits = quantized(torch.from_numpy(plan.graph_input(images))).numpy()
+                logits = np.concatenate([quantized(torch.from_numpy(batch[i : i + 1])).numpy() for i in range(len(batch))])
             return upsampled_argmax(logits, (h, w))
 
         return predict

@@ -326,7 +326,7 @@ def open_verify_data(data: str | None, model: Any) -> tuple[Any, str, bool]:
     Without ``data``, the built-in synthetic scenes: with their labels where the model has their label
     space, as plain images (the float model's predictions as the reference) otherwise, and the report says so.
     """
-    from segformer_edge.data import open_source, synthetic_labels
+    from segformer_edge.data import open_source
 
     spec = data or "synthetic"
     source = open_source(spec, "val")
@@ -335,8 +335,8 @@ def open_verify_data(data: str | None, model: Any) -> tuple[Any, str, bool]:
         if data is not None:
             raise DataError(f"{data}: the data has {source.labels.num_classes} classes but the model has {model.config.num_classes}")
         has_masks = False
-    if data is None and source.labels.classes != synthetic_labels().classes:
-        has_masks = False
+    if data is None and not uses_builtin_labels(model):
+        has_masks = False  # the scenes' labels mean nothing to a model of other classes: its own predictions do
     usage = "labels" if has_masks else "images only; the float model's predictions are the reference"
     return source, usage, has_masks
 

@@ -186,7 +186,7 @@ def select_calibration_set(
         chosen.append(best)
         for c in present[best]:
             counts[c] += 1
-    names = class_names or source.labels.classes
+    names = class_names or (source.labels.classes if source.labels is not None else [f"class_{c}" for c in range(num_classes)])
     coverage = {names[c]: int(counts[c]) for c in range(num_classes)}
     covered = sum(1 for k in coverage.values() if k)
     if covered < num_classes:

@@ -212,7 +212,7 @@ def write_visual_report(folder: Path, items: list[dict[str, Any]], report: dict[
     from PIL import Image
 
     from segformer_edge.io import atomic_path, atomic_write_text
-    from segformer_edge.predict import colorize
+    from segformer_edge.predict import colorize, disagreement_image
 
     folder.mkdir(parents=True, exist_ok=True)
     colours = [tuple(c) for c in palette]
@@ -220,8 +220,7 @@ def write_visual_report(folder: Path, items: list[dict[str, Any]], report: dict[
     ordered = sorted(items, key=lambda it: it["agreement"])
     for rank, item in enumerate(ordered, 1):
         stem = f"{rank:03d}_{Path(item['name']).stem}"
-        disagreement = np.where((item["float_mask"] != item["artifact_mask"])[..., None], np.array([255, 0, 255], np.uint8),
-                                (item["image"] // 3).astype(np.uint8))  # fmt: skip
+        disagreement = disagreement_image(item["image"], item["float_mask"], item["artifact_mask"])
         pictures = {"input": item["image"], "float": colorize(item["float_mask"].astype(np.uint8), colours),
                     "artifact": colorize(item["artifact_mask"].astype(np.uint8), colours), "diff": disagreement}  # fmt: skip
         for kind, array in pictures.items():

@@ -48,6 +48,7 @@ __all__ = [
     "artifact_name",
     "checkpoint_digest",
     "export_artifact",
+    "load_reference",
     "verify_artifact",
 ]
 
@@ -375,7 +376,7 @@ def verify_artifact(
     artifact = read_manifest(path)
     manifest = artifact.manifest
     if model is None:
-        model = _load_reference(artifact, checkpoint)
+        model = load_reference(artifact, checkpoint)
     if model.config.num_classes != manifest["num_classes"]:
         raise CheckpointError(f"the model has {model.config.num_classes} classes but {artifact.file.name} has {manifest['num_classes']}")
     source, usage, has_masks = open_verify_data(data, model)
@@ -493,7 +494,9 @@ def _judge(report: dict[str, Any], limits: Thresholds) -> dict[str, Any]:
     return report
 
 
-def _load_reference(artifact: Artifact, checkpoint: str | Path | None) -> Any:
+def load_reference(artifact: Artifact, checkpoint: str | Path | None, option: str = "--checkpoint") -> Any:
+    """The float model an artifact was exported from: ``checkpoint`` (default: the built-in model), refused
+    with a CheckpointError naming ``option`` when its sha256 is not the one the manifest records."""
     from segformer_edge.weights import builtin_checkpoint, load_pretrained
 
     ckpt = Path(checkpoint) if checkpoint is not None else builtin_checkpoint()
@@ -501,7 +504,7 @@ def _load_reference(artifact: Artifact, checkpoint: str | Path | None) -> Any:
     if expected and checkpoint_digest(ckpt) != expected:
         raise CheckpointError(
             f"{ckpt}: this is not the checkpoint {artifact.folder.name} was exported from "
-            f"({artifact.manifest['checkpoint'].get('name')}); pass the right --checkpoint"
+            f"({artifact.manifest['checkpoint'].get('name')}); pass the right {option}"
         )
     return load_pretrained(ckpt)
 

@@ -2,6 +2,7 @@
 
 Converters print from Python (warnings, progress bars, ``print``) and from C++ (absl, XNNPACK, cpuinfo)
 straight to file descriptors 1 and 2, so :class:`OutputCapture` redirects the descriptors themselves, and
+``sys.stdout``/``sys.stderr`` (which are not those descriptors in a notebook or under a test's capture),
 Python's logging and warnings with them, into a log file for the duration of one export. The caller's own
 progress lines are written while the capture is paused (:meth:`OutputCapture.paused`).
 """
@@ -16,12 +17,14 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import TextIO
 
 __all__ = ["OutputCapture"]
 
 
 class OutputCapture:
-    """Redirect fds 1 and 2, Python logging (INFO and up) and warnings into ``path`` (appending)."""
+    """Redirect fds 1 and 2, ``sys.stdout``/``sys.stderr``, Python logging (INFO and up) and warnings into
+    ``path`` (appending)."""
 
     def __init__(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
         self.path = Path(path)
@@ -31,12 +34,16 @@ class OutputCapture:
         self._handler: logging.Handler | None = None
         self._root_level = logging.WARNING
         self._warnings: contextlib.ExitStack | None = None
+        self._streams: tuple[TextIO, TextIO] | None = None
+        self._text: TextIO | None = None
 
     def __enter__(self) -> OutputCapture:
         if not self.enabled:
             return self
         self._log = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._saved = (os.dup(1), os.dup(2))
+        self._streams = (sys.stdout, sys.stderr)
+        self._text = open(self._log, "w", closefd=False, buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
         self._redirect()
         root = logging.getLogger()
         self._handler = logging.StreamHandler(open(self._log, "w", closefd=False, buffering=1))  # noqa: SIM115
@@ -58,11 +65,13 @@ class OutputCapture:
         _flush()
         os.dup2(self._log, 1)  # type: ignore[arg-type]
         os.dup2(self._log, 2)  # type: ignore[arg-type]
+        sys.stdout = sys.stderr = self._text  # type: ignore[assignment]
 
     def _restore(self) -> None:
         _flush()
         os.dup2(self._saved[0], 1)  # type: ignore[index]
         os.dup2(self._saved[1], 2)  # type: ignore[index]
+        sys.stdout, sys.stderr = self._streams  # type: ignore[misc]
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -90,6 +99,7 @@ class OutputCapture:
             handler.removeFilter(_drop_all)
         root.setLevel(self._root_level)
         self._restore()
+        self._text.close()  # type: ignore[union-attr]
         for fd in (*self._saved, self._log):
             os.close(fd)  # type: ignore[arg-type]
         self._saved = None

@@ -221,6 +221,10 @@ class Target:
         """Whether this machine can run the target's artifacts (parity is checked only where it can)."""
         return True
 
+    def times_here(self) -> bool:
+        """Whether a latency measured here means anything (False where only a reference executor runs)."""
+        return self.runs_here()
+
     def tool_versions(self) -> dict[str, str]:
         return tool_versions(*self.tools)
 

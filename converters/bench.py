@@ -108,7 +108,7 @@ def _measure_artifact(path: str, threads: int, warmup: int, runs: int, compute_u
         "artifact": str(artifact.folder), "target": artifact.target, "precision": artifact.precision,
         "threads": threads, "size_mb": manifest["size_bytes"] / 1e6,
     }  # fmt: skip
-    if not target.runs_here():
+    if not target.times_here():
         return {**record, "status": target.not_here}
     spec = artifact.input_spec
     h, w = spec.size

@@ -72,6 +72,10 @@ class CoreMLTarget(Target):
     tools = ("coremltools",)
     runtime_modules = ("coremltools",)
     integer_input = False  # Core ML multi-arrays have no uint8: 0..255 values come in as float32
+    not_here = "needs macOS"
+
+    def times_here(self) -> bool:
+        return platform.system() == "Darwin"  # elsewhere only the numpy reference executor runs: no latency
 
     def pt2e_quantizer(self, quant: QuantSpec) -> Any:
         """W8A8 made on the torch side (coremltools' activation calibration needs macOS): PT2E with Core ML's

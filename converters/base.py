@@ -198,7 +198,7 @@ class Target:
     """
 
     name: ClassVar[str] = ""
-    suffix: ClassVar[str] = ""  # the model file's suffix (a folder for .mlpackage)
+    suffix: ClassVar[str] = ""  # the model file's suffix (the model file may be a folder: .mlpackage, .openvino)
     summary: ClassVar[str] = ""  # one line for --help and `info --targets`
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
     features: ClassVar[frozenset[str]] = EDGE_FEATURES
@@ -321,6 +321,11 @@ class Target:
         """The ops that take the time, where the runtime can say (None where it cannot)."""
         return None
 
+    def parity_precision(self, manifest: dict[str, Any]) -> str:
+        """The precision whose parity thresholds an artifact is held to: its own, unless its own options tell
+        the runtime to compute lower (an fp32 OpenVINO IR run with a bf16 hint is held to fp16's)."""
+        return str(manifest["precision"])
+
 
 def _who_supports(feature: str) -> str:
     from . import get_target, target_names
@@ -362,7 +367,9 @@ def read_manifest(path: str | Path, *, check_hash: bool = True) -> Artifact:
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: no such artifact")
-    folder = path if path.is_dir() and not path.suffix == ".mlpackage" else path.parent
+    # A folder is the artifact's own unless it is a model file that is a folder (.mlpackage, .openvino) beside a manifest.
+    inner = path.is_dir() and not (path / MANIFEST).is_file() and (path.parent / MANIFEST).is_file()
+    folder = path if path.is_dir() and not inner else path.parent
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"{path}: no {MANIFEST} beside the artifact; re-export it with segformer-edge export")

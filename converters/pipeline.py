@@ -47,6 +47,7 @@ __all__ = [
     "Thresholds",
     "artifact_name",
     "checkpoint_digest",
+    "default_thresholds",
     "export_artifact",
     "load_reference",
     "verify_artifact",
@@ -71,6 +72,11 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "fp16": Thresholds(pixel_agreement=0.995),
     "int8": Thresholds(pixel_agreement=0.98, miou_drop=1.0),
 }
+
+
+def default_thresholds(manifest: dict[str, Any]) -> Thresholds:
+    """The thresholds an artifact is held to by default: those of the precision it computes in."""
+    return DEFAULT_THRESHOLDS[get_target(manifest["target"]).parity_precision(manifest)]
 
 
 class ParityFailed(SegformerEdgeError):
@@ -449,7 +455,7 @@ def verify_artifact(
         report["miou_drop_points"] = 100 * (report["miou_float"] - report["miou_artifact"])
     else:  # no labels: the drop is measured against the float model's own masks (its mIoU there is 100%)
         report["miou_drop_points"] = 100 * (1.0 - report["agreement_miou"])
-    report = _judge(report, thresholds or DEFAULT_THRESHOLDS[manifest["precision"]])
+    report = _judge(report, thresholds or default_thresholds(manifest))
     if layers:
         from .debug import layer_report
 

@@ -67,7 +67,7 @@ class _BrokenStage2:
         return module
 
 
-@pytest.mark.parametrize("base", ["executorch", "tflite", "onnx", "coreml"])
+@pytest.mark.parametrize("base", ["executorch", "tflite", "onnx", "coreml", "openvino"])
 def test_a_broken_layer_is_named_on_every_target(model: SegFormer, tmp_path: Path, base: str) -> None:
     cls = type(get_target(base))
     broken = type(f"Broken{cls.__name__}", (_BrokenStage2, cls), {"name": f"broken-{base}"})

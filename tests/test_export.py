@@ -19,7 +19,7 @@ from segformer_edge.errors import ExportError
 from segformer_edge.model import SegFormer, SegFormerConfig
 from segformer_edge.weights import builtin_checkpoint
 
-TARGETS = ["executorch", "tflite", "coreml", "onnx"]
+TARGETS = ["executorch", "tflite", "coreml", "onnx", "openvino"]
 
 
 @pytest.fixture(scope="session")

@@ -191,9 +191,10 @@ def test_predict_an_artifact_on_a_photo_folder(exported: tuple[list[dict[str, An
                                                tmp_path: Path) -> None:  # fmt: skip
     """Masks at each photo's own size in the manifest's colours, as the artifact's runner predicts them, and the
     disagreement with the float model drawn and counted."""
-    from segformer_edge import load_pretrained
     from segformer_edge.converters import get_target
     from segformer_edge.converters.base import read_manifest
+
+    from segformer_edge import load_pretrained
 
     folder = _artifact(exported[0], "onnx")
     out = tmp_path / "pred"

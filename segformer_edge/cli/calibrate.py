@@ -47,6 +47,8 @@ def calibrate(
     from segformer_edge.weights import load_pretrained
 
     quant = QuantSpec(method=method, outliers=outliers)  # validates the method and outlier mode before any work
+    if outliers != "auto" and not sensitivity:
+        raise typer.BadParameter("--outliers applies to --sensitivity (export takes its own --outliers)", param_hint="--outliers")
     path = resolve_checkpoint(checkpoint)
     model = load_pretrained(path)
     h, w = check_size(size, model.meta.input_size)

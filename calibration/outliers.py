@@ -303,8 +303,8 @@ def correct_bias(model: nn.Module, inputs: Tensor, weights: str = "per_channel")
         if name in sums:
             mean = (sums[name] / counts[name]).to(m.bias.dtype)  # (out,)
             m.bias.sub_(mean)
-            shifts.append(float(mean.abs().max() / m.bias.abs().max().clamp(min=1e-12)))
-    return {"layers": len(shifts), "weights": weights, "largest_relative_shift": max(shifts, default=0.0)}
+            shifts.append(float(mean.abs().max()))
+    return {"layers": len(shifts), "weights": weights, "largest_shift": max(shifts, default=0.0)}
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The flow of one export, as a straight line of small steps, and parity verification.
 
-plan (validate the options against the target) -> capture (float model + graph edges + the target's
-module swaps) -> quantize (the target's quantizer, honouring the QuantSpec) -> lower (the target writes
+plan (validate the options against the target) -> capture (float model, rewritten for INT8 activation
+outliers where the QuantSpec says so, + graph edges + the target's module swaps) -> quantize (the target's quantizer, honouring the QuantSpec) -> lower (the target writes
 its file) -> write (the manifest, complete) -> verify (the target's runner against the float model) ->
 record (parity into the manifest, then the atomic swap). Nothing edits the manifest after the swap. An
 artifact that fails parity never replaces what was there: it is kept beside it as ``NAME.failed/``.
@@ -9,6 +9,7 @@ artifact that fails parity never replaces what was there: it is kept beside it a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -131,18 +132,63 @@ def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: s
                       options.graph_spec(model.meta), model.meta, model.config.variant)  # fmt: skip
 
 
-def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The module the target converts (float model + graph edges + its swaps) and an example input."""
+def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
+    """The module the target converts (float model + graph edges + its swaps), an example input, and what the
+    outlier handling did (empty for float exports).
+
+    For int8 the float model is a rewritten copy (BatchNorm folded, then the QuantSpec's outlier handling);
+    ``model`` itself, the reference of verify, is never changed.
+    """
     import torch
 
     from .graph import EdgeModule, fold_batch_norm
 
+    outliers: dict[str, Any] = {}
     if plan.quant is not None:
         model = fold_batch_norm(model)  # the quantizers see conv + bias, not conv + BatchNorm
+        model, outliers = rewrite_outliers(model, plan)
     module = plan.target.prepare(EdgeModule(model, plan.graph_input, plan.options.output, plan.options.taps).eval()).eval()
     shape = plan.graph_input.shape
     example = torch.randint(0, 256, shape, dtype=torch.uint8) if plan.graph_input.kind == "uint8" else torch.rand(shape)
-    return module, example
+    return module, example, outliers
+
+
+def rewrite_outliers(model: Any, plan: ExportPlan) -> tuple[Any, dict[str, Any]]:
+    """The float model rewritten for activation outliers as ``plan.quant.outliers`` says, measured on the
+    calibration images, and the record of what was chosen (see :mod:`segformer_edge.calibration.outliers`)."""
+    import torch
+
+    from segformer_edge.calibration.outliers import handle_outliers
+
+    quant = plan.quant
+    if quant is None:
+        return model, {}
+    if quant.outliers == "none":
+        return model, {"mode": "none", "applied": []}
+    if quant.calibration is None:
+        if quant.outliers != "auto":
+            raise ExportError(f"{plan.target.name}: --outliers {quant.outliers} needs calibration images (--data or --calibration)")
+        return model, {"mode": "auto", "applied": [], "note": "no calibration images to measure on"}
+    spec = plan.graph_input.float_spec
+    key = (_state_digest(model), quant.calibration.sha256, quant.outliers, quant.weights, repr(spec))
+    if key not in _OUTLIER_CACHE:  # every target of one export gets the same rewrite: measure it once
+        inputs = torch.from_numpy(spec(quant.calibration.images))  # (N, 3, H, W) normalised
+        _OUTLIER_CACHE.clear()
+        _OUTLIER_CACHE[key] = handle_outliers(model, inputs, quant.outliers, weights=quant.weights)
+    rewritten, record = _OUTLIER_CACHE[key]
+    return copy.deepcopy(rewritten), copy.deepcopy(record)
+
+
+_OUTLIER_CACHE: dict[tuple[str, ...], tuple[Any, dict[str, Any]]] = {}  # the last rewrite, by what defines it
+
+
+def _state_digest(model: Any) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def quantize(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -270,10 +316,12 @@ def export_artifact(
         try:
             with output:
                 step("capture")
-                module, example = capture(model, plan)
+                module, example, outliers = capture(model, plan)
                 if plan.quant is not None:
                     step("quantize")
                 module, quantized = quantize(module, example, plan)
+                if outliers:
+                    quantized = {"outliers": outliers, **quantized}
                 file = tmp / f"model{plan.target.suffix}"
                 step("lower")
                 lowered = lower(module, example, plan, file)
@@ -529,7 +577,7 @@ def quantized_predictor(model: Any, target_name: str, options: ExportOptions, qu
     plan = plan_export(model, target_name, options, workdir, quant)
     h, w = options.size
     if plan.target.pt2e_quantizer(quant) is not None:
-        module, example = capture(model, plan)
+        module, example, _ = capture(model, plan)
         quantized, _ = quantize(module, example, plan)
 
         def predict(images: np.ndarray) -> np.ndarray:

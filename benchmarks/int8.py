@@ -34,12 +34,12 @@ logger = logging.getLogger("benchmarks.int8")
 def measure(images: int, out: Path, targets: tuple[str, ...]) -> dict[str, Any]:
     """Export and verify every target x outlier mode on both models; the rows and what they were measured on."""
     import torch
-
     from segformer_edge.calibration.calibset import select_calibration_set
     from segformer_edge.calibration.outliers import inject_outliers
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters.base import ExportOptions, tool_versions
     from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, verify_artifact
+
     from segformer_edge.weights import builtin_checkpoint, load_pretrained
 
     ckpt = builtin_checkpoint()

@@ -157,7 +157,6 @@ def rewrite_outliers(model: Any, plan: ExportPlan) -> tuple[Any, dict[str, Any]]
     """The float model rewritten for activation outliers as ``plan.quant.outliers`` says, measured on the
     calibration images, and the record of what was chosen (see :mod:`segformer_edge.calibration.outliers`)."""
     import torch
-
     from segformer_edge.calibration.outliers import handle_outliers
 
     quant = plan.quant

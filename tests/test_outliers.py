@@ -30,7 +30,13 @@ from segformer_edge.calibration.outliers import (
 from segformer_edge.calibration.spec import QuantSpec
 from segformer_edge.converters.base import ExportOptions
 from segformer_edge.converters.graph import fold_batch_norm
-from segformer_edge.converters.pipeline import ParityFailed, Thresholds, checkpoint_digest, export_artifact, verify_artifact
+from segformer_edge.converters.pipeline import (
+    ParityFailed,
+    Thresholds,
+    checkpoint_digest,
+    export_artifact,
+    verify_artifact,
+)
 
 from segformer_edge import save_checkpoint
 from segformer_edge.errors import ExportError

@@ -2,7 +2,8 @@
 
 Converters print from Python (warnings, progress bars, ``print``) and from C++ (absl, XNNPACK, cpuinfo)
 straight to file descriptors 1 and 2, so :class:`OutputCapture` redirects the descriptors themselves, and
-Python's logging and warnings with them, into a log file for the duration of one export. The caller's own
+Python's ``sys.stdout``/``sys.stderr`` (which need not be those descriptors: a notebook, an in-process
+caller), logging and warnings with them, into a log file for the duration of one export. The caller's own
 progress lines are written while the capture is paused (:meth:`OutputCapture.paused`).
 """
 
@@ -21,13 +22,16 @@ __all__ = ["OutputCapture"]
 
 
 class OutputCapture:
-    """Redirect fds 1 and 2, Python logging (INFO and up) and warnings into ``path`` (appending)."""
+    """Redirect fds 1 and 2, ``sys.stdout``/``sys.stderr``, Python logging (INFO and up) and warnings into ``path``
+    (appending)."""
 
     def __init__(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
         self._saved: tuple[int, int] | None = None
+        self._streams: tuple[object, object] | None = None
         self._log: int | None = None
+        self._text: object | None = None
         self._handler: logging.Handler | None = None
         self._root_level = logging.WARNING
         self._warnings: contextlib.ExitStack | None = None
@@ -37,9 +41,10 @@ class OutputCapture:
             return self
         self._log = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._saved = (os.dup(1), os.dup(2))
+        self._text = open(self._log, "w", closefd=False, buffering=1)  # noqa: SIM115
         self._redirect()
         root = logging.getLogger()
-        self._handler = logging.StreamHandler(open(self._log, "w", closefd=False, buffering=1))  # noqa: SIM115
+        self._handler = logging.StreamHandler(self._text)  # type: ignore[arg-type]
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self._handler.setLevel(logging.INFO)
         self._root_level = root.level
@@ -58,9 +63,14 @@ class OutputCapture:
         _flush()
         os.dup2(self._log, 1)  # type: ignore[arg-type]
         os.dup2(self._log, 2)  # type: ignore[arg-type]
+        self._streams = (sys.stdout, sys.stderr)
+        sys.stdout = sys.stderr = self._text  # type: ignore[assignment]
 
     def _restore(self) -> None:
         _flush()
+        if self._streams is not None:
+            sys.stdout, sys.stderr = self._streams  # type: ignore[assignment]
+            self._streams = None
         os.dup2(self._saved[0], 1)  # type: ignore[index]
         os.dup2(self._saved[1], 2)  # type: ignore[index]
 
@@ -90,6 +100,7 @@ class OutputCapture:
             handler.removeFilter(_drop_all)
         root.setLevel(self._root_level)
         self._restore()
+        self._text.close()  # type: ignore[union-attr]
         for fd in (*self._saved, self._log):
             os.close(fd)  # type: ignore[arg-type]
         self._saved = None

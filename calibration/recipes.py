@@ -30,6 +30,7 @@ __all__ = [
     "PercentileObserver",
     "SpecQuantizer",
     "activation_observer",
+    "activation_observers",
     "count_quantized_ops",
     "pt2e_quantize",
 ]
@@ -145,6 +146,23 @@ def count_quantized_ops(graph_module: torch.fx.GraphModule) -> dict[str, dict[st
     return {g: c for g, c in counts.items() if c["quantized"] or c["float"]}
 
 
+def activation_observers(prepared: torch.fx.GraphModule) -> dict[str, int]:
+    """How many activations each observer class watches in a prepared PT2E graph (weights and constants, fed by
+    ``get_attr``, excluded): the calibration method that actually ran, read from the graph, not the request."""
+    counts: dict[str, int] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        if node.args[0].op == "get_attr":
+            continue
+        module = prepared.get_submodule(str(node.target))
+        observer = getattr(module, "activation_post_process", module)  # a fake-quantize wraps its observer
+        name = type(observer).__name__
+        if "Observer" in name:
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def pt2e_quantize(
     module: torch.nn.Module,
     example: torch.Tensor,
@@ -152,10 +170,12 @@ def pt2e_quantize(
     inputs: Iterable[torch.Tensor],
     *,
     fold_quantize: bool = True,
-) -> torch.nn.Module:
+) -> tuple[torch.nn.Module, dict[str, int]]:
     """torch.export -> prepare_pt2e -> run the calibration inputs -> convert_pt2e (deterministic in order).
 
-    ``fold_quantize=False`` keeps weight quantize ops in the graph (what litert-torch's lowering expects).
+    Returns the converted module and the activation observers that calibrated it (see
+    :func:`activation_observers`). ``fold_quantize=False`` keeps weight quantize ops in the graph (what
+    litert-torch's lowering expects).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -163,10 +183,11 @@ def pt2e_quantize(
     # passes (the Arm backend's) refuse, and the graph only ever runs on the traced shape.
     graph = torch.export.export(module, (example,)).module(check_guards=False)
     prepared = prepare_pt2e(graph, quantizer)
+    observers = activation_observers(prepared)
     count = 0
     with torch.no_grad():
         for x in inputs:
             prepared(x)
             count += 1
-    logger.info("calibrated on %d images", count)
-    return convert_pt2e(prepared, fold_quantize=fold_quantize)
+    logger.info("calibrated on %d images (%s)", count, ", ".join(f"{n} {name}" for name, n in observers.items()))
+    return convert_pt2e(prepared, fold_quantize=fold_quantize), observers

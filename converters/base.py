@@ -281,8 +281,9 @@ class Target:
     def quantize(self, module: torch.nn.Module, example: torch.Tensor, quant: QuantSpec, inputs: list[torch.Tensor]) -> tuple[torch.nn.Module, dict[str, Any]]:
         """PT2E prepare -> calibrate -> convert with this target's quantizer, honouring ``quant`` exactly.
 
-        Returns the quantized module and what was done (per layer group: quantized and float compute ops,
-        read from the converted graph). Targets without a PT2E quantizer return the module unchanged and
+        Returns the quantized module and what was done, read from the graphs themselves: the activation
+        observers that calibrated it (the method actually used) and, per layer group, quantized and float
+        compute ops of the converted graph. Targets without a PT2E quantizer return the module unchanged and
         quantize in :meth:`convert`.
         """
         quantizer = self.pt2e_quantizer(quant)
@@ -291,8 +292,9 @@ class Target:
         from segformer_edge.calibration.recipes import SpecQuantizer, count_quantized_ops, pt2e_quantize
 
         wrapped = SpecQuantizer(quantizer, quant)
-        quantized = pt2e_quantize(module, example, wrapped, inputs, fold_quantize=self.fold_quantize)
-        return quantized, {"quantizer": type(quantizer).__name__, "ops_by_group": count_quantized_ops(quantized)}
+        quantized, observers = pt2e_quantize(module, example, wrapped, inputs, fold_quantize=self.fold_quantize)
+        return quantized, {"quantizer": type(quantizer).__name__, "activation_observers": observers,
+                           "ops_by_group": count_quantized_ops(quantized)}  # fmt: skip
 
     def convert(self, module: torch.nn.Module, example: torch.Tensor, path: Path, plan: ExportPlan) -> dict[str, Any]:
         """Write the model file at ``path``; return manifest fields read back from what was written.

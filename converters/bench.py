@@ -92,6 +92,7 @@ def _evict(path: Path) -> bool:
     for item in [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]:
         fd = os.open(item, os.O_RDONLY)
         try:
+            os.fsync(fd)  # dirty pages (a file just exported) are not dropped: write them back first
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)

@@ -416,13 +416,15 @@ def verify_artifact(
 ) -> dict[str, Any]:
     """Run an artifact and the float model on the same images and compare them.
 
+    Returns ``max_abs_diff``, ``cosine``, ``psnr_db`` (logits artifacts; None where either output holds NaN or
+    inf), ``nonfinite`` and ``nonfinite_float`` (NaN/inf values in the artifact's and the float model's output;
+    ``nonfinite_counts`` splits them into NaN and inf), ``pixel_agreement``, agreement mIoU and per-class IoU
+    of the artifact's masks against the float model's (a pixel that NaN or inf reaches never agrees), mIoU of
+    both against the labels where the data has them, ``passed``, ``failure`` and what was checked.
+
     ``layers``: also compare the stage outputs of a debug graph of the same recipe (``report["layers"]``,
     see :func:`.debug.layer_report`; ``calibration`` is the set an int8 artifact was made with, when it
     cannot be picked again). ``report_dir``: write the per-image PNGs and report.md / report.json there.
-
-    Returns ``max_abs_diff``, ``cosine``, ``psnr_db`` (logits artifacts), ``nonfinite`` (NaN/inf outputs),
-    ``pixel_agreement``, agreement mIoU and per-class IoU of the artifact's masks against the float model's,
-    mIoU of both against the labels where the data has them, ``passed``, ``failure`` and what was checked.
     """
     from segformer_edge.evaluate import ConfusionMatrix
 
@@ -443,43 +445,51 @@ def verify_artifact(
     k = manifest["num_classes"]
     cm_agree, cm_float, cm_art = ConfusionMatrix(k), ConfusionMatrix(k), ConfusionMatrix(k)
     diffs, dots, norms_a, norms_b, sq_err, peak = [], 0.0, 0.0, 0.0, 0.0, 0.0
-    agree, total, elements, nonfinite = 0, 0, 0, 0
+    agree, total, elements = 0, 0, 0
+    bad_values = {"artifact": {"nan": 0, "inf": 0}, "float": {"nan": 0, "inf": 0}}
     items: list[dict[str, Any]] = []
     for i in range(n):
         image, mask = source.load(i)
         image, mask = spec.resize(image, mask)
         images = image[None]  # (1, H, W, 3)
         ref = float_logits(model, spec, images)  # (1, K, H/4, W/4)
-        ref_mask = upsampled_argmax(ref, (h, w))  # (1, H, W)
+        _count_nonfinite(ref, bad_values["float"])
+        ref_finite = np.isfinite(ref)
+        ref_mask = upsampled_argmax(np.where(ref_finite, ref, 0.0), (h, w))  # (1, H, W)
+        broken = _nonfinite_reach(ref, (h, w))  # pixels that a NaN or inf takes part in never agree
         out = np.asarray(runner(spec(images)))
         if manifest["output"]["kind"] == "mask":
             out_mask = out.reshape(ref_mask.shape).astype(np.int64)
         else:
             out = out.astype(np.float32).reshape(ref.shape)
+            _count_nonfinite(out, bad_values["artifact"])
             finite = np.isfinite(out)
-            nonfinite += int((~finite).sum())
             safe = np.where(finite, out, 0.0)
             out_mask = upsampled_argmax(safe, (h, w))
-            out_mask[_nonfinite_reach(out, (h, w))] = -1  # pixels that a NaN or inf reaches never agree
-            diffs.append(float(np.abs(out - ref).max()) if finite.all() else float("inf"))
-            dots += float((safe.astype(np.float64) * ref).sum())
-            norms_a += float((safe.astype(np.float64) ** 2).sum())
-            norms_b += float((ref.astype(np.float64) ** 2).sum())
-            sq_err += float(((safe.astype(np.float64) - ref) ** 2).sum())
-            peak = max(peak, float(np.abs(ref).max()))
-            elements += ref.size
-        agree += int((out_mask == ref_mask).sum())
+            broken |= _nonfinite_reach(out, (h, w))
+            if finite.all() and ref_finite.all():
+                diffs.append(float(np.abs(out - ref).max()))
+                dots += float((out.astype(np.float64) * ref).sum())
+                norms_a += float((out.astype(np.float64) ** 2).sum())
+                norms_b += float((ref.astype(np.float64) ** 2).sum())
+                sq_err += float(((out.astype(np.float64) - ref) ** 2).sum())
+                peak = max(peak, float(np.abs(ref).max()))
+                elements += ref.size
+        agree += int(((out_mask == ref_mask) & ~broken).sum())
         total += out_mask.size
         if report_dir is not None:
             one = ConfusionMatrix(k)
             one.update(np.where(out_mask < 0, 0, out_mask), ref_mask)
             items.append({"name": source.item_name(i), "image": image, "float_mask": ref_mask[0], "artifact_mask": out_mask[0],
-                          "agreement": float((out_mask == ref_mask).mean()),
+                          "agreement": float(((out_mask == ref_mask) & ~broken).mean()),
                           "per_class_iou": one.metrics(list(manifest["class_names"]))["per_class_iou"]})  # fmt: skip
-        cm_agree.update(np.where(out_mask < 0, 0, out_mask), ref_mask)
+        cm_agree.update(_miss(out_mask, ref_mask, broken, k), ref_mask)
         if has_masks:
-            cm_float.update(ref_mask, mask)
-            cm_art.update(np.where(out_mask < 0, 0, out_mask), mask)
+            cm_float.update(_miss(ref_mask, mask, _nonfinite_reach(ref, (h, w)), k), mask)
+            cm_art.update(_miss(out_mask, mask, broken, k), mask)
+    nonfinite = sum(bad_values["artifact"].values())
+    nonfinite_float = sum(bad_values["float"].values())
+    measured = bool(diffs) and nonfinite == nonfinite_float == 0  # |diff|, cosine and PSNR mean nothing beside NaN
     agreement = cm_agree.metrics(list(manifest.get("class_names") or []) or None)
     report: dict[str, Any] = {
         "target": manifest["target"],
@@ -489,9 +499,11 @@ def verify_artifact(
         "data": _data_record(data or "synthetic", source, range(n), usage),
         "size": [h, w],
         "nonfinite": nonfinite,
-        "max_abs_diff": max(diffs) if diffs else None,
-        "cosine": dots / max(np.sqrt(norms_a * norms_b), 1e-30) if diffs else None,
-        "psnr_db": 10 * float(np.log10(peak**2 / max(sq_err / elements, 1e-30))) if diffs else None,
+        "nonfinite_float": nonfinite_float,
+        "nonfinite_counts": bad_values,
+        "max_abs_diff": max(diffs) if measured else None,
+        "cosine": dots / max(np.sqrt(norms_a * norms_b), 1e-30) if measured else None,
+        "psnr_db": 10 * float(np.log10(max(peak, 1e-30) ** 2 / max(sq_err / elements, 1e-30))) if measured else None,
         "pixel_agreement": agree / total,
         "agreement_miou": agreement["miou"],
         "agreement_per_class_iou": {name: iou for name, iou in agreement["per_class_iou"].items() if iou is not None},
@@ -515,6 +527,11 @@ def verify_artifact(
     return report
 
 
+def _count_nonfinite(values: np.ndarray, counts: dict[str, int]) -> None:
+    counts["nan"] += int(np.isnan(values).sum())
+    counts["inf"] += int(np.isinf(values).sum())
+
+
 def _nonfinite_reach(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(N, H, W) bool: the output pixels whose upsampled logits a NaN or inf takes part in."""
     import torch
@@ -523,9 +540,28 @@ def _nonfinite_reach(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (torch.nn.functional.interpolate(bad, size=size, mode="bilinear", align_corners=False)[:, 0] > 0).numpy()
 
 
+def _miss(pred: np.ndarray, truth: np.ndarray, broken: np.ndarray, k: int) -> np.ndarray:
+    """``pred`` with the ``broken`` pixels (reached by NaN or inf) set to a class other than ``truth``'s: they
+    count as errors in every confusion matrix, never as agreement."""
+    truth = np.asarray(truth, np.int64).reshape(pred.shape)
+    return np.where(broken, (truth + 1) % max(k, 2), pred)
+
+
+def _nonfinite_failure(report: dict[str, Any]) -> str:
+    """Which output holds NaN or inf, named as such: 'the artifact's output holds 12 NaN values'."""
+    parts = []
+    for who, name in (("artifact", "the artifact's output"), ("float", "the float model's output")):
+        counts = report["nonfinite_counts"][who]
+        kinds = [f"{counts[kind]} {label}" for kind, label in (("nan", "NaN"), ("inf", "inf")) if counts[kind]]
+        if kinds:
+            parts.append(f"{name} holds {' and '.join(kinds)} values")
+    broken = " (the checkpoint itself is broken)" if report["nonfinite_float"] else ""
+    return " and ".join(parts) + broken
+
+
 def _judge(report: dict[str, Any], limits: Thresholds) -> dict[str, Any]:
-    """Apply the thresholds; NaN or inf in the output fails on its own, named as such."""
-    checks: dict[str, bool] = {"finite": report["nonfinite"] == 0}
+    """Apply the thresholds; NaN or inf in either output fails on its own, named as such."""
+    checks: dict[str, bool] = {"finite": report["nonfinite"] == 0 and report["nonfinite_float"] == 0}
     if limits.max_abs_diff is not None and report["max_abs_diff"] is not None:
         checks["max_abs_diff"] = report["max_abs_diff"] <= limits.max_abs_diff
     if limits.pixel_agreement is not None:
@@ -537,7 +573,7 @@ def _judge(report: dict[str, Any], limits: Thresholds) -> dict[str, Any]:
     report["passed"] = all(checks.values())
     failures = [name for name, ok in checks.items() if not ok]
     if "finite" in failures:
-        report["failure"] = f"the output holds {report['nonfinite']} NaN or inf values"
+        report["failure"] = _nonfinite_failure(report)
     elif failures:
         values = {"max_abs_diff": report["max_abs_diff"], "pixel_agreement": report["pixel_agreement"],
                   "miou_drop": report["miou_drop_points"]}  # fmt: skip

@@ -30,7 +30,9 @@ class OutputCapture:
         self.path = Path(path)
         self.enabled = enabled
         self._saved: tuple[int, int] | None = None
+        self._streams: tuple[object, object] | None = None
         self._log: int | None = None
+        self._text: object | None = None
         self._handler: logging.Handler | None = None
         self._root_level = logging.WARNING
         self._warnings: contextlib.ExitStack | None = None
@@ -46,7 +48,7 @@ class OutputCapture:
         self._text = open(self._log, "w", closefd=False, buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
         self._redirect()
         root = logging.getLogger()
-        self._handler = logging.StreamHandler(open(self._log, "w", closefd=False, buffering=1))  # noqa: SIM115
+        self._handler = logging.StreamHandler(self._text)  # type: ignore[arg-type]
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self._handler.setLevel(logging.INFO)
         self._root_level = root.level
@@ -69,6 +71,9 @@ class OutputCapture:
 
     def _restore(self) -> None:
         _flush()
+        if self._streams is not None:
+            sys.stdout, sys.stderr = self._streams  # type: ignore[assignment]
+            self._streams = None
         os.dup2(self._saved[0], 1)  # type: ignore[index]
         os.dup2(self._saved[1], 2)  # type: ignore[index]
         sys.stdout, sys.stderr = self._streams  # type: ignore[misc]

@@ -185,7 +185,15 @@ def _figures(report: dict[str, Any] | None) -> dict[str, Any]:
     if report is None:
         return {}
     return {key: report[key] for key in ("max_abs_diff", "pixel_agreement", "agreement_miou", "miou_drop_points", "executor",
-                                         "nonfinite", "data")}  # fmt: skip
+                                         "nonfinite", "nonfinite_float", "data")}  # fmt: skip
+
+
+def _diff_cell(row: dict[str, Any]) -> str:
+    """The table's max |diff|: NaN or inf where either output holds them (the difference then means nothing)."""
+    if row.get("nonfinite") or row.get("nonfinite_float"):
+        return "NaN/inf"
+    diff = row.get("max_abs_diff")
+    return "-" if diff is None else f"{diff:.1e}"
 
 
 def _print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -196,10 +204,10 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
     for col in ("target", "prec", "MB", "max |diff|", "agree", "status"):
         table.add_column(col, justify="right" if col in ("MB", "max |diff|", "agree") else "left", no_wrap=True)
     for r in rows:
-        diff, agree = r.get("max_abs_diff"), r.get("pixel_agreement")
+        agree = r.get("pixel_agreement")
         table.add_row(
             r["target"], r["precision"], f"{r['size_mb']:.2f}" if "size_mb" in r else "-",
-            "-" if diff is None else f"{diff:.1e}", "-" if agree is None else f"{100 * agree:.2f}%", r["status"],
+            _diff_cell(r), "-" if agree is None else f"{100 * agree:.2f}%", r["status"],
         )  # fmt: skip
     console.print(table)
     data = next((r["data"] for r in rows if r.get("data")), None)
@@ -210,7 +218,9 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
         console.print(f"int8 outlier handling: {', '.join(handled)}", markup=False, soft_wrap=True)
     for r in rows:
         if r.get("error"):
-            console.print(f"{r['target']}: {r['error']}", markup=False, soft_wrap=True)
+            named = r["error"].startswith((f"{r['target']}:", f"{r['target']} "))  # errors that already name their target
+            error = r["error"] if named else f"{r['target']}: {r['error']}"
+            console.print(error, markup=False, soft_wrap=True)
 
 
 def _quant_spec(model: Any, path: Path, options: Any, data: str | None, calibration: Path | None, images: int,
@@ -263,8 +273,8 @@ def verify(
         d = report["data"]
         lines = [f"{report['target']} {report['precision']} ({report['executor']}, {report['images']} images of {d['spec']}, "
                  f"{report['size'][0]}x{report['size'][1]}; {d['usage']})"]  # fmt: skip
-        for key in ("max_abs_diff", "cosine", "psnr_db", "nonfinite", "pixel_agreement", "agreement_miou", "miou_float",
-                    "miou_artifact", "miou_drop_points"):  # fmt: skip
+        for key in ("max_abs_diff", "cosine", "psnr_db", "nonfinite", "nonfinite_float", "pixel_agreement", "agreement_miou",
+                    "miou_float", "miou_artifact", "miou_drop_points"):  # fmt: skip
             value = report[key]
             lines.append(f"  {key:17s} {'-' if value is None else f'{value:.6g}'}")
         verdict = "passed" if report["passed"] else f"FAILED: {report['failure']}"

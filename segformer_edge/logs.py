@@ -29,15 +29,13 @@ class OutputCapture:
     def __init__(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
-        self._saved: tuple[int, int] | None = None
-        self._streams: tuple[object, object] | None = None
+        self._saved: tuple[int, int] | None = None  # the terminal's fds 1 and 2
+        self._streams: tuple[TextIO, TextIO] | None = None  # the caller's sys.stdout and sys.stderr
         self._log: int | None = None
-        self._text: object | None = None
+        self._text: TextIO | None = None  # the log file as a text stream
         self._handler: logging.Handler | None = None
         self._root_level = logging.WARNING
         self._warnings: contextlib.ExitStack | None = None
-        self._streams: tuple[TextIO, TextIO] | None = None
-        self._text: TextIO | None = None
 
     def __enter__(self) -> OutputCapture:
         if not self.enabled:
@@ -71,9 +69,6 @@ class OutputCapture:
 
     def _restore(self) -> None:
         _flush()
-        if self._streams is not None:
-            sys.stdout, sys.stderr = self._streams  # type: ignore[assignment]
-            self._streams = None
         os.dup2(self._saved[0], 1)  # type: ignore[index]
         os.dup2(self._saved[1], 2)  # type: ignore[index]
         sys.stdout, sys.stderr = self._streams  # type: ignore[misc]

@@ -123,7 +123,8 @@ def test_nan_in_the_artifact_fails_parity_by_name(models, onnx_pair) -> None:
     # Nothing computed from NaN logits looks like agreement.
     assert report["pixel_agreement"] == 0.0 and report["agreement_miou"] == 0.0
     assert report["max_abs_diff"] is None and report["cosine"] is None and report["psnr_db"] is None
-    assert report["miou_artifact"] == 0.0 and report["miou_float"] > 0
+    # A model of its own classes: the synthetic scenes' labels mean nothing to it, its predictions are the reference.
+    assert report["miou_artifact"] is None and report["data"]["usage"].startswith("images only")
     _strict_json(json.dumps(report))
 
 

@@ -126,7 +126,10 @@ class OpenVINOTarget(Target):
         ov.save_model(model, str(path / XML), compress_to_fp16=options.precision == "fp16")
         saved = ov.Core().read_model(str(path / XML))
         facts = runtime_facts(saved, plan.target_options["hint"])
-        lowered: dict[str, Any] = {"openvino": {**read_back(saved), **facts}}
+        back = read_back(saved)
+        lowered: dict[str, Any] = {"openvino": {**back, **facts},
+                                   "io": {"inputs": [_NUMPY.get(p["type"], p["type"]) for p in back["inputs"]],
+                                          "outputs": [_NUMPY.get(p["type"], p["type"]) for p in back["outputs"]]}}  # fmt: skip
         if plan.quant is not None:
             lowered["quantization"] = {**applied, "ops_by_group": ops_by_group(saved)}
         return lowered
@@ -281,6 +284,9 @@ def ops_by_group(model: Any) -> dict[str, dict[str, int]]:
         entry = counts.setdefault(group_of_op(op.get_friendly_name()), {"quantized": 0, "float": 0})
         entry["quantized" if quantized else "float"] += 1
     return dict(sorted(counts.items()))
+
+
+_NUMPY = {"u8": "uint8", "i8": "int8", "i32": "int32", "i64": "int64", "f16": "float16", "f32": "float32", "bf16": "bfloat16"}
 
 
 def read_back(model: Any) -> dict[str, Any]:

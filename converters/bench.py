@@ -92,6 +92,7 @@ def _evict(path: Path) -> bool:
     for item in [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]:
         fd = os.open(item, os.O_RDONLY)
         try:
+            os.fsync(fd)  # dirty pages (a file just exported) are not dropped: write them back first
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -108,7 +109,7 @@ def _measure_artifact(path: str, threads: int, warmup: int, runs: int, compute_u
         "artifact": str(artifact.folder), "target": artifact.target, "precision": artifact.precision,
         "threads": threads, "size_mb": manifest["size_bytes"] / 1e6,
     }  # fmt: skip
-    if not target.runs_here():
+    if not target.times_here():
         return {**record, "status": target.not_here}
     spec = artifact.input_spec
     h, w = spec.size

@@ -30,7 +30,6 @@ class CoreMLRunner:
     def __init__(self, artifact: Artifact, compute_units: str = "all", force_reference: bool = False) -> None:
         if compute_units not in COMPUTE_UNITS:
             raise ValueError(f"--compute-units {compute_units}: choose one of {', '.join(COMPUTE_UNITS)}")
-        self.output_name = "out"
         self.output_names = ["out", *artifact.manifest["output"].get("taps", [])]
         self.input_name = "x"
         self.image_input = bool(artifact.manifest.get("coreml", {}).get("image_input"))
@@ -51,19 +50,17 @@ class CoreMLRunner:
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         if self.program is not None:
             outs = self.program(**{self.input_name: x})
+        elif self.image_input:  # pragma: no cover - macOS only
+            from PIL import Image
+
+            frames = [self.model.predict({self.input_name: Image.fromarray(img.transpose(1, 2, 0).astype(np.uint8))}) for img in x]
+            outs = {name: np.concatenate([f[name] for f in frames]) for name in self.output_names}
         else:  # pragma: no cover - macOS only
             outs = self.model.predict({self.input_name: x})
         return [np.asarray(outs[name]) for name in self.output_names]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.program is not None:
-            return self.program(**{self.input_name: x})[self.output_name]
-        if self.image_input:  # pragma: no cover - macOS only
-            from PIL import Image
-
-            outs = [self.model.predict({self.input_name: Image.fromarray(img.transpose(1, 2, 0).astype(np.uint8))})[self.output_name] for img in x]
-            return np.concatenate(outs)
-        return np.asarray(self.model.predict({self.input_name: x})[self.output_name])  # pragma: no cover
+        return self.run(x)[0]
 
 
 class CoreMLTarget(Target):
@@ -75,6 +72,10 @@ class CoreMLTarget(Target):
     tools = ("coremltools",)
     runtime_modules = ("coremltools",)
     integer_input = False  # Core ML multi-arrays have no uint8: 0..255 values come in as float32
+    not_here = "needs macOS"
+
+    def times_here(self) -> bool:
+        return platform.system() == "Darwin"  # elsewhere only the numpy reference executor runs: no latency
 
     def pt2e_quantizer(self, quant: QuantSpec) -> Any:
         """W8A8 made on the torch side (coremltools' activation calibration needs macOS): PT2E with Core ML's

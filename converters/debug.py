@@ -86,7 +86,7 @@ def _quant_of(manifest: dict[str, Any], model: Any, calibration: Path | None) ->
             "pass --calibration DIR (the folder from segformer-edge calibrate)"
         )
     return QuantSpec(scheme=q["scheme"], method=q["method"], weights=q["weights"], float_groups=tuple(q["float_groups"]),
-                     calibration=calib)  # fmt: skip
+                     outliers=q.get("outliers", "none"), calibration=calib)  # fmt: skip
 
 
 def float_taps(model: Any, spec: Any, images: np.ndarray) -> list[np.ndarray]:

@@ -110,6 +110,7 @@ class OnnxTarget(Target):
             "entropy": (CalibrationMethod.Entropy, {}),
         }
         method, extra = methods[quant.method]
+        used_method = method.name + (" (moving average)" if extra.get("CalibMovingAverage") else "")
         used = len(inputs)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
@@ -119,23 +120,23 @@ class OnnxTarget(Target):
             # the quantized graph when a session loads it.
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, skip_optimization=True)
             excluded = _nodes_in_groups(pre, set(quant.float_groups))
-            if method == CalibrationMethod.MinMax:
-                extra["CalibMaxIntermediateOutputs"] = 4  # fold ranges every 4 images: memory stays bounded
-            else:
-                # ORT's histogram calibrators keep every intermediate tensor of every image until the end.
-                per_image = _activation_bytes(pre)
-                used = max(1, min(len(inputs), int(_HISTOGRAM_MEMORY // max(per_image, 1))))
-                if used < len(inputs):
-                    logger.warning("onnx: %s calibration on %d of %d images (%.0f MB of activations each)",
-                                   method.name, used, len(inputs), per_image / 1e6)  # fmt: skip
-                    inputs = inputs[:used]
+            # ORT's calibrators keep every intermediate tensor of every image until the end. (Its MinMax chunking,
+            # CalibMaxIntermediateOutputs, discards each full chunk without folding its ranges in onnxruntime 1.32:
+            # minmax then calibrated on the last N mod k images only, or failed with "No data is collected".)
+            per_image = _activation_bytes(pre)
+            used = max(1, min(len(inputs), int(_CALIBRATION_MEMORY // max(per_image, 1))))
+            if used < len(inputs):
+                logger.warning("onnx: %s calibration on %d of %d images (%.0f MB of activations each)",
+                               used_method, used, len(inputs), per_image / 1e6)  # fmt: skip
+                inputs = inputs[:used]
             quantize_static(
                 str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=quant.weights == "per_channel",
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
                 nodes_to_exclude=excluded, extra_options=extra,
             )  # fmt: skip
         return {"onnx": {**read_back(path), "format": "QDQ"},
-                "quantization": {"quantizer": f"onnxruntime quantize_static ({method.name})", "calibration_images_used": used,
+                "quantization": {"quantizer": f"onnxruntime quantize_static ({used_method})", "calibrate_method": used_method,
+                                 "calibration_images_used": used,
                                  "ops_by_group": ops_by_group(path)}}  # fmt: skip
 
     def load(self, artifact: Artifact, threads: int | None = None) -> OnnxRunner:
@@ -227,8 +228,8 @@ def _nodes_in_groups(path: Path, groups: set[str]) -> list[str]:
 
 
 def ops_by_group(path: Path) -> dict[str, dict[str, int]]:
-    """Per layer group, the compute ops (Conv, MatMul, Gemm) fed by a DequantizeLinear (quantized) or not
-    (float), read from the quantized model itself."""
+    """Per layer group, the compute ops (Conv, MatMul, Gemm) whose two operands (activation and weight) both
+    come out of a DequantizeLinear (int8) or not (float), read from the quantized model itself."""
     import onnx
 
     graph = onnx.load(str(path)).graph
@@ -237,14 +238,14 @@ def ops_by_group(path: Path) -> dict[str, dict[str, int]]:
     for node in graph.node:
         if node.op_type not in _COMPUTE_OPS:
             continue
-        source = producer.get(node.input[0])
-        quantized = source is not None and source.op_type == "DequantizeLinear"
+        sources = [producer.get(name) for name in node.input[:2]]
+        quantized = len(sources) == 2 and all(src is not None and src.op_type == "DequantizeLinear" for src in sources)
         entry = counts.setdefault(_node_group(node) or "other", {"quantized": 0, "float": 0})
         entry["quantized" if quantized else "float"] += 1
     return counts
 
 
-_HISTOGRAM_MEMORY = 3e9  # bytes of intermediate tensors ORT's histogram calibration may hold
+_CALIBRATION_MEMORY = 3e9  # bytes of intermediate tensors ORT's calibration may hold
 
 
 def _activation_bytes(path: Path) -> int:

@@ -1,7 +1,7 @@
 """The flow of one export, as a straight line of small steps, and parity verification.
 
-plan (validate the options against the target) -> capture (float model + graph edges + the target's
-module swaps) -> quantize (the target's quantizer, honouring the QuantSpec) -> lower (the target writes
+plan (validate the options against the target) -> capture (float model, rewritten for INT8 activation
+outliers where the QuantSpec says so, + graph edges + the target's module swaps) -> quantize (the target's quantizer, honouring the QuantSpec) -> lower (the target writes
 its file) -> write (the manifest, complete) -> verify (the target's runner against the float model) ->
 record (parity into the manifest, then the atomic swap). Nothing edits the manifest after the swap. An
 artifact that fails parity never replaces what was there: it is kept beside it as ``NAME.failed/``.
@@ -9,6 +9,7 @@ artifact that fails parity never replaces what was there: it is kept beside it a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -47,6 +48,7 @@ __all__ = [
     "Thresholds",
     "artifact_name",
     "checkpoint_digest",
+    "default_thresholds",
     "export_artifact",
     "load_reference",
     "verify_artifact",
@@ -73,6 +75,11 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
 }
 
 
+def default_thresholds(manifest: dict[str, Any]) -> Thresholds:
+    """The thresholds an artifact is held to by default: those of the precision it computes in."""
+    return DEFAULT_THRESHOLDS[get_target(manifest["target"]).parity_precision(manifest)]
+
+
 class ParityFailed(SegformerEdgeError):
     """The artifact was written but does not agree with the float model; it was kept aside, not swapped in."""
 
@@ -84,20 +91,15 @@ class ParityFailed(SegformerEdgeError):
         self.failed = failed
 
 
+# What each asked-for graph-edge feature adds to an artifact's name, in name order.
+_NAME_PARTS = {"output:mask": "mask", "input:rgb01": "rgb01", "input:uint8": "uint8", "nhwc": "nhwc", "dynamic": "dynamic",
+               "image_input": "image", "taps": "taps"}  # fmt: skip
+
+
 def artifact_name(variant: str, target: str, options: ExportOptions) -> str:
+    features = options.features
     parts = [f"segformer-{variant}", target, options.precision]
-    if options.output == "mask":
-        parts.append("mask")
-    if options.input_kind != "normalized":
-        parts.append(options.input_kind)
-    if options.layout == "nhwc":
-        parts.append("nhwc")
-    if options.dynamic:
-        parts.append("dynamic")
-    if options.image_input:
-        parts.append("image")
-    if options.taps:
-        parts.append("taps")
+    parts += [part for feature, part in _NAME_PARTS.items() if feature in features]
     parts += [f"{k}-{v}" for k, v in sorted(options.target_options.items())]
     return "_".join(parts)
 
@@ -130,18 +132,62 @@ def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: s
                       options.graph_spec(model.meta), model.meta, model.config.variant)  # fmt: skip
 
 
-def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The module the target converts (float model + graph edges + its swaps) and an example input."""
+def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
+    """The module the target converts (float model + graph edges + its swaps), an example input, and what the
+    outlier handling did (empty for float exports).
+
+    For int8 the float model is a rewritten copy (BatchNorm folded, then the QuantSpec's outlier handling);
+    ``model`` itself, the reference of verify, is never changed.
+    """
     import torch
 
     from .graph import EdgeModule, fold_batch_norm
 
+    outliers: dict[str, Any] = {}
     if plan.quant is not None:
         model = fold_batch_norm(model)  # the quantizers see conv + bias, not conv + BatchNorm
+        model, outliers = rewrite_outliers(model, plan)
     module = plan.target.prepare(EdgeModule(model, plan.graph_input, plan.options.output, plan.options.taps).eval()).eval()
     shape = plan.graph_input.shape
     example = torch.randint(0, 256, shape, dtype=torch.uint8) if plan.graph_input.kind == "uint8" else torch.rand(shape)
-    return module, example
+    return module, example, outliers
+
+
+def rewrite_outliers(model: Any, plan: ExportPlan) -> tuple[Any, dict[str, Any]]:
+    """The float model rewritten for activation outliers as ``plan.quant.outliers`` says, measured on the
+    calibration images, and the record of what was chosen (see :mod:`segformer_edge.calibration.outliers`)."""
+    import torch
+    from segformer_edge.calibration.outliers import handle_outliers
+
+    quant = plan.quant
+    if quant is None:
+        return model, {}
+    if quant.outliers == "none":
+        return model, {"mode": "none", "applied": []}
+    if quant.calibration is None:
+        if quant.outliers != "auto":
+            raise ExportError(f"{plan.target.name}: --outliers {quant.outliers} needs calibration images (--data or --calibration)")
+        return model, {"mode": "auto", "applied": [], "note": "no calibration images to measure on"}
+    spec = plan.graph_input.float_spec
+    key = (_state_digest(model), quant.calibration.sha256, quant.outliers, quant.weights, repr(spec))
+    if key not in _OUTLIER_CACHE:  # every target of one export gets the same rewrite: measure it once
+        inputs = torch.from_numpy(spec(quant.calibration.images))  # (N, 3, H, W) normalised
+        _OUTLIER_CACHE.clear()
+        _OUTLIER_CACHE[key] = handle_outliers(model, inputs, quant.outliers, weights=quant.weights)
+    rewritten, record = _OUTLIER_CACHE[key]
+    return copy.deepcopy(rewritten), copy.deepcopy(record)
+
+
+_OUTLIER_CACHE: dict[tuple[str, ...], tuple[Any, dict[str, Any]]] = {}  # the last rewrite, by what defines it
+
+
+def _state_digest(model: Any) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def quantize(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -269,10 +315,12 @@ def export_artifact(
         try:
             with output:
                 step("capture")
-                module, example = capture(model, plan)
+                module, example, outliers = capture(model, plan)
                 if plan.quant is not None:
                     step("quantize")
                 module, quantized = quantize(module, example, plan)
+                if outliers:
+                    quantized = {"outliers": outliers, **quantized}
                 file = tmp / f"model{plan.target.suffix}"
                 step("lower")
                 lowered = lower(module, example, plan, file)
@@ -332,7 +380,7 @@ def open_verify_data(data: str | None, model: Any) -> tuple[Any, str, bool]:
     Without ``data``, the built-in synthetic scenes: with their labels where the model has their label
     space, as plain images (the float model's predictions as the reference) otherwise, and the report says so.
     """
-    from segformer_edge.data import open_source, synthetic_labels
+    from segformer_edge.data import open_source
 
     spec = data or "synthetic"
     source = open_source(spec, "val")
@@ -341,8 +389,8 @@ def open_verify_data(data: str | None, model: Any) -> tuple[Any, str, bool]:
         if data is not None:
             raise DataError(f"{data}: the data has {source.labels.num_classes} classes but the model has {model.config.num_classes}")
         has_masks = False
-    if data is None and source.labels.classes != synthetic_labels().classes:
-        has_masks = False
+    if data is None and not uses_builtin_labels(model):
+        has_masks = False  # the scenes' labels mean nothing to a model of other classes: its own predictions do
     usage = "labels" if has_masks else "images only; the float model's predictions are the reference"
     return source, usage, has_masks
 
@@ -368,13 +416,15 @@ def verify_artifact(
 ) -> dict[str, Any]:
     """Run an artifact and the float model on the same images and compare them.
 
+    Returns ``max_abs_diff``, ``cosine``, ``psnr_db`` (logits artifacts; None where either output holds NaN or
+    inf), ``nonfinite`` and ``nonfinite_float`` (NaN/inf values in the artifact's and the float model's output;
+    ``nonfinite_counts`` splits them into NaN and inf), ``pixel_agreement``, agreement mIoU and per-class IoU
+    of the artifact's masks against the float model's (a pixel that NaN or inf reaches never agrees), mIoU of
+    both against the labels where the data has them, ``passed``, ``failure`` and what was checked.
+
     ``layers``: also compare the stage outputs of a debug graph of the same recipe (``report["layers"]``,
     see :func:`.debug.layer_report`; ``calibration`` is the set an int8 artifact was made with, when it
     cannot be picked again). ``report_dir``: write the per-image PNGs and report.md / report.json there.
-
-    Returns ``max_abs_diff``, ``cosine``, ``psnr_db`` (logits artifacts), ``nonfinite`` (NaN/inf outputs),
-    ``pixel_agreement``, agreement mIoU and per-class IoU of the artifact's masks against the float model's,
-    mIoU of both against the labels where the data has them, ``passed``, ``failure`` and what was checked.
     """
     from segformer_edge.evaluate import ConfusionMatrix
 
@@ -395,43 +445,51 @@ def verify_artifact(
     k = manifest["num_classes"]
     cm_agree, cm_float, cm_art = ConfusionMatrix(k), ConfusionMatrix(k), ConfusionMatrix(k)
     diffs, dots, norms_a, norms_b, sq_err, peak = [], 0.0, 0.0, 0.0, 0.0, 0.0
-    agree, total, elements, nonfinite = 0, 0, 0, 0
+    agree, total, elements = 0, 0, 0
+    bad_values = {"artifact": {"nan": 0, "inf": 0}, "float": {"nan": 0, "inf": 0}}
     items: list[dict[str, Any]] = []
     for i in range(n):
         image, mask = source.load(i)
         image, mask = spec.resize(image, mask)
         images = image[None]  # (1, H, W, 3)
         ref = float_logits(model, spec, images)  # (1, K, H/4, W/4)
-        ref_mask = upsampled_argmax(ref, (h, w))  # (1, H, W)
+        _count_nonfinite(ref, bad_values["float"])
+        ref_finite = np.isfinite(ref)
+        ref_mask = upsampled_argmax(np.where(ref_finite, ref, 0.0), (h, w))  # (1, H, W)
+        broken = _nonfinite_reach(ref, (h, w))  # pixels that a NaN or inf takes part in never agree
         out = np.asarray(runner(spec(images)))
         if manifest["output"]["kind"] == "mask":
             out_mask = out.reshape(ref_mask.shape).astype(np.int64)
         else:
             out = out.astype(np.float32).reshape(ref.shape)
+            _count_nonfinite(out, bad_values["artifact"])
             finite = np.isfinite(out)
-            nonfinite += int((~finite).sum())
             safe = np.where(finite, out, 0.0)
             out_mask = upsampled_argmax(safe, (h, w))
-            out_mask[_nonfinite_reach(out, (h, w))] = -1  # pixels that a NaN or inf reaches never agree
-            diffs.append(float(np.abs(out - ref).max()) if finite.all() else float("inf"))
-            dots += float((safe.astype(np.float64) * ref).sum())
-            norms_a += float((safe.astype(np.float64) ** 2).sum())
-            norms_b += float((ref.astype(np.float64) ** 2).sum())
-            sq_err += float(((safe.astype(np.float64) - ref) ** 2).sum())
-            peak = max(peak, float(np.abs(ref).max()))
-            elements += ref.size
-        agree += int((out_mask == ref_mask).sum())
+            broken |= _nonfinite_reach(out, (h, w))
+            if finite.all() and ref_finite.all():
+                diffs.append(float(np.abs(out - ref).max()))
+                dots += float((out.astype(np.float64) * ref).sum())
+                norms_a += float((out.astype(np.float64) ** 2).sum())
+                norms_b += float((ref.astype(np.float64) ** 2).sum())
+                sq_err += float(((out.astype(np.float64) - ref) ** 2).sum())
+                peak = max(peak, float(np.abs(ref).max()))
+                elements += ref.size
+        agree += int(((out_mask == ref_mask) & ~broken).sum())
         total += out_mask.size
         if report_dir is not None:
             one = ConfusionMatrix(k)
             one.update(np.where(out_mask < 0, 0, out_mask), ref_mask)
             items.append({"name": source.item_name(i), "image": image, "float_mask": ref_mask[0], "artifact_mask": out_mask[0],
-                          "agreement": float((out_mask == ref_mask).mean()),
+                          "agreement": float(((out_mask == ref_mask) & ~broken).mean()),
                           "per_class_iou": one.metrics(list(manifest["class_names"]))["per_class_iou"]})  # fmt: skip
-        cm_agree.update(np.where(out_mask < 0, 0, out_mask), ref_mask)
+        cm_agree.update(_miss(out_mask, ref_mask, broken, k), ref_mask)
         if has_masks:
-            cm_float.update(ref_mask, mask)
-            cm_art.update(np.where(out_mask < 0, 0, out_mask), mask)
+            cm_float.update(_miss(ref_mask, mask, _nonfinite_reach(ref, (h, w)), k), mask)
+            cm_art.update(_miss(out_mask, mask, broken, k), mask)
+    nonfinite = sum(bad_values["artifact"].values())
+    nonfinite_float = sum(bad_values["float"].values())
+    measured = bool(diffs) and nonfinite == nonfinite_float == 0  # |diff|, cosine and PSNR mean nothing beside NaN
     agreement = cm_agree.metrics(list(manifest.get("class_names") or []) or None)
     report: dict[str, Any] = {
         "target": manifest["target"],
@@ -441,9 +499,11 @@ def verify_artifact(
         "data": _data_record(data or "synthetic", source, range(n), usage),
         "size": [h, w],
         "nonfinite": nonfinite,
-        "max_abs_diff": max(diffs) if diffs else None,
-        "cosine": dots / max(np.sqrt(norms_a * norms_b), 1e-30) if diffs else None,
-        "psnr_db": 10 * float(np.log10(peak**2 / max(sq_err / elements, 1e-30))) if diffs else None,
+        "nonfinite_float": nonfinite_float,
+        "nonfinite_counts": bad_values,
+        "max_abs_diff": max(diffs) if measured else None,
+        "cosine": dots / max(np.sqrt(norms_a * norms_b), 1e-30) if measured else None,
+        "psnr_db": 10 * float(np.log10(max(peak, 1e-30) ** 2 / max(sq_err / elements, 1e-30))) if measured else None,
         "pixel_agreement": agree / total,
         "agreement_miou": agreement["miou"],
         "agreement_per_class_iou": {name: iou for name, iou in agreement["per_class_iou"].items() if iou is not None},
@@ -454,7 +514,7 @@ def verify_artifact(
         report["miou_drop_points"] = 100 * (report["miou_float"] - report["miou_artifact"])
     else:  # no labels: the drop is measured against the float model's own masks (its mIoU there is 100%)
         report["miou_drop_points"] = 100 * (1.0 - report["agreement_miou"])
-    report = _judge(report, thresholds or DEFAULT_THRESHOLDS[manifest["precision"]])
+    report = _judge(report, thresholds or default_thresholds(manifest))
     if layers:
         from .debug import layer_report
 
@@ -467,6 +527,11 @@ def verify_artifact(
     return report
 
 
+def _count_nonfinite(values: np.ndarray, counts: dict[str, int]) -> None:
+    counts["nan"] += int(np.isnan(values).sum())
+    counts["inf"] += int(np.isinf(values).sum())
+
+
 def _nonfinite_reach(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(N, H, W) bool: the output pixels whose upsampled logits a NaN or inf takes part in."""
     import torch
@@ -475,9 +540,28 @@ def _nonfinite_reach(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (torch.nn.functional.interpolate(bad, size=size, mode="bilinear", align_corners=False)[:, 0] > 0).numpy()
 
 
+def _miss(pred: np.ndarray, truth: np.ndarray, broken: np.ndarray, k: int) -> np.ndarray:
+    """``pred`` with the ``broken`` pixels (reached by NaN or inf) set to a class other than ``truth``'s: they
+    count as errors in every confusion matrix, never as agreement."""
+    truth = np.asarray(truth, np.int64).reshape(pred.shape)
+    return np.where(broken, (truth + 1) % max(k, 2), pred)
+
+
+def _nonfinite_failure(report: dict[str, Any]) -> str:
+    """Which output holds NaN or inf, named as such: 'the artifact's output holds 12 NaN values'."""
+    parts = []
+    for who, name in (("artifact", "the artifact's output"), ("float", "the float model's output")):
+        counts = report["nonfinite_counts"][who]
+        kinds = [f"{counts[kind]} {label}" for kind, label in (("nan", "NaN"), ("inf", "inf")) if counts[kind]]
+        if kinds:
+            parts.append(f"{name} holds {' and '.join(kinds)} values")
+    broken = " (the checkpoint itself is broken)" if report["nonfinite_float"] else ""
+    return " and ".join(parts) + broken
+
+
 def _judge(report: dict[str, Any], limits: Thresholds) -> dict[str, Any]:
-    """Apply the thresholds; NaN or inf in the output fails on its own, named as such."""
-    checks: dict[str, bool] = {"finite": report["nonfinite"] == 0}
+    """Apply the thresholds; NaN or inf in either output fails on its own, named as such."""
+    checks: dict[str, bool] = {"finite": report["nonfinite"] == 0 and report["nonfinite_float"] == 0}
     if limits.max_abs_diff is not None and report["max_abs_diff"] is not None:
         checks["max_abs_diff"] = report["max_abs_diff"] <= limits.max_abs_diff
     if limits.pixel_agreement is not None:
@@ -489,7 +573,7 @@ def _judge(report: dict[str, Any], limits: Thresholds) -> dict[str, Any]:
     report["passed"] = all(checks.values())
     failures = [name for name, ok in checks.items() if not ok]
     if "finite" in failures:
-        report["failure"] = f"the output holds {report['nonfinite']} NaN or inf values"
+        report["failure"] = _nonfinite_failure(report)
     elif failures:
         values = {"max_abs_diff": report["max_abs_diff"], "pixel_agreement": report["pixel_agreement"],
                   "miou_drop": report["miou_drop_points"]}  # fmt: skip
@@ -528,12 +612,13 @@ def quantized_predictor(model: Any, target_name: str, options: ExportOptions, qu
     plan = plan_export(model, target_name, options, workdir, quant)
     h, w = options.size
     if plan.target.pt2e_quantizer(quant) is not None:
-        module, example = capture(model, plan)
+        module, example, _ = capture(model, plan)
         quantized, _ = quantize(module, example, plan)
 
         def predict(images: np.ndarray) -> np.ndarray:
+            batch = plan.graph_input(images)  # (N, 3, H, W); the exported graph takes one image at a time
             with torch.no_grad():
-                logits = quantized(torch.from_numpy(plan.graph_input(images))).numpy()
+                logits = np.concatenate([quantized(torch.from_numpy(batch[i : i + 1])).numpy() for i in range(len(batch))])
             return upsampled_argmax(logits, (h, w))
 
         return predict

@@ -29,13 +29,13 @@ class OutputCapture:
     def __init__(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
-        self._saved: tuple[int, int] | None = None
+        self._saved: tuple[int, int] | None = None  # the terminal's fds 1 and 2
+        self._streams: tuple[TextIO, TextIO] | None = None  # the caller's sys.stdout and sys.stderr
         self._log: int | None = None
+        self._text: TextIO | None = None  # the log file as a text stream
         self._handler: logging.Handler | None = None
         self._root_level = logging.WARNING
         self._warnings: contextlib.ExitStack | None = None
-        self._streams: tuple[TextIO, TextIO] | None = None
-        self._text: TextIO | None = None
 
     def __enter__(self) -> OutputCapture:
         if not self.enabled:
@@ -46,7 +46,7 @@ class OutputCapture:
         self._text = open(self._log, "w", closefd=False, buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
         self._redirect()
         root = logging.getLogger()
-        self._handler = logging.StreamHandler(open(self._log, "w", closefd=False, buffering=1))  # noqa: SIM115
+        self._handler = logging.StreamHandler(self._text)  # type: ignore[arg-type]
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self._handler.setLevel(logging.INFO)
         self._root_level = root.level

@@ -42,7 +42,7 @@ def calib(trained) -> CalibrationSet:
     return select_calibration_set("synthetic:96", 16, SIZE, 8, checkpoint_sha256=checkpoint_digest(ckpt))
 
 
-INT8_TARGETS = ["executorch", "tflite", "coreml", "onnx"]
+INT8_TARGETS = ["executorch", "tflite", "coreml", "onnx", "openvino"]
 
 
 @pytest.mark.parametrize("target", INT8_TARGETS)

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .interrupts import raise_if_interrupted
+
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
 
 
@@ -36,6 +38,7 @@ def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> I
         tmp = Path(name)
     try:
         yield tmp
+        raise_if_interrupted()  # a stop signal that a library swallowed still stops the commit
         # mkstemp/mkdtemp (and some writers) make 0600/0700; a finished artifact gets the usual mode.
         os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
         if directory:

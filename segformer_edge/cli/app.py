@@ -8,12 +8,12 @@ line on stderr and exit code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from typing import Any
 
 import typer
 
+from segformer_edge import interrupts
 from segformer_edge.errors import SegformerEdgeError
 
 from . import bench, calibrate, data, erf, evaluate, export, info, predict, train
@@ -71,22 +71,21 @@ def build_app() -> typer.Typer:
     return app
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and map exceptions to exit codes (:data:`_ERRORS`)."""
     from .common import err_console
 
     STATE["debug"] = "--debug" in (argv if argv is not None else sys.argv[1:])
-    # SIGTERM unwinds like Ctrl-C, so that every atomic write removes its temporary file.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM unwinds like Ctrl-C, so that every atomic write removes its temporary file (deferred out of imports).
+    interrupts.install()
     try:
         # Standalone mode: usage errors (bad options) print Typer's message and exit 2, --help exits 0.
         build_app()(args=argv)
+        interrupts.raise_if_interrupted()  # a library swallowed the signal's exception: still not a success
     except BaseException as exc:  # noqa: BLE001 - mapped below; anything unmapped keeps its traceback
-        if isinstance(exc, SystemExit) or STATE["debug"] and not isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, SystemExit) and exc.code in (None, 0, 130) and interrupts.interrupted():
+            exc = KeyboardInterrupt("signal")  # Typer maps KeyboardInterrupt to a silent exit 130: say what happened
+        elif isinstance(exc, SystemExit) or STATE["debug"] and not isinstance(exc, KeyboardInterrupt):
             raise
         for kind, handle in _ERRORS:
             if isinstance(exc, kind):

@@ -83,6 +83,7 @@ class CalibrationSet:
         """What a manifest records of the set: where it came from and its hash, not its images."""
         covered = sum(1 for v in self.coverage.values() if v > 0)
         return {"sha256": self.sha256, "data": self.data, "images": len(self.images), "size": list(self.size),
+                "seed": self.seed, "method": self.method,
                 "masks_from": self.masks_from, "classes_covered": covered, "classes": len(self.coverage),
                 "checkpoint_sha256": self.checkpoint_sha256}  # fmt: skip
 
@@ -185,7 +186,7 @@ def select_calibration_set(
         chosen.append(best)
         for c in present[best]:
             counts[c] += 1
-    names = class_names or source.labels.classes
+    names = class_names or (source.labels.classes if source.labels is not None else [f"class_{c}" for c in range(num_classes)])
     coverage = {names[c]: int(counts[c]) for c in range(num_classes)}
     covered = sum(1 for k in coverage.values() if k)
     if covered < num_classes:

@@ -15,10 +15,12 @@ from segformer_edge.errors import ExportError
 if TYPE_CHECKING:
     from .calibset import CalibrationSet
 
-__all__ = ["LAYER_GROUPS", "METHODS", "SCHEMES", "QuantSpec", "group_of", "module_names"]
+__all__ = ["LAYER_GROUPS", "METHODS", "OUTLIER_MODES", "SCHEMES", "QuantSpec", "group_of", "module_names"]
 
 METHODS = ("auto", "minmax", "moving_average", "percentile", "mse", "entropy")
 SCHEMES = ("static", "dynamic")
+# Outlier handling before any target's quantizer (see .outliers; kept here so that the spec needs no torch).
+OUTLIER_MODES = ("auto", "none", "smoothquant", "bias_correction", "smoothquant+bias_correction")
 
 # Group name -> module names inside the export wrapper (EdgeModule holds the SegFormer as `model`).
 LAYER_GROUPS: dict[str, tuple[str, ...]] = {
@@ -59,6 +61,11 @@ class QuantSpec:
             records the method a target used.
         weights: Weight granularity, ``per_channel`` or ``per_tensor`` (symmetric int8).
         float_groups: Layer groups kept in float (see :data:`LAYER_GROUPS`).
+        outliers: Function-preserving rewrites of the float model before the target's quantizer
+            (:mod:`.outliers`): ``smoothquant`` (LayerNorm scale migration, strength searched on the
+            calibration images), ``bias_correction`` (of the int8 weight error), both
+            (``smoothquant+bias_correction``), ``none``, or ``auto`` (each only where it measurably lowers
+            the int8 error on the calibration images). The manifest records what was chosen and measured.
         calibration: The calibration set (its reference, not its images, goes into the manifest).
         policy: How ``float_groups`` was chosen (the ``--budget`` search), when it was.
     """
@@ -67,6 +74,7 @@ class QuantSpec:
     method: str = "auto"
     weights: str = "per_channel"
     float_groups: tuple[str, ...] = ()
+    outliers: str = "auto"
     calibration: CalibrationSet | None = field(default=None, compare=False, repr=False)
     policy: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
@@ -77,6 +85,8 @@ class QuantSpec:
             raise ExportError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
         if self.weights not in ("per_channel", "per_tensor"):
             raise ExportError(f"weight granularity {self.weights!r}: choose per_channel or per_tensor")
+        if self.outliers not in OUTLIER_MODES:
+            raise ExportError(f"--outliers {self.outliers}: choose one of {', '.join(OUTLIER_MODES)}")
         module_names(self.float_groups)  # validates the names
         object.__setattr__(self, "float_groups", tuple(self.float_groups))
 
@@ -104,6 +114,7 @@ class QuantSpec:
             "weights": self.weights,
             "float_groups": list(self.float_groups),
             "float_modules": self.float_modules,
+            "outliers": self.outliers,
             "calibration": None if calib is None else calib.reference(),
         }
         if self.policy is not None:

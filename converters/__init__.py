@@ -30,6 +30,7 @@ _BUILTIN: dict[str, str] = {
     "coreml": "segformer_edge.converters.coreml:CoreMLTarget",
     "onnx": "segformer_edge.converters.onnx:OnnxTarget",
     "executorch-coreml": "segformer_edge.converters.executorch_coreml:ExecuTorchCoreMLTarget",
+    "openvino": "segformer_edge.converters.openvino:OpenVINOTarget",
 }
 _registry: dict[str, str | type[Target]] = dict(_BUILTIN)
 _plugins_loaded = False

@@ -25,7 +25,6 @@ from segformer_edge.inputs import INPUT_KINDS, LAYOUTS, InputSpec
 
 if TYPE_CHECKING:
     import torch
-
     from segformer_edge.calibration.spec import QuantSpec
 
 __all__ = [
@@ -34,6 +33,7 @@ __all__ = [
     "Artifact",
     "ArtifactError",
     "ExportOptions",
+    "ExportPlan",
     "Runner",
     "Target",
     "conversion_error",
@@ -62,7 +62,9 @@ FEATURES = {
     "output:mask": "--output mask",
     "dynamic": "--dynamic",
     "image_input": "--image-input",
+    "taps": "verify --layers (a debug graph with the stage outputs as extra outputs)",
 }
+TAPS = ("stage1", "stage2", "stage3", "stage4", "fused")  # the extra outputs of a debug (--layers) graph
 EDGE_FEATURES = frozenset({"nhwc", "input:rgb01", "input:uint8", "output:mask"})
 
 
@@ -90,6 +92,7 @@ class ExportOptions:
     dynamic: bool = False
     image_input: bool = False
     target_options: dict[str, str] = field(default_factory=dict)
+    taps: bool = False  # a debug graph: the stage outputs and the fused decoder feature as extra outputs
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -116,6 +119,8 @@ class ExportOptions:
             asked.add("dynamic")
         if self.image_input:
             asked.add("image_input")
+        if self.taps:
+            asked.add("taps")
         return asked
 
     def input_spec(self, meta: Any, integer_input: bool = True) -> InputSpec:
@@ -129,6 +134,21 @@ class ExportOptions:
         """What the traced graph takes (an image input is traced as 0..1 RGB: the runtime scales by 1/255)."""
         kind = "rgb01" if self.image_input else self.input_kind
         return InputSpec(self.size, meta.mean, meta.std, kind=kind, layout=self.layout, dynamic=self.dynamic)
+
+
+@dataclass
+class ExportPlan:
+    """Everything decided before any conversion runs: what :meth:`Target.convert` is given."""
+
+    target: Target
+    options: ExportOptions
+    quant: QuantSpec | None  # None for float exports; the method is resolved for this target
+    target_options: dict[str, str]  # this target's own options, defaults filled in
+    folder: Path  # where the artifact lands
+    input: InputSpec  # what the artifact takes
+    graph_input: InputSpec  # what the traced graph takes
+    meta: Any  # the model's ModelMeta: class names, palette, normalisation
+    variant: str
 
 
 @dataclass
@@ -158,7 +178,11 @@ class Artifact:
 
 
 class Runner(Protocol):
-    """Runs an artifact: a numpy batch in the manifest's input layout -> numpy outputs."""
+    """Runs an artifact: a numpy batch in the manifest's input layout -> its (first) output.
+
+    Runners of targets with the ``taps`` feature also have ``run(x) -> list[np.ndarray]``: every output, in
+    the graph's order (the main output, then the taps).
+    """
 
     executor: str
 
@@ -174,7 +198,7 @@ class Target:
     """
 
     name: ClassVar[str] = ""
-    suffix: ClassVar[str] = ""  # the model file's suffix (a folder for .mlpackage)
+    suffix: ClassVar[str] = ""  # the model file's suffix (the model file may be a folder: .mlpackage, .openvino)
     summary: ClassVar[str] = ""  # one line for --help and `info --targets`
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
     features: ClassVar[frozenset[str]] = EDGE_FEATURES
@@ -196,6 +220,10 @@ class Target:
     def runs_here(self) -> bool:
         """Whether this machine can run the target's artifacts (parity is checked only where it can)."""
         return True
+
+    def times_here(self) -> bool:
+        """Whether a latency measured here means anything (False where only a reference executor runs)."""
+        return self.runs_here()
 
     def tool_versions(self) -> dict[str, str]:
         return tool_versions(*self.tools)
@@ -268,9 +296,12 @@ class Target:
         return quantized, {"quantizer": type(quantizer).__name__, "activation_observers": observers,
                            "ops_by_group": count_quantized_ops(quantized)}  # fmt: skip
 
-    def convert(self, module: torch.nn.Module, example: torch.Tensor, options: ExportOptions, path: Path,
-                quant: QuantSpec | None, target_options: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-        """Write the model file at ``path``; return manifest fields read back from what was written."""
+    def convert(self, module: torch.nn.Module, example: torch.Tensor, path: Path, plan: ExportPlan) -> dict[str, Any]:
+        """Write the model file at ``path``; return manifest fields read back from what was written.
+
+        ``module`` is the float graph (or the quantized one, for targets with a PT2E quantizer); ``plan``
+        holds the options, the quantization spec (targets without a PT2E quantizer quantize here), this
+        target's own options and the model's metadata."""
         raise NotImplementedError
 
     # -- run -----------------------------------------------------------------------------------------
@@ -291,6 +322,11 @@ class Target:
     def profile(self, artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> list[dict[str, Any]] | None:
         """The ops that take the time, where the runtime can say (None where it cannot)."""
         return None
+
+    def parity_precision(self, manifest: dict[str, Any]) -> str:
+        """The precision whose parity thresholds an artifact is held to: its own, unless its own options tell
+        the runtime to compute lower (an fp32 OpenVINO IR run with a bf16 hint is held to fp16's)."""
+        return str(manifest["precision"])
 
 
 def _who_supports(feature: str) -> str:
@@ -333,7 +369,9 @@ def read_manifest(path: str | Path, *, check_hash: bool = True) -> Artifact:
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: no such artifact")
-    folder = path if path.is_dir() and not path.suffix == ".mlpackage" else path.parent
+    # A folder is the artifact's own unless it is a model file that is a folder (.mlpackage, .openvino) beside a manifest.
+    inner = path.is_dir() and not (path / MANIFEST).is_file() and (path.parent / MANIFEST).is_file()
+    folder = path if path.is_dir() and not inner else path.parent
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"{path}: no {MANIFEST} beside the artifact; re-export it with segformer-edge export")

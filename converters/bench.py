@@ -109,7 +109,7 @@ def _measure_artifact(path: str, threads: int, warmup: int, runs: int, compute_u
         "artifact": str(artifact.folder), "target": artifact.target, "precision": artifact.precision,
         "threads": threads, "size_mb": manifest["size_bytes"] / 1e6,
     }  # fmt: skip
-    if not target.runs_here():
+    if not target.times_here():
         return {**record, "status": target.not_here}
     spec = artifact.input_spec
     h, w = spec.size
@@ -135,9 +135,8 @@ def _measure_artifact(path: str, threads: int, warmup: int, runs: int, compute_u
 def _measure_torch(checkpoint: str | None, size: list[int], threads: int, warmup: int, runs: int) -> dict[str, Any]:
     import torch
 
-    from segformer_edge.weights import builtin_checkpoint, load_pretrained
-
     from segformer_edge.inputs import InputSpec
+    from segformer_edge.weights import builtin_checkpoint, load_pretrained
 
     torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import EDGE_FEATURES, Artifact, ExportOptions, Target
+from .base import EDGE_FEATURES, TAPS, Artifact, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -30,7 +30,7 @@ class CoreMLRunner:
     def __init__(self, artifact: Artifact, compute_units: str = "all", force_reference: bool = False) -> None:
         if compute_units not in COMPUTE_UNITS:
             raise ValueError(f"--compute-units {compute_units}: choose one of {', '.join(COMPUTE_UNITS)}")
-        self.output_name = "out"
+        self.output_names = ["out", *artifact.manifest["output"].get("taps", [])]
         self.input_name = "x"
         self.image_input = bool(artifact.manifest.get("coreml", {}).get("image_input"))
         if platform.system() == "Darwin" and not force_reference:
@@ -47,15 +47,20 @@ class CoreMLRunner:
             self.program = MilProgram(artifact.file)
             self.executor = "mil-reference-executor (numpy)"
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
         if self.program is not None:
-            return self.program(**{self.input_name: x})[self.output_name]
-        if self.image_input:  # pragma: no cover - macOS only
+            outs = self.program(**{self.input_name: x})
+        elif self.image_input:  # pragma: no cover - macOS only
             from PIL import Image
 
-            outs = [self.model.predict({self.input_name: Image.fromarray(img.transpose(1, 2, 0).astype(np.uint8))})[self.output_name] for img in x]
-            return np.concatenate(outs)
-        return np.asarray(self.model.predict({self.input_name: x})[self.output_name])  # pragma: no cover
+            frames = [self.model.predict({self.input_name: Image.fromarray(img.transpose(1, 2, 0).astype(np.uint8))}) for img in x]
+            outs = {name: np.concatenate([f[name] for f in frames]) for name in self.output_names}
+        else:  # pragma: no cover - macOS only
+            outs = self.model.predict({self.input_name: x})
+        return [np.asarray(outs[name]) for name in self.output_names]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[0]
 
 
 class CoreMLTarget(Target):
@@ -63,16 +68,23 @@ class CoreMLTarget(Target):
     suffix = ".mlpackage"
     summary = "Core ML ML program (iOS, macOS); checked off macOS by a numpy MIL executor"
     precisions = ("fp32", "fp16", "int8")
-    features = EDGE_FEATURES | {"image_input"}
+    features = EDGE_FEATURES | {"image_input", "taps"}
     tools = ("coremltools",)
     runtime_modules = ("coremltools",)
     integer_input = False  # Core ML multi-arrays have no uint8: 0..255 values come in as float32
+    not_here = "needs macOS"
+
+    def times_here(self) -> bool:
+        return platform.system() == "Darwin"  # elsewhere only the numpy reference executor runs: no latency
 
     def pt2e_quantizer(self, quant: QuantSpec) -> Any:
         """W8A8 made on the torch side (coremltools' activation calibration needs macOS): PT2E with Core ML's
         quantizer, symmetric int8 weights and uint8 activations."""
         import torch
-        from coremltools.optimize.torch.quantization.quantization_config import LinearQuantizerConfig, QuantizationScheme
+        from coremltools.optimize.torch.quantization.quantization_config import (
+            LinearQuantizerConfig,
+            QuantizationScheme,
+        )
         from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
 
         config = LinearQuantizerConfig.from_dict({
@@ -81,20 +93,21 @@ class CoreMLTarget(Target):
         })  # fmt: skip
         return CoreMLQuantizer(config)
 
-    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import coremltools as ct
         import torch
 
-        meta, variant = module.model.meta, module.model.config.variant
+        meta, variant, options = plan.meta, plan.variant, plan.options
         program = torch.export.export(module, (example.float(),)).run_decompositions({})
         if options.image_input:
             inputs = [ct.ImageType(name="x", shape=tuple(example.shape), scale=1.0 / 255.0, color_layout=ct.colorlayout.RGB)]
         else:
             inputs = [ct.TensorType(name="x", shape=tuple(example.shape), dtype=np.float32)]
         precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
-        target = ct.target.iOS17 if quant is not None else ct.target.iOS16
+        target = ct.target.iOS17 if plan.quant is not None else ct.target.iOS16
         model = ct.convert(
-            program, convert_to="mlprogram", inputs=inputs, outputs=[ct.TensorType(name="out")],
+            program, convert_to="mlprogram", inputs=inputs,
+            outputs=[ct.TensorType(name=n) for n in ("out", *(TAPS if options.taps else ()))],
             compute_precision=precision, minimum_deployment_target=target,
         )  # fmt: skip
         model.short_description = f"SegFormer-{variant.upper()} semantic segmentation ({options.output})"

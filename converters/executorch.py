@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Artifact, ExportOptions, Target
+from .base import EDGE_FEATURES, Artifact, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -34,11 +34,13 @@ class ExecuTorchRunner:
         self.program = self.runtime.load_program(artifact.file)
         self.method = self.program.load_method("forward")
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
         import torch
 
-        (out,) = self.method.execute([torch.from_numpy(np.ascontiguousarray(x))])
-        return out.numpy().copy()
+        return [out.numpy().copy() for out in self.method.execute([torch.from_numpy(np.ascontiguousarray(x))])]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[0]
 
 
 def delegation_report(graph_module: Any) -> dict[str, Any]:
@@ -72,8 +74,10 @@ class _HalfCompute:
                 super().__init__()
                 self.inner = inner.half()
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
+            def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
                 y = self.inner(x.half() if x.is_floating_point() else x)
+                if isinstance(y, tuple):  # a debug graph's taps
+                    return tuple(t.float() if t.is_floating_point() else t for t in y)
                 return y.float() if y.is_floating_point() else y
 
         return HalfCompute(module).eval()
@@ -84,6 +88,7 @@ class ExecuTorchTarget(Target):
     suffix = ".pte"
     summary = "ExecuTorch .pte, XNNPACK-delegated (Android, iOS, Linux)"
     precisions = ("fp32", "fp16", "int8")
+    features = EDGE_FEATURES | {"taps"}
     tools = ("executorch",)
     runtime_modules = ("executorch.runtime",)
 
@@ -104,12 +109,12 @@ class ExecuTorchTarget(Target):
         config = get_symmetric_quantization_config(is_per_channel=quant.weights == "per_channel")
         return XNNPACKQuantizer().set_global(config).set_module_type(DecomposedLayerNorm, None)
 
-    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import torch
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
-        if options.precision == "fp16":
+        if plan.options.precision == "fp16":
             module = _HalfCompute(module)
         program = torch.export.export(module, (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])

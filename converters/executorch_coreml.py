@@ -11,7 +11,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .base import Artifact, ArtifactError, ExportOptions, Target
+from .base import Artifact, ArtifactError, ExportPlan, Target
 from .executorch import ExecuTorchRunner, delegation_report
 
 logger = logging.getLogger(__name__)
@@ -30,14 +30,14 @@ class ExecuTorchCoreMLTarget(Target):
     def runs_here(self) -> bool:
         return platform.system() == "Darwin"
 
-    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import coremltools as ct
         import torch
         from executorch.backends.apple.coreml.compiler import CoreMLBackend
         from executorch.backends.apple.coreml.partition import CoreMLPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
-        precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
+        precision = ct.precision.FLOAT16 if plan.options.precision == "fp16" else ct.precision.FLOAT32
         specs = CoreMLBackend.generate_compile_specs(compute_precision=precision, minimum_deployment_target=ct.target.iOS16)
         program = torch.export.export(module, (example,))
         edge = to_edge_transform_and_lower(program, partitioner=[CoreMLPartitioner(compile_specs=specs)])

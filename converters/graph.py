@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segformer_edge.inputs import InputSpec
 from segformer_edge.model import EfficientSelfAttention, SegFormer
 
-from segformer_edge.inputs import InputSpec
+from .base import TAPS
 
 __all__ = [
+    "TAPS",
     "DecomposedLayerNorm",
     "EdgeModule",
     "RowSplitAttention",
@@ -27,14 +29,18 @@ __all__ = [
 
 
 class EdgeModule(nn.Module):
-    """SegFormer plus its graph edges: input layout and normalisation, logits or a fused argmax mask."""
+    """SegFormer plus its graph edges: input layout and normalisation, logits or a fused argmax mask.
 
-    def __init__(self, model: SegFormer, spec: InputSpec, output: str = "logits") -> None:
+    With ``taps`` the graph also outputs the four encoder stage maps and the fused decoder feature
+    (:data:`TAPS`), after its main output: what ``verify --layers`` compares with the float model.
+    """
+
+    def __init__(self, model: SegFormer, spec: InputSpec, output: str = "logits", taps: bool = False) -> None:
         super().__init__()
         self.model = model
-        self.spec = spec
         self.input_kind = spec.kind
         self.output = output
+        self.taps = taps
         self.nhwc = spec.layout == "nhwc"
         mean = torch.tensor(spec.mean).reshape(1, 3, 1, 1) * spec.scale
         std = torch.tensor(spec.std).reshape(1, 3, 1, 1) * spec.scale
@@ -42,16 +48,22 @@ class EdgeModule(nn.Module):
         self.register_buffer("in_scale", 1.0 / std, persistent=False)
         self.register_buffer("in_shift", -mean / std, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         if self.nhwc:
             x = x.permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
         if self.input_kind != "normalized":
             x = x.float() * self.in_scale + self.in_shift  # (B, 3, H, W), normalised
-        logits = self.model(x)  # (B, K, H/4, W/4)
+        if self.taps:
+            features = self.model.encoder(x)  # four (B, C_i, H / 2^(i+2), W / 2^(i+2))
+            fused = self.model.decoder.fuse_features(features)  # (B, C, H/4, W/4)
+            logits = self.model.decoder.classifier(fused)  # (B, K, H/4, W/4)
+        else:
+            logits = self.model(x)  # (B, K, H/4, W/4)
+        out = logits
         if self.output == "mask":
-            logits = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
-            return logits.argmax(dim=1).to(torch.int32)  # (B, H, W)
-        return logits
+            up = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
+            out = up.argmax(dim=1).to(torch.int32)  # (B, H, W)
+        return (out, *features, fused) if self.taps else out
 
 
 class DecomposedLayerNorm(nn.Module):

@@ -14,10 +14,11 @@ import numpy as np
 
 from segformer_edge.errors import ExportError
 
-from .base import EDGE_FEATURES, Artifact, ExportOptions, Target
+from .base import EDGE_FEATURES, TAPS, Artifact, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
+
     from segformer_edge.inputs import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,11 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(artifact.file), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input_name: x})
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+        return self.run(x)[0]
 
 
 class OnnxTarget(Target):
@@ -44,32 +48,34 @@ class OnnxTarget(Target):
     suffix = ".onnx"
     summary = "ONNX (dynamo exporter), run by ONNX Runtime (x86 and Arm CPUs, any ORT provider)"
     precisions = ("fp32", "fp16", "int8")
-    features = EDGE_FEATURES | {"dynamic"}
+    features = EDGE_FEATURES | {"dynamic", "taps"}
     quant_methods = ("minmax", "moving_average", "percentile", "entropy")  # ONNX Runtime's calibrators
     default_method = "entropy"
     tools = ("onnx", "onnxruntime", "onnxscript")
     runtime_modules = ("onnxruntime",)
     extra = "runtime"
 
-    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import onnx
         import torch
         from torch.export import Dim
 
+        options = plan.options
         dynamic = None
         if options.dynamic:
             hd, wd = (1, 2) if options.layout == "nhwc" else (2, 3)
             dynamic = {"x": {hd: Dim("H", min=64, max=4096), wd: Dim("W", min=64, max=4096)}}
+        outputs = ["out", *(TAPS if options.taps else ())]
         program = torch.onnx.export(
-            module, (example,), dynamo=True, dynamic_shapes=dynamic, input_names=["x"], output_names=["out"],
+            module, (example,), dynamo=True, dynamic_shapes=dynamic, input_names=["x"], output_names=outputs,
             optimize=True, verbose=False,
         )  # fmt: skip
         model = program.model_proto
         if options.precision == "fp16":
             model = _to_fp16(model)
         onnx.checker.check_model(model, full_check=True)
-        if quant is not None:
-            return self._quantize_static(model, path, quant, module.spec)
+        if plan.quant is not None:
+            return self._quantize_static(model, path, plan.quant, plan.graph_input)
         onnx.save_model(model, str(path))
         return {"onnx": read_back(path)}
 
@@ -78,7 +84,13 @@ class OnnxTarget(Target):
         import tempfile
 
         import onnx
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         calib = quant.require_calibration(self.name)
@@ -216,8 +228,8 @@ def _nodes_in_groups(path: Path, groups: set[str]) -> list[str]:
 
 
 def ops_by_group(path: Path) -> dict[str, dict[str, int]]:
-    """Per layer group, the compute ops (Conv, MatMul, Gemm) fed by a DequantizeLinear (quantized) or not
-    (float), read from the quantized model itself."""
+    """Per layer group, the compute ops (Conv, MatMul, Gemm) whose two operands (activation and weight) both
+    come out of a DequantizeLinear (int8) or not (float), read from the quantized model itself."""
     import onnx
 
     graph = onnx.load(str(path)).graph
@@ -226,8 +238,8 @@ def ops_by_group(path: Path) -> dict[str, dict[str, int]]:
     for node in graph.node:
         if node.op_type not in _COMPUTE_OPS:
             continue
-        source = producer.get(node.input[0])
-        quantized = source is not None and source.op_type == "DequantizeLinear"
+        sources = [producer.get(name) for name in node.input[:2]]
+        quantized = len(sources) == 2 and all(src is not None and src.op_type == "DequantizeLinear" for src in sources)
         entry = counts.setdefault(_node_group(node) or "other", {"quantized": 0, "float": 0})
         entry["quantized" if quantized else "float"] += 1
     return counts

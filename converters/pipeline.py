@@ -1,7 +1,7 @@
 """The flow of one export, as a straight line of small steps, and parity verification.
 
-plan (validate the options against the target) -> capture (float model + graph edges + the target's
-module swaps) -> quantize (the target's quantizer, honouring the QuantSpec) -> lower (the target writes
+plan (validate the options against the target) -> capture (float model, rewritten for INT8 activation
+outliers where the QuantSpec says so, + graph edges + the target's module swaps) -> quantize (the target's quantizer, honouring the QuantSpec) -> lower (the target writes
 its file) -> write (the manifest, complete) -> verify (the target's runner against the float model) ->
 record (parity into the manifest, then the atomic swap). Nothing edits the manifest after the swap. An
 artifact that fails parity never replaces what was there: it is kept beside it as ``NAME.failed/``.
@@ -9,6 +9,7 @@ artifact that fails parity never replaces what was there: it is kept beside it a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -25,11 +26,19 @@ from segformer_edge.errors import CheckpointError, DataError, ExportError, Segfo
 from segformer_edge.inputs import InputSpec
 
 from . import get_target
-from .base import MANIFEST_FORMAT, Artifact, ExportOptions, Target, conversion_error, file_sha256, read_manifest
+from .base import (
+    MANIFEST_FORMAT,
+    TAPS,
+    Artifact,
+    ExportOptions,
+    ExportPlan,
+    conversion_error,
+    file_sha256,
+    read_manifest,
+)
 
 if TYPE_CHECKING:
     import torch
-
     from segformer_edge.calibration.spec import QuantSpec
 
 __all__ = [
@@ -39,7 +48,9 @@ __all__ = [
     "Thresholds",
     "artifact_name",
     "checkpoint_digest",
+    "default_thresholds",
     "export_artifact",
+    "load_reference",
     "verify_artifact",
 ]
 
@@ -64,6 +75,11 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
 }
 
 
+def default_thresholds(manifest: dict[str, Any]) -> Thresholds:
+    """The thresholds an artifact is held to by default: those of the precision it computes in."""
+    return DEFAULT_THRESHOLDS[get_target(manifest["target"]).parity_precision(manifest)]
+
+
 class ParityFailed(SegformerEdgeError):
     """The artifact was written but does not agree with the float model; it was kept aside, not swapped in."""
 
@@ -75,18 +91,15 @@ class ParityFailed(SegformerEdgeError):
         self.failed = failed
 
 
+# What each asked-for graph-edge feature adds to an artifact's name, in name order.
+_NAME_PARTS = {"output:mask": "mask", "input:rgb01": "rgb01", "input:uint8": "uint8", "nhwc": "nhwc", "dynamic": "dynamic",
+               "image_input": "image", "taps": "taps"}  # fmt: skip
+
+
 def artifact_name(variant: str, target: str, options: ExportOptions) -> str:
+    features = options.features
     parts = [f"segformer-{variant}", target, options.precision]
-    if options.output == "mask":
-        parts.append("mask")
-    if options.input_kind != "normalized":
-        parts.append(options.input_kind)
-    if options.layout == "nhwc":
-        parts.append("nhwc")
-    if options.dynamic:
-        parts.append("dynamic")
-    if options.image_input:
-        parts.append("image")
+    parts += [part for feature, part in _NAME_PARTS.items() if feature in features]
     parts += [f"{k}-{v}" for k, v in sorted(options.target_options.items())]
     return "_".join(parts)
 
@@ -99,20 +112,8 @@ def checkpoint_digest(path: Path) -> str:
 # The steps
 
 
-@dataclass
-class ExportPlan:
-    """Everything decided before any conversion runs."""
-
-    target: Target
-    options: ExportOptions
-    quant: QuantSpec | None
-    target_options: dict[str, str]
-    folder: Path
-    input: InputSpec  # what the artifact takes
-    graph_input: InputSpec  # what the traced graph takes
-
-
-def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: str | Path, quant: QuantSpec | None) -> ExportPlan:
+def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: str | Path, quant: QuantSpec | None,
+                *, check_calibration: bool = True) -> ExportPlan:  # fmt: skip
     """Validate the options against the target (a clear error for what it cannot honour)."""
     target = get_target(target_name)
     if options.precision != "int8":
@@ -121,28 +122,72 @@ def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: s
         quant = quant.with_(method=target.default_method)
     if options.precision == "int8" and quant is None:
         raise ExportError(f"{target_name}: int8 needs a quantization spec with a calibration set")
-    if quant is not None and quant.scheme == "static":
+    if quant is not None and quant.scheme == "static" and check_calibration:
         calib = quant.require_calibration(target_name)
         if calib.size != tuple(options.size):
             raise DataError(f"calibration images are {calib.size[0]}x{calib.size[1]} but the export is {options.size[0]}x{options.size[1]}")
     target_options = target.plan(options, quant)
     folder = Path(out_dir) / artifact_name(model.config.variant, target_name, options)
-    return ExportPlan(target, options, quant, target_options, folder,
-                      options.input_spec(model.meta, target.integer_input), options.graph_spec(model.meta))  # fmt: skip
+    return ExportPlan(target, options, quant, target_options, folder, options.input_spec(model.meta, target.integer_input),
+                      options.graph_spec(model.meta), model.meta, model.config.variant)  # fmt: skip
 
 
-def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The module the target converts (float model + graph edges + its swaps) and an example input."""
+def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
+    """The module the target converts (float model + graph edges + its swaps), an example input, and what the
+    outlier handling did (empty for float exports).
+
+    For int8 the float model is a rewritten copy (BatchNorm folded, then the QuantSpec's outlier handling);
+    ``model`` itself, the reference of verify, is never changed.
+    """
     import torch
 
     from .graph import EdgeModule, fold_batch_norm
 
+    outliers: dict[str, Any] = {}
     if plan.quant is not None:
         model = fold_batch_norm(model)  # the quantizers see conv + bias, not conv + BatchNorm
-    module = plan.target.prepare(EdgeModule(model, plan.graph_input, plan.options.output).eval()).eval()
+        model, outliers = rewrite_outliers(model, plan)
+    module = plan.target.prepare(EdgeModule(model, plan.graph_input, plan.options.output, plan.options.taps).eval()).eval()
     shape = plan.graph_input.shape
     example = torch.randint(0, 256, shape, dtype=torch.uint8) if plan.graph_input.kind == "uint8" else torch.rand(shape)
-    return module, example
+    return module, example, outliers
+
+
+def rewrite_outliers(model: Any, plan: ExportPlan) -> tuple[Any, dict[str, Any]]:
+    """The float model rewritten for activation outliers as ``plan.quant.outliers`` says, measured on the
+    calibration images, and the record of what was chosen (see :mod:`segformer_edge.calibration.outliers`)."""
+    import torch
+    from segformer_edge.calibration.outliers import handle_outliers
+
+    quant = plan.quant
+    if quant is None:
+        return model, {}
+    if quant.outliers == "none":
+        return model, {"mode": "none", "applied": []}
+    if quant.calibration is None:
+        if quant.outliers != "auto":
+            raise ExportError(f"{plan.target.name}: --outliers {quant.outliers} needs calibration images (--data or --calibration)")
+        return model, {"mode": "auto", "applied": [], "note": "no calibration images to measure on"}
+    spec = plan.graph_input.float_spec
+    key = (_state_digest(model), quant.calibration.sha256, quant.outliers, quant.weights, repr(spec))
+    if key not in _OUTLIER_CACHE:  # every target of one export gets the same rewrite: measure it once
+        inputs = torch.from_numpy(spec(quant.calibration.images))  # (N, 3, H, W) normalised
+        _OUTLIER_CACHE.clear()
+        _OUTLIER_CACHE[key] = handle_outliers(model, inputs, quant.outliers, weights=quant.weights)
+    rewritten, record = _OUTLIER_CACHE[key]
+    return copy.deepcopy(rewritten), copy.deepcopy(record)
+
+
+_OUTLIER_CACHE: dict[tuple[str, ...], tuple[Any, dict[str, Any]]] = {}  # the last rewrite, by what defines it
+
+
+def _state_digest(model: Any) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def quantize(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -174,7 +219,7 @@ def lower(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan, path
 
     try:
         with torch.no_grad():
-            return plan.target.convert(module, example, plan.options, path, plan.quant, plan.target_options)
+            return plan.target.convert(module, example, path, plan)
     except SegformerEdgeError:
         raise
     except Exception as exc:  # noqa: BLE001 - every converter failure becomes one clear error
@@ -199,7 +244,8 @@ def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowere
         "class_names": list(meta.class_names),
         "palette": [list(c) for c in meta.palette],
         "input": plan.input.to_manifest(),
-        "output": {"kind": options.output, "shape": out_shape, "dtype": "int32" if options.output == "mask" else "float32"},
+        "output": {"kind": options.output, "shape": out_shape, "dtype": "int32" if options.output == "mask" else "float32",
+                   **({"taps": list(TAPS)} if options.taps else {})},
         "target_options": plan.target_options,
         "quantization": None,
         "checkpoint": {"name": checkpoint.name if checkpoint else None,
@@ -241,6 +287,7 @@ def export_artifact(
     thresholds: Thresholds | None = None,
     on_step: Callable[[str], None] | None = None,
     capture_output: bool = True,
+    layers: bool = False,
 ) -> tuple[Artifact, dict[str, Any] | None]:
     """Convert ``model`` for one target into ``out_dir/<name>/`` and verify parity before it lands.
 
@@ -248,7 +295,8 @@ def export_artifact(
     only when every step succeeded; a failed step or parity check leaves any earlier artifact as it was and
     keeps what was built as ``<name>.failed/`` (with its ``export.log``). ``on_step`` hears each step's
     name. With ``capture_output`` the converters' and runtimes' output goes to ``export.log`` in the
-    artifact folder, not to the terminal.
+    artifact folder, not to the terminal. ``layers`` adds the per-tap comparison (verify --layers) to the
+    manifest's parity block.
     """
     from segformer_edge.io import atomic_path
     from segformer_edge.logs import OutputCapture
@@ -267,10 +315,12 @@ def export_artifact(
         try:
             with output:
                 step("capture")
-                module, example = capture(model, plan)
+                module, example, outliers = capture(model, plan)
                 if plan.quant is not None:
                     step("quantize")
                 module, quantized = quantize(module, example, plan)
+                if outliers:
+                    quantized = {"outliers": outliers, **quantized}
                 file = tmp / f"model{plan.target.suffix}"
                 step("lower")
                 lowered = lower(module, example, plan, file)
@@ -284,7 +334,8 @@ def export_artifact(
                 else:
                     step("verify")
                     artifact.write_manifest()  # verify reads the artifact back from disk, as a user would
-                    report = verify_artifact(tmp, model=model, data=verify_data, num_images=verify_images, thresholds=thresholds)
+                    report = verify_artifact(tmp, model=model, checkpoint=checkpoint, data=verify_data, num_images=verify_images,
+                                             thresholds=thresholds, layers=layers)  # fmt: skip
                     manifest["parity"] = {"status": "passed" if report["passed"] else "failed", **report}
                 step("record")
                 artifact.write_manifest()
@@ -329,7 +380,7 @@ def open_verify_data(data: str | None, model: Any) -> tuple[Any, str, bool]:
     Without ``data``, the built-in synthetic scenes: with their labels where the model has their label
     space, as plain images (the float model's predictions as the reference) otherwise, and the report says so.
     """
-    from segformer_edge.data import open_source, synthetic_labels
+    from segformer_edge.data import open_source
 
     spec = data or "synthetic"
     source = open_source(spec, "val")
@@ -338,8 +389,8 @@ def open_verify_data(data: str | None, model: Any) -> tuple[Any, str, bool]:
         if data is not None:
             raise DataError(f"{data}: the data has {source.labels.num_classes} classes but the model has {model.config.num_classes}")
         has_masks = False
-    if data is None and source.labels.classes != synthetic_labels().classes:
-        has_masks = False
+    if data is None and not uses_builtin_labels(model):
+        has_masks = False  # the scenes' labels mean nothing to a model of other classes: its own predictions do
     usage = "labels" if has_masks else "images only; the float model's predictions are the reference"
     return source, usage, has_masks
 
@@ -359,6 +410,9 @@ def verify_artifact(
     num_images: int = 8,
     thresholds: Thresholds | None = None,
     runner: Any | None = None,
+    layers: bool = False,
+    report_dir: Path | None = None,
+    calibration: Path | None = None,
 ) -> dict[str, Any]:
     """Run an artifact and the float model on the same images and compare them.
 
@@ -367,13 +421,17 @@ def verify_artifact(
     ``nonfinite_counts`` splits them into NaN and inf), ``pixel_agreement``, agreement mIoU and per-class IoU
     of the artifact's masks against the float model's (a pixel that NaN or inf reaches never agrees), mIoU of
     both against the labels where the data has them, ``passed``, ``failure`` and what was checked.
+
+    ``layers``: also compare the stage outputs of a debug graph of the same recipe (``report["layers"]``,
+    see :func:`.debug.layer_report`; ``calibration`` is the set an int8 artifact was made with, when it
+    cannot be picked again). ``report_dir``: write the per-image PNGs and report.md / report.json there.
     """
     from segformer_edge.evaluate import ConfusionMatrix
 
     artifact = read_manifest(path)
     manifest = artifact.manifest
     if model is None:
-        model = _load_reference(artifact, checkpoint)
+        model = load_reference(artifact, checkpoint)
     if model.config.num_classes != manifest["num_classes"]:
         raise CheckpointError(f"the model has {model.config.num_classes} classes but {artifact.file.name} has {manifest['num_classes']}")
     source, usage, has_masks = open_verify_data(data, model)
@@ -389,6 +447,7 @@ def verify_artifact(
     diffs, dots, norms_a, norms_b, sq_err, peak = [], 0.0, 0.0, 0.0, 0.0, 0.0
     agree, total, elements = 0, 0, 0
     bad_values = {"artifact": {"nan": 0, "inf": 0}, "float": {"nan": 0, "inf": 0}}
+    items: list[dict[str, Any]] = []
     for i in range(n):
         image, mask = source.load(i)
         image, mask = spec.resize(image, mask)
@@ -418,6 +477,12 @@ def verify_artifact(
                 elements += ref.size
         agree += int(((out_mask == ref_mask) & ~broken).sum())
         total += out_mask.size
+        if report_dir is not None:
+            one = ConfusionMatrix(k)
+            one.update(np.where(out_mask < 0, 0, out_mask), ref_mask)
+            items.append({"name": source.item_name(i), "image": image, "float_mask": ref_mask[0], "artifact_mask": out_mask[0],
+                          "agreement": float(((out_mask == ref_mask) & ~broken).mean()),
+                          "per_class_iou": one.metrics(list(manifest["class_names"]))["per_class_iou"]})  # fmt: skip
         cm_agree.update(_miss(out_mask, ref_mask, broken, k), ref_mask)
         if has_masks:
             cm_float.update(_miss(ref_mask, mask, _nonfinite_reach(ref, (h, w)), k), mask)
@@ -441,7 +506,7 @@ def verify_artifact(
         "psnr_db": 10 * float(np.log10(max(peak, 1e-30) ** 2 / max(sq_err / elements, 1e-30))) if measured else None,
         "pixel_agreement": agree / total,
         "agreement_miou": agreement["miou"],
-        "agreement_per_class_iou": {name: iou for name, iou in agreement["per_class_iou"].items() if iou == iou},
+        "agreement_per_class_iou": {name: iou for name, iou in agreement["per_class_iou"].items() if iou is not None},
         "miou_float": cm_float.metrics()["miou"] if has_masks else None,
         "miou_artifact": cm_art.metrics()["miou"] if has_masks else None,
     }
@@ -449,7 +514,17 @@ def verify_artifact(
         report["miou_drop_points"] = 100 * (report["miou_float"] - report["miou_artifact"])
     else:  # no labels: the drop is measured against the float model's own masks (its mIoU there is 100%)
         report["miou_drop_points"] = 100 * (1.0 - report["agreement_miou"])
-    return _judge(report, thresholds or DEFAULT_THRESHOLDS[manifest["precision"]])
+    report = _judge(report, thresholds or default_thresholds(manifest))
+    if layers:
+        from .debug import layer_report
+
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        report["layers"] = layer_report(path, model, checkpoint=ckpt, data=data, num_images=min(n, 4), calibration=calibration)
+    if report_dir is not None:
+        from .debug import write_visual_report
+
+        report["report_dir"] = str(write_visual_report(Path(report_dir), items, report, manifest["palette"], report.get("layers")))
+    return report
 
 
 def _count_nonfinite(values: np.ndarray, counts: dict[str, int]) -> None:
@@ -508,7 +583,9 @@ def _judge(report: dict[str, Any], limits: Thresholds) -> dict[str, Any]:
     return report
 
 
-def _load_reference(artifact: Artifact, checkpoint: str | Path | None) -> Any:
+def load_reference(artifact: Artifact, checkpoint: str | Path | None, option: str = "--checkpoint") -> Any:
+    """The float model an artifact was exported from: ``checkpoint`` (default: the built-in model), refused
+    with a CheckpointError naming ``option`` when its sha256 is not the one the manifest records."""
     from segformer_edge.weights import builtin_checkpoint, load_pretrained
 
     ckpt = Path(checkpoint) if checkpoint is not None else builtin_checkpoint()
@@ -516,7 +593,7 @@ def _load_reference(artifact: Artifact, checkpoint: str | Path | None) -> Any:
     if expected and checkpoint_digest(ckpt) != expected:
         raise CheckpointError(
             f"{ckpt}: this is not the checkpoint {artifact.folder.name} was exported from "
-            f"({artifact.manifest['checkpoint'].get('name')}); pass the right --checkpoint"
+            f"({artifact.manifest['checkpoint'].get('name')}); pass the right {option}"
         )
     return load_pretrained(ckpt)
 
@@ -535,12 +612,13 @@ def quantized_predictor(model: Any, target_name: str, options: ExportOptions, qu
     plan = plan_export(model, target_name, options, workdir, quant)
     h, w = options.size
     if plan.target.pt2e_quantizer(quant) is not None:
-        module, example = capture(model, plan)
+        module, example, _ = capture(model, plan)
         quantized, _ = quantize(module, example, plan)
 
         def predict(images: np.ndarray) -> np.ndarray:
+            batch = plan.graph_input(images)  # (N, 3, H, W); the exported graph takes one image at a time
             with torch.no_grad():
-                logits = quantized(torch.from_numpy(plan.graph_input(images))).numpy()
+                logits = np.concatenate([quantized(torch.from_numpy(batch[i : i + 1])).numpy() for i in range(len(batch))])
             return upsampled_argmax(logits, (h, w))
 
         return predict

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Artifact, ArtifactError, ExportOptions, Target
+from .base import EDGE_FEATURES, Artifact, ArtifactError, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -57,16 +57,19 @@ class LiteRTRunner:
         self.interpreter = interpreter_cls(model_path=str(artifact.file), num_threads=threads)
         self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
+        self.outputs = _in_graph_order(self.interpreter.get_output_details())
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
         x = self._quantize(x, self.input)
         if tuple(self.input["shape"]) != x.shape:
             self.interpreter.resize_tensor_input(self.input["index"], list(x.shape))
             self.interpreter.allocate_tensors()
         self.interpreter.set_tensor(self.input["index"], x)
         self.interpreter.invoke()
-        return self._dequantize(self.interpreter.get_tensor(self.output["index"]), self.output)
+        return [self._dequantize(self.interpreter.get_tensor(d["index"]), d) for d in self.outputs]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[0]
 
     @staticmethod
     def _quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
@@ -83,6 +86,17 @@ class LiteRTRunner:
         if y.dtype in (np.int8, np.uint8) and scale:
             return (y.astype(np.float32) - zero) * scale
         return y.copy()
+
+
+def _in_graph_order(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Output details in the traced graph's order: litert-torch names them ``serving_default_output_<i>_output``."""
+    import re
+
+    def key(d: dict[str, Any]) -> tuple[int, int]:
+        m = re.search(r"output_(\d+)", str(d.get("name", "")))
+        return (int(m.group(1)) if m else 0, int(d["index"]))
+
+    return sorted(details, key=key)
 
 
 def delegation_report(path: Path) -> dict[str, Any] | None:
@@ -134,6 +148,7 @@ class TFLiteTarget(Target):
     suffix = ".tflite"
     summary = "LiteRT (TFLite) flatbuffer, XNNPACK by default (Android, Linux boards, microcontrollers)"
     precisions = ("fp32", "fp16", "int8")
+    features = EDGE_FEATURES | {"taps"}
     tools = ("litert-torch", "ai-edge-litert", "ai-edge-quantizer")
     runtime_modules = ("ai_edge_litert",)
     extra = "runtime"
@@ -151,17 +166,18 @@ class TFLiteTarget(Target):
         config = get_symmetric_quantization_config(is_per_channel=quant.weights == "per_channel", is_dynamic=False)
         return PT2EQuantizer().set_global(config)
 
-    def convert(self, module, example, options: ExportOptions, path: Path, quant, target_options) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import litert_torch
 
-        if quant is not None:
+        if plan.quant is not None:
             from litert_torch.quantize.quant_config import QuantConfig
 
-            edge = litert_torch.convert(module, (example,), quant_config=QuantConfig(pt2e_quantizer=self.pt2e_quantizer(quant)))
+            quant_config = QuantConfig(pt2e_quantizer=self.pt2e_quantizer(plan.quant))
+            edge = litert_torch.convert(module, (example,), quant_config=quant_config)
         else:
             edge = litert_torch.convert(module, (example,))
         edge.export(str(path))
-        if options.precision == "fp16":
+        if plan.options.precision == "fp16":
             from ai_edge_quantizer import quantizer
 
             qt = quantizer.Quantizer(str(path), _FP16_RECIPE)

@@ -24,6 +24,9 @@ __all__ = ["ConfusionMatrix", "evaluate", "infer", "metrics_from_confusion"]
 
 logger = logging.getLogger(__name__)
 
+# What a user with photos but no masks can do instead of eval.
+EVAL_HINT = "; to compare an exported artifact with the float model on photos, use segformer-edge verify --data"
+
 
 class ConfusionMatrix:
     """Accumulates a (K, K) confusion matrix (rows: ground truth, columns: prediction), int64."""
@@ -130,15 +133,16 @@ def evaluate(
     ``shard=(rank, world)`` evaluates every ``world``-th image from ``rank``; ``reduce`` then sums the ranks'
     confusion matrices (an all_reduce), so that the metrics are those of the whole set.
     """
-    if source.labels.num_classes != model.config.num_classes:  # type: ignore[union-attr]
+    labels = source.require_masks("eval", EVAL_HINT)
+    if labels.num_classes != model.config.num_classes:
         from .errors import DataError
 
         raise DataError(
-            f"{source.name}: the data has {source.labels.num_classes} classes but the model has "
-            f"{model.config.num_classes}; evaluate on data with the model's classes"  # type: ignore[union-attr]
+            f"{source.name}: the data has {labels.num_classes} classes but the model has "
+            f"{model.config.num_classes}; evaluate on data with the model's classes"
         )
     transform = EvalTransform(meta.mean, meta.std, size if mode == "whole" else None)
-    confusion = ConfusionMatrix(source.labels.num_classes)
+    confusion = ConfusionMatrix(labels.num_classes)
     was_training = model.training
     model.eval()
     n = len(source) if limit is None else min(limit, len(source))
@@ -146,7 +150,7 @@ def evaluate(
     for i in range(rank, n, world):
         image, mask = source.load(i)
         x = torch.from_numpy(transform(image))[None].to(device)  # (1, 3, H, W)
-        logits = infer(model, x, source.labels.num_classes, mode=mode, crop=meta.input_size)
+        logits = infer(model, x, labels.num_classes, mode=mode, crop=meta.input_size)
         if logits.shape[2:] != mask.shape:
             logits = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=False)
         confusion.update(logits.argmax(1).cpu(), torch.from_numpy(mask.astype(np.int64)))
@@ -155,7 +159,7 @@ def evaluate(
     model.train(was_training)
     if reduce is not None:
         confusion.matrix = reduce(confusion.matrix)
-    result = confusion.metrics(source.labels.classes)
+    result = confusion.metrics(labels.classes)
     result["images"] = n
     result["mode"] = mode
     return result

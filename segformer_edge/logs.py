@@ -2,8 +2,8 @@
 
 Converters print from Python (warnings, progress bars, ``print``) and from C++ (absl, XNNPACK, cpuinfo)
 straight to file descriptors 1 and 2, so :class:`OutputCapture` redirects the descriptors themselves, and
-Python's ``sys.stdout``/``sys.stderr`` (which need not be those descriptors: a notebook, an in-process
-caller), logging and warnings with them, into a log file for the duration of one export. The caller's own
+``sys.stdout``/``sys.stderr`` (which are not those descriptors in a notebook or under a test's capture),
+Python's logging and warnings with them, into a log file for the duration of one export. The caller's own
 progress lines are written while the capture is paused (:meth:`OutputCapture.paused`).
 """
 
@@ -17,21 +17,22 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import TextIO
 
 __all__ = ["OutputCapture"]
 
 
 class OutputCapture:
-    """Redirect fds 1 and 2, ``sys.stdout``/``sys.stderr``, Python logging (INFO and up) and warnings into ``path``
-    (appending)."""
+    """Redirect fds 1 and 2, ``sys.stdout``/``sys.stderr``, Python logging (INFO and up) and warnings into
+    ``path`` (appending)."""
 
     def __init__(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
-        self._saved: tuple[int, int] | None = None
-        self._streams: tuple[object, object] | None = None
+        self._saved: tuple[int, int] | None = None  # the terminal's fds 1 and 2
+        self._streams: tuple[TextIO, TextIO] | None = None  # the caller's sys.stdout and sys.stderr
         self._log: int | None = None
-        self._text: object | None = None
+        self._text: TextIO | None = None  # the log file as a text stream
         self._handler: logging.Handler | None = None
         self._root_level = logging.WARNING
         self._warnings: contextlib.ExitStack | None = None
@@ -41,7 +42,8 @@ class OutputCapture:
             return self
         self._log = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._saved = (os.dup(1), os.dup(2))
-        self._text = open(self._log, "w", closefd=False, buffering=1)  # noqa: SIM115
+        self._streams = (sys.stdout, sys.stderr)
+        self._text = open(self._log, "w", closefd=False, buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
         self._redirect()
         root = logging.getLogger()
         self._handler = logging.StreamHandler(self._text)  # type: ignore[arg-type]
@@ -63,16 +65,13 @@ class OutputCapture:
         _flush()
         os.dup2(self._log, 1)  # type: ignore[arg-type]
         os.dup2(self._log, 2)  # type: ignore[arg-type]
-        self._streams = (sys.stdout, sys.stderr)
         sys.stdout = sys.stderr = self._text  # type: ignore[assignment]
 
     def _restore(self) -> None:
         _flush()
-        if self._streams is not None:
-            sys.stdout, sys.stderr = self._streams  # type: ignore[assignment]
-            self._streams = None
         os.dup2(self._saved[0], 1)  # type: ignore[index]
         os.dup2(self._saved[1], 2)  # type: ignore[index]
+        sys.stdout, sys.stderr = self._streams  # type: ignore[misc]
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

@@ -393,6 +393,10 @@ class SegFormerHead(nn.Module):
         self.classifier = nn.Conv2d(c, config.num_classes, kernel_size=1)
 
     def forward(self, features: list[Tensor]) -> Tensor:
+        return self.classifier(self.dropout(self.fuse_features(features)))  # (B, K, H/4, W/4)
+
+    def fuse_features(self, features: list[Tensor]) -> Tensor:
+        """The fused decoder feature before the classifier: (B, C, H/4, W/4)."""
         size = features[0].shape[2:]  # (H / 4, W / 4)
         projected = []
         for i, (feature, linear) in enumerate(zip(features, self.linear_c)):
@@ -401,8 +405,7 @@ class SegFormerHead(nn.Module):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # -> (B, C, H/4, W/4)
             projected.append(x)
         x = torch.cat(projected[::-1], dim=1)  # stages 4, 3, 2, 1: (B, 4C, H/4, W/4)
-        x = self.act(self.bn(self.fuse(x)))  # (B, C, H/4, W/4)
-        return self.classifier(self.dropout(x))  # (B, K, H/4, W/4)
+        return self.act(self.bn(self.fuse(x)))  # (B, C, H/4, W/4)
 
 
 class SegFormer(nn.Module):

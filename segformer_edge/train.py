@@ -275,7 +275,7 @@ class Trainer:
         if self.train_source.synthetic is not None:
             self.train_source.cache()
             self.val_source.cache()
-        labels = self.train_source.labels
+        labels = self.train_source.require_masks("train")
         self.model = self._build_model(labels.num_classes)
         self.model.meta.class_names = list(labels.classes)
         self.model.meta.palette = [tuple(c) for c in labels.palette]

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError
-from .io import atomic_path
 from .hub import resolve_model_path
+from .io import atomic_path
 from .model import ModelMeta, SegFormer, SegFormerConfig, match_variant, variant_config
 from .palettes import palette_for
 
@@ -402,13 +402,8 @@ def _check_hf_shapes(
             )
 
 
-def _config_from_hf(
-    config_path: Path, num_classes: int | None, weights: Mapping[str, Tensor]
-) -> tuple[SegFormerConfig, bool, list[str] | None]:
-    """The architecture of a Hugging Face checkpoint: every field checked, and against ``weights`` where they record it.
-
-    Returns (config, whether the checkpoint is encoder-only, class names from ``id2label`` or None).
-    """
+def _read_hf_config(config_path: Path) -> dict[str, Any]:
+    """A Hugging Face config.json that is readable JSON of a SegFormer, or a CheckpointError naming it."""
     try:
         hf = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -416,6 +411,17 @@ def _config_from_hf(
     if not isinstance(hf, dict) or hf.get("model_type") != "segformer":
         found = hf.get("model_type") if isinstance(hf, dict) else None
         raise CheckpointError(f"{config_path}: not a SegFormer config (model_type is {found!r})")
+    return hf
+
+
+def _config_from_hf(
+    config_path: Path, num_classes: int | None, weights: Mapping[str, Tensor]
+) -> tuple[SegFormerConfig, bool, list[str] | None]:
+    """The architecture of a Hugging Face checkpoint: every field checked, and against ``weights`` where they record it.
+
+    Returns (config, whether the checkpoint is encoder-only, class names from ``id2label`` or None).
+    """
+    hf = _read_hf_config(config_path)
     if hf.get("num_encoder_blocks", 4) != 4:
         found = hf["num_encoder_blocks"]
         raise CheckpointError(f"{config_path}: num_encoder_blocks is {found!r}; SegFormer has 4 stages")
@@ -588,6 +594,7 @@ def load_pretrained(
         config_path = path / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{path}: not a Hugging Face model folder: config.json is missing")
+        _read_hf_config(config_path)  # a broken config.json is named before the weights are looked for
         raw = _read_hf_weights(path)
         layout = _detect_layout(list(raw))
         if layout != "hf":

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, run_cli
-
-from segformer_edge import save_checkpoint
 from segformer_edge.converters.base import ExportOptions
 from segformer_edge.converters.pipeline import export_artifact
+
+from segformer_edge import save_checkpoint
 from segformer_edge.model import SegFormer, SegFormerConfig
 
 KEYS = ("target", "precision", "threads", "load_ms", "first_ms", "p50_ms", "p90_ms", "p99_ms", "peak_rss_mb", "size_mb")

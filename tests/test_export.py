@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import folder_snapshot, run_cli
-
-from segformer_edge import load_pretrained, save_checkpoint
 from segformer_edge.converters.base import ExportOptions, file_sha256, read_manifest
 from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+
+from segformer_edge import load_pretrained, save_checkpoint
 from segformer_edge.errors import ExportError
 from segformer_edge.model import SegFormer, SegFormerConfig
 from segformer_edge.weights import builtin_checkpoint
 
-TARGETS = ["executorch", "tflite", "coreml", "onnx"]
+TARGETS = ["executorch", "tflite", "coreml", "onnx", "openvino"]
 
 
 @pytest.fixture(scope="session")
@@ -112,6 +112,7 @@ EDGES = {
     "tflite": dict(input_kind="uint8", layout="nhwc"),
     "coreml": dict(input_kind="uint8", output="mask"),
     "onnx": dict(dynamic=True),
+    "openvino": dict(input_kind="uint8", layout="nhwc", output="mask"),
 }
 
 
@@ -320,3 +321,7 @@ def test_executorch_coreml_compiles_off_macos_and_says_so(small_model: SegFormer
         assert report is None and artifact.manifest["parity"] == {"status": "not run: needs macOS", "passed": None}
         with pytest.raises(ArtifactError, match="only on macOS"):
             get_target("executorch-coreml").load(read_manifest(artifact.folder))
+        from segformer_edge.converters.bench import bench_artifact
+
+        record = bench_artifact(artifact.folder, 1, warmup=0, runs=1)  # the same row Core ML gets off macOS
+        assert record["status"] == "needs macOS" and record["target"] == "executorch-coreml"

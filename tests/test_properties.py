@@ -10,11 +10,11 @@ import torch
 from conftest import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from segformer_edge import load_pretrained
 from segformer_edge.converters.base import ExportOptions, read_manifest
 from segformer_edge.converters.onnx import OnnxRunner
 from segformer_edge.converters.pipeline import export_artifact
+
+from segformer_edge import load_pretrained
 from segformer_edge.model import SegFormer
 
 transformers = pytest.importorskip("transformers")

@@ -201,6 +201,37 @@ def test_sigterm_during_export_keeps_the_previous_artifact(corpus: Path, tmp_pat
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
 
 
+def _manifest_complete(folder: Path) -> bool:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    keys = {"format", "target", "precision", "input", "output", "checkpoint", "tool_versions", "file", "sha256", "size_bytes"}
+    return keys <= set(manifest) and manifest["parity"]["status"] == "passed" and "pixel_agreement" in manifest["parity"]
+
+
+@pytest.mark.parametrize("moment", ["capture", "lower", "verify"])
+def test_sigkill_at_any_step_leaves_the_old_or_a_complete_new_artifact(corpus: Path, tmp_path: Path, moment: str) -> None:
+    """SIGKILL (no cleanup possible) while the export captures, lowers or verifies: the artifact folder is
+    the previous one byte for byte, or a complete new one whose manifest holds the parity figures."""
+    out = tmp_path / "exports"
+    cmd = [sys.executable, "-m", "segformer_edge", "export", str(corpus / "eight.safetensors"), "--target", "onnx",
+           "--out", str(out), "--verify-images", "2"]  # fmt: skip
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    folder = out / "segformer-custom_onnx_fp32"
+    before = folder_snapshot(folder)
+
+    def tmp_holds(*names: str) -> bool:
+        return any(all((t / n).exists() for n in names) for t in out.glob(".*.tmp"))
+
+    reached = {"capture": lambda: tmp_holds("export.log"), "lower": lambda: tmp_holds("model.onnx"),
+               "verify": lambda: tmp_holds("model.onnx", "manifest.json")}[moment]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = _wait_for(reached)
+    proc.kill()
+    proc.wait(timeout=60)
+    after = folder_snapshot(folder)
+    assert after == before or _manifest_complete(folder), moment
+    assert seen or after != before, f"the export never reached {moment}"
+
+
 def test_killed_training_resumes_from_its_last_checkpoint(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     base = [sys.executable, "-m", "segformer_edge", "train", "--preset", "reference", "--init", str(corpus / "eight.safetensors"),

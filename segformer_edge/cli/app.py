@@ -19,11 +19,8 @@ from segformer_edge.errors import SegformerEdgeError
 from . import bench, calibrate, data, erf, evaluate, export, info, predict, train
 from .common import STATE
 
-_EXTRAS = {
-    "torch": "train", "safetensors": "train", "matplotlib": "train", "executorch": "export",
-    "coremltools": "export", "litert_torch": "export", "ai_edge_quantizer": "export", "onnx": "export",
-    "onnxscript": "export", "onnxruntime": "runtime", "ai_edge_litert": "runtime", "huggingface_hub": "export",
-}  # fmt: skip
+# Packages outside the targets -> the extra that installs them; the targets' own packages come from the registry.
+_EXTRAS = {"torch": "train", "safetensors": "train", "matplotlib": "train", "huggingface_hub": "train"}
 
 
 def _root(
@@ -100,9 +97,24 @@ def main(argv: list[str] | None = None) -> None:
         raise
 
 
+def _extra_for(root: str) -> str | None:
+    """The pip extra that installs the module ``root``: the table above, or the target that needs it."""
+    if root in _EXTRAS:
+        return _EXTRAS[root]
+    from segformer_edge.converters import get_target, target_names
+
+    for name in target_names():
+        target = get_target(name)
+        if root in {m.split(".")[0] for m in target.runtime_modules}:
+            return target.extra
+        if root in {package.replace("-", "_") for package in target.tools}:
+            return "export"
+    return None
+
+
 def _missing_module(exc: BaseException) -> tuple[str | None, int]:
     root = (getattr(exc, "name", None) or "").split(".")[0]
-    extra = _EXTRAS.get(root)
+    extra = _extra_for(root) if root else None
     if extra is None:
         return None, 0
     return f"error: this command needs {root}, which is not installed; pip install 'segformer-edge[{extra}]'", 2

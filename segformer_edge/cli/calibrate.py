@@ -17,7 +17,8 @@ sha256, which covers all of it). --data is a folder (or glob) of your photos, ma
 folder (train split) or synthetic[:N]; without masks the float model's predictions stand in for them.
 export --precision int8 --calibration OUT uses the set for every target, and refuses it for another
 checkpoint. With --sensitivity it quantizes one layer group at a time with the quantizer of --target and
-ranks the groups by the mIoU they cost on held-out calibration images (sensitivity.md, .json, .png).
+ranks the groups by the mIoU they cost on held-out calibration images (sensitivity.md, .json, .png), with
+the activation-outlier handling of --outliers applied first, as export applies it.
 
 Examples:
 
@@ -36,6 +37,7 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Seed of the candidate pool.")] = 0,
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Rank layer groups by INT8 sensitivity.")] = False,
     target: Annotated[str | None, typer.Option("--target", "-t", help="Whose quantizer --sensitivity measures with (default: the first registered target with int8).")] = None,
+    outliers: Annotated[str, typer.Option(help="--sensitivity: the activation-outlier handling to measure with (as export --outliers): auto, none, smoothquant, bias_correction or smoothquant+bias_correction.")] = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration folder.")] = Path("calibration"),
 ) -> None:
     import numpy as np
@@ -44,7 +46,9 @@ def calibrate(
     from segformer_edge.converters.pipeline import calibration_for
     from segformer_edge.weights import load_pretrained
 
-    quant = QuantSpec(method=method)  # validates the method before any work
+    quant = QuantSpec(method=method, outliers=outliers)  # validates the method and outlier mode before any work
+    if outliers != "auto" and not sensitivity:
+        raise typer.BadParameter("--outliers applies to --sensitivity (export takes its own --outliers)", param_hint="--outliers")
     path = resolve_checkpoint(checkpoint)
     model = load_pretrained(path)
     h, w = check_size(size, model.meta.input_size)

@@ -23,7 +23,7 @@ Example:
 def erf(
     checkpoint: CheckpointArgument = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("erf"),
-    data: Annotated[str, typer.Option(help="synthetic[:N] or a dataset folder (val split).")] = "synthetic",
+    data: Annotated[str, typer.Option(help="synthetic[:N], a dataset folder (val split), or a folder or glob of photos (no masks needed).")] = "synthetic",
     num_images: Annotated[int, typer.Option(min=1, help="Images to average over.")] = 16,
     size: SizeOption = None,
 ) -> None:

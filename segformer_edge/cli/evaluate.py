@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .common import CheckpointArgument, JsonFlag, SizeOption, check_size, console, progress_bar, resolve_checkpoint
 
-HELP = """mIoU, per-class IoU and pixel accuracy of a checkpoint on a dataset.
+HELP = """mIoU, per-class IoU and pixel accuracy of a checkpoint on a labelled dataset.
+
+--data needs masks: a folder of photos alone cannot score a model (to compare an exported artifact with the
+float model on your photos, use segformer-edge verify --data PHOTOS).
 
 Whole-image mode resizes each image to the model's training size (or --size); slide mode keeps the
 image size and averages overlapping windows of the training size.
@@ -25,7 +27,7 @@ Examples:
 
 def evaluate_cmd(
     checkpoint: CheckpointArgument = None,
-    data: Annotated[str, typer.Option(help="synthetic[:N] or a dataset folder.")] = "synthetic",
+    data: Annotated[str, typer.Option(help="synthetic[:N] or a labelled dataset folder (ADE20K, Cityscapes, images/ + masks/).")] = "synthetic",
     split: Annotated[str, typer.Option(help="train or val.")] = "val",
     mode: Annotated[str, typer.Option(help="whole or slide.")] = "whole",
     size: SizeOption = None,
@@ -36,14 +38,15 @@ def evaluate_cmd(
     if mode not in ("whole", "slide"):
         raise typer.BadParameter(f"{mode!r}: choose whole or slide", param_hint="--mode")
     from segformer_edge.data import open_source
-    from segformer_edge.evaluate import evaluate
+    from segformer_edge.evaluate import EVAL_HINT, evaluate
     from segformer_edge.train import resolve_device
     from segformer_edge.weights import load_pretrained
 
+    source = open_source(data, split)
+    source.require_masks("eval", EVAL_HINT)  # before the model loads: photos alone cannot score it
     path = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
     model = load_pretrained(path, device=dev)
-    source = open_source(data, split)
     target = check_size(size, model.meta.input_size)
     n = len(source) if num_images is None else min(num_images, len(source))
     with progress_bar("eval") as bar:

@@ -25,6 +25,8 @@ EXPORT_HELP = """Convert a checkpoint for edge runtimes, then prove each artifac
 
 CHECKPOINT is a segformer-edge .safetensors, a Hugging Face folder or Hub id (org/name\\[@revision]), or an NVlabs/mmseg .pth; with none, the built-in reference model. With no arguments at all it exports the reference model to every target at fp32 and prints a table. Each artifact lands in OUT/<name>/ with a manifest.json (classes, palette, input/output spec, normalization, precision, quantization, tool versions, sha256, parity figures) and export.log (the converters' own output). An artifact that fails parity never replaces an earlier one: it is kept as OUT/<name>.failed/ and the command exits 1.
 
+int8 first rewrites the float model for activation outliers (--outliers; by default what measurably lowers the int8 error on the calibration images: SmoothQuant scale migration out of the LayerNorms, bias correction), then quantizes with each target's own quantizer; the manifest records what was chosen and measured.
+
 --data (a folder of your photos, masks optional; ADE20K, Cityscapes or generic layouts; synthetic[:N]) is what int8 calibrates on and what parity is checked on. Without masks the float model's predictions are the reference. A model with its own classes needs --data for int8.
 
 Targets: {targets}.
@@ -34,6 +36,8 @@ Examples:
   segformer-edge export
 
   segformer-edge export nvidia/segformer-b0-finetuned-ade-512-512 --precision int8 --data photos/
+
+  segformer-edge export runs/ade/best.safetensors --precision int8 --outliers smoothquant --target tflite
 
   segformer-edge export runs/ade/best.safetensors --target tflite --precision fp16 --size 512 512
 
@@ -92,6 +96,8 @@ def export(
     calibration_images: Annotated[int, typer.Option(min=1, help="int8 without --calibration: images to calibrate on.")] = 32,
     method: Annotated[str, typer.Option(help="int8 activation ranges: auto, minmax, moving_average, percentile, mse or entropy (ONNX).")] = "auto",
     budget: Annotated[float | None, typer.Option(help="int8: keep the most sensitive layer groups in float until the mIoU drop, measured with each target's quantizer, is within POINTS.")] = None,
+    layers: Annotated[bool, typer.Option("--layers", help="Parity per stage too (verify --layers), recorded in the manifest.")] = False,
+    outliers: Annotated[str, typer.Option(help="int8: activation-outlier handling before every target's quantizer: auto (what measurably lowers the int8 error on the calibration images), none, smoothquant, bias_correction or smoothquant+bias_correction.")] = "auto",
     as_json: JsonFlag = False,
 ) -> None:
     from segformer_edge.converters.base import ExportOptions
@@ -104,12 +110,14 @@ def export(
     h, w = check_size(size, model.meta.input_size)
     options = ExportOptions(precision=precision, size=(h, w), input_kind=input_kind, output=output, layout=layout,
                             dynamic=dynamic, image_input=image_input, target_options=_target_options(target_option))  # fmt: skip
-    quant = _quant_spec(model, path, options, data, calibration, calibration_images, method, budget)
+    _plan_all(model, names, options, out, method, outliers)  # every target refuses what it cannot honour before any work
+    quant = _quant_spec(model, path, options, data, calibration, calibration_images, method, budget, outliers)
     rows = []
     with step_progress() as progress:
         for name in names:
             try:
-                rows.append(_export_one(model, path, name, options, quant, budget, out, data, verify, verify_images, progress))
+                rows.append(_export_one(model, path, name, options, quant, budget, out, data, verify, verify_images, progress,
+                                        layers))  # fmt: skip
             except SegformerEdgeError as exc:
                 if len(names) == 1:
                     raise
@@ -124,8 +132,18 @@ def export(
         sys.exit(max(codes))
 
 
+def _plan_all(model: Any, names: list[str], options: Any, out: Path, method: str, outliers: str) -> None:
+    """Check the options against every chosen target first: one clear error, nothing converted or written."""
+    from segformer_edge.calibration.spec import QuantSpec
+    from segformer_edge.converters.pipeline import plan_export
+
+    quant = QuantSpec(method=method, outliers=outliers) if options.precision == "int8" else None
+    for name in names:
+        plan_export(model, name, options, out, quant, check_calibration=False)
+
+
 def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, budget: float | None, out: Path,
-                data: str | None, verify: bool, verify_images: int, progress: Any) -> dict[str, Any]:  # fmt: skip
+                data: str | None, verify: bool, verify_images: int, progress: Any, layers: bool) -> dict[str, Any]:  # fmt: skip
     """Export one target and return its row (a failed parity is a row with exit code 1)."""
     import tempfile
     from dataclasses import replace
@@ -140,7 +158,7 @@ def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, bud
     try:
         artifact, report = export_artifact(model, name, replace(options), out, checkpoint=path, quant=quant,
                                            verify=verify, verify_data=data, verify_images=verify_images, on_step=line,
-                                           capture_output=not STATE["verbose"])  # fmt: skip
+                                           capture_output=not STATE["verbose"], layers=layers)  # fmt: skip
     except ParityFailed as exc:
         line("parity FAILED", done=True)
         return {"target": name, "precision": options.precision, "status": "FAILED", "error": str(exc), "exit_code": 1,
@@ -152,7 +170,15 @@ def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, bud
            "size_mb": manifest["size_bytes"] / 1e6, **_figures(report)}  # fmt: skip
     if quant is not None:
         row["float_groups"] = manifest["quantization"]["float_groups"]
+        row["outliers"] = _outliers_summary(manifest["quantization"]["applied"].get("outliers") or {})
     return row
+
+
+def _outliers_summary(record: dict[str, Any]) -> str:
+    """One phrase for what the outlier handling applied: ``smoothquant (a=0.6)``, ``none``."""
+    applied = record.get("applied") or []
+    parts = [f"smoothquant (a={record['smoothquant']['alpha']:g})" if name == "smoothquant" else name for name in applied]
+    return " + ".join(parts) or "none"
 
 
 def _figures(report: dict[str, Any] | None) -> dict[str, Any]:
@@ -187,6 +213,9 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
     data = next((r["data"] for r in rows if r.get("data")), None)
     if data is not None:
         console.print(f"parity on {data['images']} images of {data['spec']} ({data['usage']})", markup=False)
+    handled = [f"{r['target']} {r['outliers']}" for r in rows if r.get("outliers")]
+    if handled:
+        console.print(f"int8 outlier handling: {', '.join(handled)}", markup=False, soft_wrap=True)
     for r in rows:
         if r.get("error"):
             named = r["error"].startswith((f"{r['target']}:", f"{r['target']} "))  # errors that already name their target
@@ -195,16 +224,16 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
 
 
 def _quant_spec(model: Any, path: Path, options: Any, data: str | None, calibration: Path | None, images: int,
-                method: str, budget: float | None) -> Any:  # fmt: skip
+                method: str, budget: float | None, outliers: str) -> Any:  # fmt: skip
     """The int8 recipe with its calibration set (loaded and checked, or picked now), or None for float exports."""
     if options.precision != "int8":
-        if calibration is not None or budget is not None:
-            raise typer.BadParameter("--calibration and --budget apply to --precision int8", param_hint="--precision")
+        if calibration is not None or budget is not None or outliers != "auto":
+            raise typer.BadParameter("--calibration, --budget and --outliers apply to --precision int8", param_hint="--precision")
         return None
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters.pipeline import calibration_for
 
-    quant = QuantSpec(method=method)  # validates the method before any work
+    quant = QuantSpec(method=method, outliers=outliers)  # validates the method and outlier mode before any work
     with err_console.status("calibrating ..."):
         calib = calibration_for(model, path, options.size, data=data, calibration=calibration, num_images=images, method=method)
     if method == "auto" and calibration is not None:
@@ -220,21 +249,26 @@ def verify(
     max_abs_diff: Annotated[float | None, typer.Option(help="Override the max |diff| threshold.")] = None,
     min_pixel_agreement: Annotated[float | None, typer.Option(help="Override the pixel-agreement threshold (0..1).")] = None,
     max_miou_drop: Annotated[float | None, typer.Option(help="Override the allowed mIoU drop (points).")] = None,
+    layers: Annotated[bool, typer.Option("--layers", help="Compare the stage outputs too, in a debug graph of the same recipe, and name the first that diverges.")] = False,
+    report: Annotated[Path | None, typer.Option("--report", help="Write per-image PNGs (input, float, artifact, disagreement), report.md and report.json here.")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="--layers on int8: the calibration folder the artifact was made with (default: pick it again).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     from dataclasses import replace
 
     from segformer_edge.converters.base import read_manifest
-    from segformer_edge.converters.pipeline import DEFAULT_THRESHOLDS, verify_artifact
+    from segformer_edge.converters.pipeline import default_thresholds, verify_artifact
 
     manifest = read_manifest(artifact).manifest
-    limits = DEFAULT_THRESHOLDS[manifest["precision"]]
+    limits = default_thresholds(manifest)  # the precision it computes in (a runtime hint may lower it)
     overrides = {"max_abs_diff": max_abs_diff, "pixel_agreement": min_pixel_agreement, "miou_drop": max_miou_drop}
     limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     ckpt = resolve_checkpoint(checkpoint) if checkpoint is not None else None
-    report = verify_artifact(artifact, checkpoint=ckpt, data=data, num_images=num_images, thresholds=limits)
+    with err_console.status("verifying ..."):
+        report = verify_artifact(artifact, checkpoint=ckpt, data=data, num_images=num_images, thresholds=limits, layers=layers,
+                                 report_dir=report, calibration=calibration)  # fmt: skip
     if as_json:
-        console.print_json(json.dumps(report))
+        console.print_json(json.dumps(report, default=_json_float))
     else:
         d = report["data"]
         lines = [f"{report['target']} {report['precision']} ({report['executor']}, {report['images']} images of {d['spec']}, "
@@ -245,6 +279,26 @@ def verify(
             lines.append(f"  {key:17s} {'-' if value is None else f'{value:.6g}'}")
         verdict = "passed" if report["passed"] else f"FAILED: {report['failure']}"
         lines.append(f"  {verdict}  (thresholds {report['thresholds']})")
+        if report.get("layers"):
+            lines += _layer_lines(report["layers"])
+        if report.get("report_dir"):
+            lines.append(f"  report: {report['report_dir']}/report.md")
         console.print("\n".join(lines), markup=False)
     if not report["passed"]:
         sys.exit(1)
+
+
+def _json_float(value: Any) -> Any:
+    return str(value)
+
+
+def _layer_lines(layers: dict[str, Any]) -> list[str]:
+    lines = [f"  layers ({layers['images']} images, threshold {layers['threshold_db']} dB):"]
+    for t in layers["taps"]:
+        if "sqnr_db" in t:
+            lines.append(f"    {t['tap']:8s} SQNR {t['sqnr_db']:7.2f} dB  cosine {t['cosine']:.6f}  max|diff| {t['max_abs_diff']:.3g}"
+                         f"  NaN/inf {100 * t['nonfinite_fraction']:.2f}%")  # fmt: skip
+        else:
+            lines.append(f"    {t['tap']:8s} pixel agreement {100 * t['pixel_agreement']:.3f}%")
+    lines.append(f"  first divergent: {layers['first_divergent'] or 'none'}: {layers['conclusion']}")
+    return lines

@@ -46,7 +46,7 @@ def train(
     resume: Annotated[Path | None, typer.Option(help="Continue from a run's last.pt.")] = None,
     sync_bn: Annotated[bool | None, typer.Option("--sync-bn/--no-sync-bn", help="Sync the decoder BatchNorm across processes (default: on under torchrun).")] = None,
 ) -> None:
-    from segformer_edge.train import Trainer, TrainConfig, config_from_preset
+    from segformer_edge.train import TrainConfig, Trainer, config_from_preset
 
     if resume is not None:
         import json

@@ -78,6 +78,17 @@ class Source:
         """Whether ``load`` returns masks (and ``labels`` is a label space); False for plain images."""
         return self.labels is not None
 
+    def require_masks(self, purpose: str, hint: str = "") -> LabelSpace:
+        """This source's label space, or a DataError saying that ``purpose`` needs masks (``hint``: what to do
+        instead, appended to the message)."""
+        if self.labels is None:
+            shown = self.name[len(IMAGES_PREFIX) :] if self.name.startswith(IMAGES_PREFIX) else self.name
+            raise DataError(
+                f"{shown}: {purpose} needs masks, and these are images without masks; give a labelled dataset "
+                f"(ADE20K, Cityscapes, images/ + masks/ + classes.json, or synthetic){hint}"
+            )
+        return self.labels
+
     def __len__(self) -> int:
         return len(self.synthetic) if self.synthetic is not None else len(self.samples)
 

@@ -58,9 +58,12 @@ def test_int8_parity_per_target(trained, calib: CalibrationSet, tmp_path: Path, 
     assert q["calibration"]["sha256"] == calib.sha256 and q["calibration"]["images"] == 16
     # "auto" is resolved to what the target's quantizer really used, and the manifest says which.
     assert q["method"] == ("entropy" if target == "onnx" else "mse")
-    # ... and what ran says the same: ONNX Runtime's calibrator, or the observers found in the prepared PT2E graph.
+    # ... and what ran says the same: ONNX Runtime's calibrator, NNCF's range estimator, or the observers found in
+    # the prepared PT2E graph.
     if target == "onnx":
         assert q["applied"]["calibrate_method"] == "Entropy", q["applied"]
+    elif target == "openvino":
+        assert q["applied"]["nncf"]["range_estimator"].startswith("HISTOGRAM"), q["applied"]
     else:
         assert set(q["applied"]["activation_observers"]) == {"HistogramObserver"}, q["applied"]
     groups = q["applied"]["ops_by_group"]

@@ -100,3 +100,12 @@ def make_photo_folder(path: Path, n: int = 6) -> Path:
         suffix, options = (".jpg", {"quality": 92}) if i % 2 == 0 else (".png", {})
         Image.fromarray(crop).save(path / f"photo_{i:02d}{suffix}", **options)
     return path
+
+
+def is_heat_map(pixels: np.ndarray) -> bool:
+    """An inferno heat map normalised to its peak: a hot (yellow) centre and cold (near-black) surroundings, not a
+    blank panel (a panel of zeros renders as one black square under its title)."""
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    hot = ((r > 200) & (g > 180) & (b < 200)).sum()
+    cold = ((r < 60) & (g < 60) & (b < 90)).sum()
+    return bool(hot > 0 and cold > 0)

@@ -147,7 +147,9 @@ def test_profile_lists_top_ops(small, tmp_path: Path, capsys) -> None:
     for record in records:
         ops = [p["op"] for p in record["profile"]]
         assert ops and all(p["ms"] >= 0 for p in record["profile"])
-        assert abs(sum(p["share"] for p in record["profile"]) - 1.0) < 0.5
+        shares = [p["share"] for p in record["profile"]]
+        # Shares of the whole run: the top ops take at most all of it, the first one some of it, in order.
+        assert sum(shares) <= 1 + 1e-9 and shares[0] > 0 and shares == sorted(shares, reverse=True), shares
     assert any("Convolution" in op or "GEMM" in op for op in [p["op"] for p in records[0]["profile"]])
     assert "Conv" in [p["op"] for p in records[1]["profile"]]
     assert "top ops: executorch" in stdout

@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, folder_snapshot, run_cli
+
+from segformer_edge import save_checkpoint
 from segformer_edge.calibration.calibset import CalibrationSet
 from segformer_edge.calibration.spec import QuantSpec
 from segformer_edge.converters.base import ArtifactError, ExportOptions, read_manifest
 from segformer_edge.converters.pipeline import calibration_for, checkpoint_digest, export_artifact, verify_artifact
-
-from segformer_edge import save_checkpoint
+from segformer_edge.data import synthetic_labels
 from segformer_edge.errors import DataError
 from segformer_edge.model import SegFormer, SegFormerConfig
 
@@ -46,7 +47,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("claims")
     torch.manual_seed(0)
     good = SegFormer(SegFormerConfig(**TINY, num_classes=8)).eval()
-    good.meta.input_size = SIZE
+    labels = synthetic_labels()  # the synthetic scenes' classes: verify measures mIoU against their labels
+    good.meta.class_names, good.meta.palette, good.meta.input_size = labels.classes, labels.palette, SIZE
     broken = copy.deepcopy(good)
     with torch.no_grad():
         broken.encoder.stages[3].blocks[0].attn.q.weight[0, 0] = float("nan")
@@ -123,8 +125,7 @@ def test_nan_in_the_artifact_fails_parity_by_name(models, onnx_pair) -> None:
     # Nothing computed from NaN logits looks like agreement.
     assert report["pixel_agreement"] == 0.0 and report["agreement_miou"] == 0.0
     assert report["max_abs_diff"] is None and report["cosine"] is None and report["psnr_db"] is None
-    # A model of its own classes: the synthetic scenes' labels mean nothing to it, its predictions are the reference.
-    assert report["miou_artifact"] is None and report["data"]["usage"].startswith("images only")
+    assert report["data"]["usage"] == "labels" and report["miou_artifact"] == 0.0 and report["miou_float"] > 0
     _strict_json(json.dumps(report))
 
 

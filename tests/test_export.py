@@ -89,7 +89,10 @@ def _assert_fp16_weights(target: str, manifest: dict) -> None:
     elif target == "coreml":  # the program's constants
         constants = manifest["coreml"]["dtypes"]["constants"]
         assert constants.get("float16", 0) > 4 * constants.get("float32", 0), constants
-    # executorch: the .pte's size (checked above) is the reader; the delegate payload is opaque
+    elif target == "openvino":  # the IR's Constant nodes
+        constants = manifest["openvino"]["constants"]
+        assert constants.get("f16", 0) > 4 * constants.get("f32", 0), constants
+    # executorch: the .pte's size (checked below) is the reader; the delegate payload is opaque
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,14 @@ def test_int8_parity_per_target(trained, calib: CalibrationSet, tmp_path: Path, 
     assert q["calibration"]["sha256"] == calib.sha256 and q["calibration"]["images"] == 16
     # "auto" is resolved to what the target's quantizer really used, and the manifest says which.
     assert q["method"] == ("entropy" if target == "onnx" else "mse")
+    # ... and what ran says the same: ONNX Runtime's calibrator, NNCF's range estimator, or the observers found in
+    # the prepared PT2E graph.
+    if target == "onnx":
+        assert q["applied"]["calibrate_method"] == "Entropy", q["applied"]
+    elif target == "openvino":
+        assert q["applied"]["nncf"]["range_estimator"].startswith("HISTOGRAM"), q["applied"]
+    else:
+        assert set(q["applied"]["activation_observers"]) == {"HistogramObserver"}, q["applied"]
     groups = q["applied"]["ops_by_group"]
     assert all(groups[g]["quantized"] > 0 for g in LAYER_GROUPS), groups
     assert artifact.manifest["size_bytes"] < 0.7 * fp32.manifest["size_bytes"]  # int8 weights (tiny model: headers weigh)
@@ -68,6 +76,12 @@ def test_int8_parity_per_target(trained, calib: CalibrationSet, tmp_path: Path, 
         assert set(delegation["portable_ops"]) <= {"GELU"}, delegation
         assert delegation["by_op"]["FULLY_CONNECTED"]["portable"] == 0
         assert set(artifact.manifest["tflite"]["weights"]) == {"int8"}, artifact.manifest["tflite"]
+        # The I/O dtypes are the interpreter's, not a label (litert-torch keeps float I/O around the int8 graph).
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(artifact.file))
+        assert artifact.manifest["io"] == {"inputs": [np.dtype(d["dtype"]).name for d in interpreter.get_input_details()],
+                                           "outputs": [np.dtype(d["dtype"]).name for d in interpreter.get_output_details()]}  # fmt: skip
 
 
 @pytest.mark.parametrize("target", INT8_TARGETS)
@@ -83,6 +97,9 @@ def test_float_groups_are_honoured_inside_each_artifact(trained, calib: Calibrat
     for group in ("stage2", "stage3", "stage4", "decoder.mlp"):
         assert groups[group]["quantized"] > 0, (group, groups)
     assert artifact.manifest["quantization"]["float_groups"] == ["stage1", "decoder.head"]
+    if target == "tflite":  # read from the flatbuffer: the float-kept layers' weights stay float32 beside int8
+        weights = artifact.manifest["tflite"]["weights"]
+        assert weights.get("float32", 0) > 0 and weights.get("int8", 0) > 0, weights
     assert report["passed"]
 
 

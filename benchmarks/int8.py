@@ -9,6 +9,7 @@ class-covering set of 32 training images, then verified on the synthetic val spl
 benchmarks/int8.json, then benchmarks/INT8.md from that JSON.
 
     python benchmarks/int8.py [--images 300]        # measure, then write the JSON and the Markdown
+    python benchmarks/int8.py --resume              # after an interruption: measure only the missing rows
     python benchmarks/int8.py --markdown-only       # rewrite INT8.md from int8.json
 """
 
@@ -18,6 +19,7 @@ import argparse
 import datetime
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,12 @@ MODES = {"reference": ("none", "auto", "smoothquant", "bias_correction"), "outli
 logger = logging.getLogger("benchmarks.int8")
 
 
-def measure(images: int, out: Path, targets: tuple[str, ...]) -> dict[str, Any]:
-    """Export and verify every target x outlier mode on both models; the rows and what they were measured on."""
+def measure(images: int, out: Path, targets: tuple[str, ...], done: list[dict[str, Any]],
+            save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:  # fmt: skip
+    """Export and verify every target x outlier mode on both models; the rows and what they were measured on.
+
+    Rows in ``done`` (from an interrupted run at the same settings) are kept, not measured again; ``save``
+    gets the data after every row."""
     import torch
     from segformer_edge.calibration.calibset import select_calibration_set
     from segformer_edge.calibration.outliers import inject_outliers
@@ -47,14 +53,22 @@ def measure(images: int, out: Path, targets: tuple[str, ...]) -> dict[str, Any]:
     size = tuple(reference.meta.input_size)
     calib = select_calibration_set("synthetic", 32, size, reference.config.num_classes, checkpoint_sha256=checkpoint_digest(ckpt))
     stressed = inject_outliers(reference, FACTORS)
-    x = torch.rand(2, 3, *size)
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))  # (2, 3, H, W)
     with torch.no_grad():
         preserved = float((stressed(x) - reference(x)).abs().max())
     logger.info("outlier-stressed copy: max |logit difference| from the reference model %.2e", preserved)
-    rows = []
+    data: dict[str, Any] = {
+        "date": str(datetime.date.today()), "images": images, "size": list(size), "factors": list(FACTORS),
+        "calibration": calib.reference(), "stressed_max_logit_difference": preserved, "rows": list(done),
+        "versions": tool_versions("executorch", "litert-torch", "coremltools", "onnxruntime"),
+    }  # fmt: skip
+    rows = data["rows"]
+    measured = {(r["model"], r["target"], r["outliers"]) for r in done}
     for label, model in (("reference", reference), ("outlier-stressed", stressed)):
         for target in targets:
             for mode in MODES[label]:
+                if (label, target, mode) in measured:
+                    continue
                 folder = out / label / mode
                 art, _ = export_artifact(model, target, ExportOptions(size=size, precision="int8"), folder,
                                          checkpoint=ckpt if model is reference else None,
@@ -70,11 +84,10 @@ def measure(images: int, out: Path, targets: tuple[str, ...]) -> dict[str, Any]:
                     "pixel_agreement": r["pixel_agreement"], "size_mb": art.manifest["size_bytes"] / 1e6, "passed": r["passed"],
                 })  # fmt: skip
                 logger.info("%s", json.dumps(rows[-1]))
-    return {
-        "date": str(datetime.date.today()), "images": images, "size": list(size), "factors": list(FACTORS),
-        "calibration": calib.reference(), "stressed_max_logit_difference": preserved, "rows": rows,
-        "versions": tool_versions("executorch", "litert-torch", "coremltools", "onnxruntime"),
-    }  # fmt: skip
+                save(data)
+    order = {(m, t, o): i for i, (m, t, o) in enumerate((m, t, o) for m in MODES for t in targets for o in MODES[m])}
+    rows.sort(key=lambda r: order.get((r["model"], r["target"], r["outliers"]), len(order)))
+    return data
 
 
 def _applied(r: dict[str, Any]) -> str:
@@ -136,11 +149,16 @@ def main() -> None:
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown from the JSON")
     parser.add_argument("--json", type=Path, default=HERE / "int8.json")
     parser.add_argument("--markdown", type=Path, default=HERE / "INT8.md")
+    parser.add_argument("--resume", action="store_true", help="keep the rows the JSON already has (same --images)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not args.markdown_only:
-        data = measure(args.images, args.out, tuple(args.targets))
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        done: list[dict[str, Any]] = []
+        if args.resume and args.json.is_file():
+            previous = json.loads(args.json.read_text())
+            done = previous["rows"] if previous.get("images") == args.images else []
+        save = lambda data: args.json.write_text(json.dumps(data, indent=2) + "\n")  # noqa: E731
+        save(measure(args.images, args.out, tuple(args.targets), done, save))
     data = json.loads(args.json.read_text())
     args.markdown.write_text(markdown(data))
 

@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "segformer-edge-artifact/1"
-OUTPUT_KINDS = ("logits", "mask")
+OUTPUT_KINDS = ("logits", "mask", "probs")
+MASK_SIZES = ("full", "quarter")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -60,12 +61,13 @@ FEATURES = {
     "input:rgb01": "--input rgb01",
     "input:uint8": "--input uint8",
     "output:mask": "--output mask",
+    "output:probs": "--output probs",
     "dynamic": "--dynamic",
     "image_input": "--image-input",
     "taps": "verify --layers (a debug graph with the stage outputs as extra outputs)",
 }
 TAPS = ("stage1", "stage2", "stage3", "stage4", "fused")  # the extra outputs of a debug (--layers) graph
-EDGE_FEATURES = frozenset({"nhwc", "input:rgb01", "input:uint8", "output:mask"})
+EDGE_FEATURES = frozenset({"nhwc", "input:rgb01", "input:uint8", "output:mask", "output:probs"})
 
 
 @dataclass
@@ -77,7 +79,8 @@ class ExportOptions:
         size: Static input (H, W) (for dynamic graphs, the size they are checked at).
         input_kind: ``normalized`` (float, already normalised), ``rgb01`` (float RGB in 0..1) or ``uint8``
             (0..255); the last two fuse the normalisation into the graph.
-        output: ``logits`` at 1/4 resolution, or ``mask`` (upsample to the input size, argmax: int labels).
+        output: ``logits`` at 1/4 resolution, ``probs`` (their softmax), or ``mask`` (int labels).
+        mask_size: ``full`` (the input's size) or ``quarter`` (argmax at 1/4 resolution; the app upsamples).
         layout: ``nchw`` or ``nhwc`` (what mobile camera pipelines hand over).
         dynamic: Dynamic H and W.
         image_input: A camera-frame image input of the runtime, normalisation folded in.
@@ -88,6 +91,7 @@ class ExportOptions:
     size: tuple[int, int] = (512, 512)
     input_kind: str = "normalized"
     output: str = "logits"
+    mask_size: str = "full"
     layout: str = "nchw"
     dynamic: bool = False
     image_input: bool = False
@@ -101,6 +105,10 @@ class ExportOptions:
             raise ExportError(f"--input {self.input_kind}: choose one of {', '.join(INPUT_KINDS)}")
         if self.output not in OUTPUT_KINDS:
             raise ExportError(f"--output {self.output}: choose one of {', '.join(OUTPUT_KINDS)}")
+        if self.mask_size not in MASK_SIZES:
+            raise ExportError(f"--mask-size {self.mask_size}: choose one of {', '.join(MASK_SIZES)}")
+        if self.mask_size != "full" and self.output != "mask":
+            raise ExportError(f"--mask-size {self.mask_size} needs --output mask (the output is {self.output})")
         if self.layout not in LAYOUTS:
             raise ExportError(f"--layout {self.layout}: choose nchw or nhwc")
         h, w = self.size

@@ -54,7 +54,7 @@ def _options_of(manifest: dict[str, Any]) -> ExportOptions:
     spec = manifest["input"]
     return ExportOptions(
         precision=manifest["precision"], size=tuple(spec["size"]), input_kind="uint8" if spec.get("image") else spec["kind"],
-        output=manifest["output"]["kind"], layout=spec["layout"], dynamic=bool(spec.get("dynamic_hw")),
+        output=manifest["output"]["kind"], mask_size=manifest["output"].get("size", "full"), layout=spec["layout"], dynamic=bool(spec.get("dynamic_hw")),
         image_input=bool(spec.get("image")), target_options=dict(manifest.get("target_options") or {}), taps=True,
     )  # fmt: skip
 
@@ -134,7 +134,7 @@ def layer_report(
         source, _, _ = open_verify_data(data, model)
         spec = debug.input_spec
         n = min(num_images, len(source))
-        names = [*TAPS, "logits" if options.output == "logits" else "mask"]
+        names = [*TAPS, options.output]
         sums: dict[str, dict[str, float]] = {name: {"signal": 0.0, "noise": 0.0, "dot": 0.0, "na": 0.0, "nb": 0.0,
                                                     "max": 0.0, "bad": 0.0, "count": 0.0} for name in names}  # fmt: skip
         agree = total = 0
@@ -143,12 +143,16 @@ def layer_report(
             ref_main, *ref_taps = float_taps(model, spec, image[None])
             out_main, *out_taps = runner.run(spec(image[None]))
             pairs = list(zip(TAPS, ref_taps, out_taps))
-            if options.output == "logits":
-                pairs.append(("logits", ref_main, np.asarray(out_main, np.float32).reshape(ref_main.shape)))
+            if options.output != "mask":
+                from .pipeline import _softmax
+
+                ref_out = _softmax(ref_main) if options.output == "probs" else ref_main
+                pairs.append((options.output, ref_out, np.asarray(out_main, np.float32).reshape(ref_main.shape)))
             else:
                 from .pipeline import upsampled_argmax
 
-                ref_mask = upsampled_argmax(ref_main, spec.size)
+                quarter = options.mask_size == "quarter"
+                ref_mask = ref_main.argmax(1) if quarter else upsampled_argmax(ref_main, spec.size)
                 agree += int((np.asarray(out_main).reshape(ref_mask.shape) == ref_mask).sum())
                 total += ref_mask.size
             for name, ref, out in pairs:

@@ -372,7 +372,37 @@ def _argmax(x, axis=-1, keep_dims=False):  # type: ignore[no-untyped-def]
     return np.expand_dims(out, int(axis)) if keep_dims else out
 
 
+def _topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True, output_indices_dtype="int32"):  # type: ignore[no-untyped-def]
+    x = np.asarray(x)
+    order = np.argsort(x if ascending else -x, axis=int(axis), kind="stable")
+    indices = np.take(order, np.arange(int(k)), axis=int(axis))
+    return np.take_along_axis(x, indices, axis=int(axis)), indices
+
+
+def _pad(x, pad, mode="constant", constant_val=0.0):  # type: ignore[no-untyped-def]
+    x = np.asarray(x)
+    pairs = np.asarray(pad, np.int64).reshape(-1, 2)  # (before, after) for the last len(pairs) axes
+    width = [(0, 0)] * (x.ndim - len(pairs)) + [(int(b), int(a)) for b, a in pairs]
+    if mode == "constant":
+        return np.pad(x, width, mode="constant", constant_values=constant_val)
+    return np.pad(x, width, mode={"replicate": "edge", "reflect": "reflect"}[str(mode)])
+
+
+def _pixel_shuffle(x, upscale_factor):  # type: ignore[no-untyped-def]
+    x = np.asarray(x)
+    b, c, h, w = x.shape
+    r = int(upscale_factor)
+    x = x.reshape(b, c // (r * r), r, r, h, w)  # (B, C', r, r, H, W)
+    return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, c // (r * r), h * r, w * r)
+
+
 _KERNELS: dict[str, Callable[..., Any]] = {
+    "topk": _topk,
+    "pad": _pad,
+    "pixel_shuffle": _pixel_shuffle,
+    "gather_along_axis": lambda x, indices, axis=0, validate_indices=False: np.take_along_axis(
+        np.asarray(x), np.asarray(indices).astype(np.int64), axis=int(axis)
+    ),
     "conv": _conv,
     "linear": _linear,
     "matmul": _matmul,

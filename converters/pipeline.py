@@ -92,7 +92,7 @@ class ParityFailed(SegformerEdgeError):
 
 
 # What each asked-for graph-edge feature adds to an artifact's name, in name order.
-_NAME_PARTS = {"output:mask": "mask", "input:rgb01": "rgb01", "input:uint8": "uint8", "nhwc": "nhwc", "dynamic": "dynamic",
+_NAME_PARTS = {"output:mask": "mask", "output:probs": "probs", "input:rgb01": "rgb01", "input:uint8": "uint8", "nhwc": "nhwc", "dynamic": "dynamic",
                "image_input": "image", "taps": "taps"}  # fmt: skip
 
 
@@ -100,6 +100,8 @@ def artifact_name(variant: str, target: str, options: ExportOptions) -> str:
     features = options.features
     parts = [f"segformer-{variant}", target, options.precision]
     parts += [part for feature, part in _NAME_PARTS.items() if feature in features]
+    if options.mask_size != "full":
+        parts[parts.index("mask")] = f"mask-{options.mask_size}"
     parts += [f"{k}-{v}" for k, v in sorted(options.target_options.items())]
     return "_".join(parts)
 
@@ -147,7 +149,8 @@ def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor
     if plan.quant is not None:
         model = fold_batch_norm(model)  # the quantizers see conv + bias, not conv + BatchNorm
         model, outliers = rewrite_outliers(model, plan)
-    module = plan.target.prepare(EdgeModule(model, plan.graph_input, plan.options.output, plan.options.taps).eval()).eval()
+    edge = EdgeModule(model, plan.graph_input, plan.options.output, plan.options.taps, plan.options.mask_size)
+    module = plan.target.prepare(edge.eval()).eval()
     shape = plan.graph_input.shape
     example = torch.randint(0, 256, shape, dtype=torch.uint8) if plan.graph_input.kind == "uint8" else torch.rand(shape)
     return module, example, outliers
@@ -232,7 +235,13 @@ def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowere
     meta, options = model.meta, plan.options
     h, w = options.size
     k = model.config.num_classes
-    out_shape = [1, h, w] if options.output == "mask" else [1, k, -(-h // 4), -(-w // 4)]
+    from .graph import MASK_CANDIDATES, mask_method
+
+    quarter = [-(-h // 4), -(-w // 4)]
+    method = mask_method(options.output, options.mask_size, options.size, options.dynamic)
+    out_shape = ([1, *quarter] if method == "quarter" else [1, h, w]) if method else [1, k, *quarter]
+    mask_record = {"size": options.mask_size, "method": method,
+                   **({"candidates_per_neighbour": MASK_CANDIDATES} if method == "candidates" else {})} if method else {}  # fmt: skip
     lowered = dict(lowered)
     actual_quant = lowered.pop("quantization", {})
     manifest: dict[str, Any] = {
@@ -245,7 +254,7 @@ def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowere
         "palette": [list(c) for c in meta.palette],
         "input": plan.input.to_manifest(),
         "output": {"kind": options.output, "shape": out_shape, "dtype": "int32" if options.output == "mask" else "float32",
-                   **({"taps": list(TAPS)} if options.taps else {})},
+                   **mask_record, **({"taps": list(TAPS)} if options.taps else {})},
         "target_options": plan.target_options,
         "quantization": None,
         "checkpoint": {"name": checkpoint.name if checkpoint else None,
@@ -366,6 +375,19 @@ def float_logits(model: Any, spec: InputSpec, images: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(spec.float_spec(images))).numpy()
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the class axis (1) of (N, K, h, w) logits."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _quarter_up(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, h, w) labels at 1/4 resolution -> (N, H, W) by nearest neighbour."""
+    from segformer_edge.predict import resize_labels
+
+    return np.stack([resize_labels(one, size) for one in labels])
+
+
 def upsampled_argmax(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(N, K, h, w) logits -> (N, H, W) labels: bilinear upsampling to the input size, then argmax."""
     import torch
@@ -443,6 +465,7 @@ def verify_artifact(
     if runner is None:
         runner = get_target(manifest["target"]).load(artifact)
     k = manifest["num_classes"]
+    kind, quarter = manifest["output"]["kind"], manifest["output"].get("size") == "quarter"
     cm_agree, cm_float, cm_art = ConfusionMatrix(k), ConfusionMatrix(k), ConfusionMatrix(k)
     diffs, dots, norms_a, norms_b, sq_err, peak = [], 0.0, 0.0, 0.0, 0.0, 0.0
     agree, total, elements = 0, 0, 0
@@ -453,13 +476,18 @@ def verify_artifact(
         image, mask = spec.resize(image, mask)
         images = image[None]  # (1, H, W, 3)
         ref = float_logits(model, spec, images)  # (1, K, H/4, W/4)
+        if kind == "probs":  # the artifact's output is the softmax: so is the reference
+            ref = _softmax(ref)  # (1, K, H/4, W/4)
         _count_nonfinite(ref, bad_values["float"])
         ref_finite = np.isfinite(ref)
-        ref_mask = upsampled_argmax(np.where(ref_finite, ref, 0.0), (h, w))  # (1, H, W)
+        ref_safe = np.where(ref_finite, ref, 0.0)
+        # A quarter-size mask is the float model's argmax at 1/4 resolution, shown at full size (nearest).
+        ref_mask = _quarter_up(ref_safe.argmax(1), (h, w)) if quarter else upsampled_argmax(ref_safe, (h, w))  # (1, H, W)
         broken = _nonfinite_reach(ref, (h, w))  # pixels that a NaN or inf takes part in never agree
         out = np.asarray(runner(spec(images)))
-        if manifest["output"]["kind"] == "mask":
-            out_mask = out.reshape(ref_mask.shape).astype(np.int64)
+        if kind == "mask":
+            out_mask = out.reshape(ref.shape[:1] + ref.shape[2:] if quarter else ref_mask.shape).astype(np.int64)
+            out_mask = _quarter_up(out_mask, (h, w)) if quarter else out_mask  # (1, H, W)
         else:
             out = out.astype(np.float32).reshape(ref.shape)
             _count_nonfinite(out, bad_values["artifact"])

@@ -127,7 +127,7 @@ class ArtifactPredictor:
     Attributes:
         runner: The artifact's runner: a numpy batch in ``spec``'s kind, layout and dtype -> its outputs.
         spec: The artifact's input (its manifest's ``input`` block); photos are resized to ``spec.size``.
-        output: ``logits`` (N, K, H/4, W/4) or ``mask`` (N, H, W) labels, as the manifest's ``output.kind``.
+        output: ``logits`` or ``probs`` (N, K, H/4, W/4), or ``mask`` (N, H, W) or (N, H/4, W/4) labels: ``output.kind``.
         num_classes: K.
     """
 
@@ -144,8 +144,9 @@ class ArtifactPredictor:
     def labels(self, out: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """The artifact's raw output for one image -> (H, W) labels at ``size``."""
         h, w = self.spec.size
-        if self.output == "mask":
-            return resize_labels(out.reshape(h, w).astype(np.int64), size)
+        if self.output == "mask":  # full size, or 1/4 (a mask --mask-size quarter artifact)
+            labels = out.reshape(out.shape[-2:]).astype(np.int64)
+            return resize_labels(labels, size)
         logits = out.astype(np.float32).reshape(self.num_classes, -(-h // 4), -(-w // 4))
         return logits_to_labels(logits, size)
 

@@ -77,12 +77,32 @@ def _target_options(values: list[str] | None) -> dict[str, str]:
     return options
 
 
+def _mask_figures() -> str:
+    """What the mask outputs cost and how often they agree with the exact mask: benchmarks/mask.py's figures,
+    shipped as an asset (never typed here)."""
+    import json
+
+    import segformer_edge
+
+    try:
+        figures = json.loads((Path(segformer_edge.__file__).parent / "assets" / "mask_outputs.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return " " + figures["summary"]
+
+
+_OUTPUT_HELP = ("logits (1/4 resolution), probs (their softmax, 1/4 resolution) or mask (int32 labels; full size by "
+                "argmax over the top classes of each pixel's 4 low-resolution neighbours: cheap at any class count)."
+                + _mask_figures())  # fmt: skip
+
+
 def export(
     checkpoint: CheckpointArgument = None,
     target: Annotated[str, typer.Option("--target", "-t", help="A registered target (see the list above) or all.")] = "all",
     precision: Annotated[str, typer.Option("--precision", "-p", help="fp32, fp16 or int8.")] = "fp32",
     size: SizeOption = None,
-    output: Annotated[str, typer.Option(help="logits (1/4 resolution) or mask (upsample + argmax in the graph).")] = "logits",
+    output: Annotated[str, typer.Option(help=_OUTPUT_HELP)] = "logits",
+    mask_size: Annotated[str, typer.Option(help="--output mask: full (the input's size) or quarter (argmax at 1/4 resolution; the app upsamples).")] = "full",
     input_kind: Annotated[str, typer.Option("--input", help="normalized, rgb01 or uint8 (the last two fuse normalization).")] = "normalized",
     layout: Annotated[str, typer.Option(help="nchw or nhwc input layout.")] = "nchw",
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic H and W (where the target takes it).")] = False,
@@ -108,8 +128,8 @@ def export(
     path = resolve_checkpoint(checkpoint)
     model = load_pretrained(path)
     h, w = check_size(size, model.meta.input_size)
-    options = ExportOptions(precision=precision, size=(h, w), input_kind=input_kind, output=output, layout=layout,
-                            dynamic=dynamic, image_input=image_input, target_options=_target_options(target_option))  # fmt: skip
+    options = ExportOptions(precision=precision, size=(h, w), input_kind=input_kind, output=output, mask_size=mask_size,
+                            layout=layout, dynamic=dynamic, image_input=image_input, target_options=_target_options(target_option))  # fmt: skip
     _plan_all(model, names, options, out, method, outliers)  # every target refuses what it cannot honour before any work
     quant = _quant_spec(model, path, options, data, calibration, calibration_images, method, budget, outliers)
     rows = []

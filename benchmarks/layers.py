@@ -49,11 +49,12 @@ def main() -> None:
             report = verify_artifact(artifact.folder, model=model, checkpoint=ckpt, num_images=args.images, layers=True)
             rows.append({"target": name, "precision": precision, "pixel_agreement": report["pixel_agreement"],
                          "executor": report["executor"], "layers": report["layers"]})  # fmt: skip
-            print(json.dumps(rows[-1]))
-    record = {"date": str(datetime.date.today()), "machine": machine_info(), "size": list(size), "images": args.images,
-              "calibration_images": args.calibration_images, "rows": rows}  # fmt: skip
-    (HERE / "layers.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    write_markdown(record)
+            print(json.dumps(rows[-1]), flush=True)
+            record = {"date": str(datetime.date.today()), "machine": machine_info(), "size": list(size),
+                      "images": args.images, "calibration_images": args.calibration_images, "rows": rows}  # fmt: skip
+            # Saved after every row: a long run that is stopped keeps what it measured.
+            (HERE / "layers.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+            write_markdown(record)
 
 
 def write_markdown(record: dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "segformer-edge-artifact/1"
 OUTPUT_KINDS = ("logits", "mask", "probs")
-MASK_SIZES = ("full", "quarter")
+MASK_SIZES = ("full", "quarter", "full-exact")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -80,7 +80,8 @@ class ExportOptions:
         input_kind: ``normalized`` (float, already normalised), ``rgb01`` (float RGB in 0..1) or ``uint8``
             (0..255); the last two fuse the normalisation into the graph.
         output: ``logits`` at 1/4 resolution, ``probs`` (their softmax), or ``mask`` (int labels).
-        mask_size: ``full`` (the input's size) or ``quarter`` (argmax at 1/4 resolution; the app upsamples).
+        mask_size: ``full`` (the input's size, by candidate argmax), ``full-exact`` (all K class maps upsampled,
+            then argmax) or ``quarter`` (argmax at 1/4 resolution; the app upsamples).
         layout: ``nchw`` or ``nhwc`` (what mobile camera pipelines hand over).
         dynamic: Dynamic H and W.
         image_input: A camera-frame image input of the runtime, normalisation folded in.

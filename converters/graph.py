@@ -37,12 +37,12 @@ MASK_CANDIDATES = 2  # classes taken from each of a pixel's four low-resolution 
 
 def mask_method(output: str, mask_size: str, size: tuple[int, int], dynamic: bool) -> str | None:
     """How the graph makes its mask: ``candidates`` (see :func:`candidate_argmax`), ``exact`` (upsample all K
-    class maps, then argmax) where the candidate layout needs a static size that is a multiple of 4, or
-    ``quarter`` (argmax at 1/4 resolution); None for logits and probabilities."""
+    class maps, then argmax: asked for with ``full-exact``, or where the candidate layout would need a static
+    size that is a multiple of 4), or ``quarter`` (argmax at 1/4 resolution); None for logits and probs."""
     if output != "mask":
         return None
-    if mask_size == "quarter":
-        return "quarter"
+    if mask_size in ("quarter", "full-exact"):
+        return mask_size.removeprefix("full-")
     h, w = size
     return "candidates" if not dynamic and h % 4 == 0 and w % 4 == 0 else "exact"
 

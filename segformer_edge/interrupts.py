@@ -14,8 +14,9 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
-__all__ = ["install", "interrupted", "raise_if_interrupted"]
+__all__ = ["install", "interrupted", "raise_if_interrupted", "restore"]
 
 _RETRY_S = 0.2
 _state = {"signum": 0}
@@ -53,11 +54,28 @@ def _on_retry(signum: int, frame: FrameType | None) -> None:
         _on_signal(_state["signum"], frame)
 
 
-def install() -> None:
-    """Route SIGTERM and SIGINT through the deferred handler (main thread only; a no-op elsewhere)."""
+def install() -> dict[int, Any]:
+    """Route SIGTERM and SIGINT through the deferred handler (main thread only; a no-op elsewhere).
+
+    Returns the handlers it replaced, for :func:`restore` (a command run in-process, as tests do, leaves the
+    host's handlers as it found them)."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
+    _state["signum"] = 0
+    signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGALRM] if hasattr(signal, "SIGALRM") else [])
+    previous = {int(s): signal.getsignal(s) for s in signals}
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     if hasattr(signal, "SIGALRM"):
         signal.signal(signal.SIGALRM, _on_retry)
+    return previous
+
+
+def restore(previous: dict[int, Any]) -> None:
+    """Put back the handlers that :func:`install` replaced (and cancel a pending re-check)."""
+    if not previous:
+        return
+    if hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    for signum, handler in previous.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

@@ -84,3 +84,15 @@ def test_the_cli_exits_130_on_sigterm(tmp_path: Path, swallow: bool) -> None:
     """)
     assert result.returncode == 130, (result.returncode, result.stderr)
     assert result.stderr.strip() == "interrupted: nothing half-written was left behind"
+
+
+def test_an_in_process_command_gives_the_handlers_back(capsys) -> None:
+    """A command run in-process (tests, notebooks) leaves SIGINT and SIGTERM as it found them."""
+    import signal
+
+    from conftest import run_cli
+
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    code, _, _ = run_cli(["info", "--targets"], capsys)
+    assert code == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -87,5 +87,5 @@ def test_output_kinds_of_a_150_class_model_on_photos(user, tmp_path: Path, capsy
 def test_mask_size_without_a_mask_is_refused() -> None:
     with pytest.raises(ExportError, match="--mask-size quarter needs --output mask"):
         ExportOptions(output="logits", mask_size="quarter")
-    with pytest.raises(ExportError, match="--mask-size half: choose one of full, quarter"):
+    with pytest.raises(ExportError, match="--mask-size half: choose one of full, quarter, full-exact"):
         ExportOptions(output="mask", mask_size="half")

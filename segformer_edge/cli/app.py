@@ -73,11 +73,18 @@ def build_app() -> typer.Typer:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and map exceptions to exit codes (:data:`_ERRORS`)."""
-    from .common import err_console
-
     STATE["debug"] = "--debug" in (argv if argv is not None else sys.argv[1:])
     # SIGTERM unwinds like Ctrl-C, so that every atomic write removes its temporary file (deferred out of imports).
-    interrupts.install()
+    previous = interrupts.install()
+    try:
+        _run(argv)
+    finally:
+        interrupts.restore(previous)  # an in-process caller (a test, a notebook) gets its own handlers back
+
+
+def _run(argv: list[str] | None) -> None:
+    from .common import err_console
+
     try:
         # Standalone mode: usage errors (bad options) print Typer's message and exit 2, --help exits 0.
         build_app()(args=argv)

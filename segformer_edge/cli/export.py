@@ -102,7 +102,7 @@ def export(
     precision: Annotated[str, typer.Option("--precision", "-p", help="fp32, fp16 or int8.")] = "fp32",
     size: SizeOption = None,
     output: Annotated[str, typer.Option(help=_OUTPUT_HELP)] = "logits",
-    mask_size: Annotated[str, typer.Option(help="--output mask: full (the input's size) or quarter (argmax at 1/4 resolution; the app upsamples).")] = "full",
+    mask_size: Annotated[str, typer.Option(help="--output mask: full (the input's size, candidate argmax), full-exact (upsample all class maps, then argmax: bit-exact, slow with many classes) or quarter (argmax at 1/4 resolution; the app upsamples).")] = "full",
     input_kind: Annotated[str, typer.Option("--input", help="normalized, rgb01 or uint8 (the last two fuse normalization).")] = "normalized",
     layout: Annotated[str, typer.Option(help="nchw or nhwc input layout.")] = "nchw",
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic H and W (where the target takes it).")] = False,

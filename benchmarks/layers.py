@@ -32,7 +32,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("exports/layers"))
+    parser.add_argument("--render", action="store_true", help="rewrite LAYERS.md from layers.json")
     args = parser.parse_args()
+    if args.render:
+        write_markdown(json.loads((HERE / "layers.json").read_text()))
+        return
     ckpt = builtin_checkpoint()
     model = load_pretrained(ckpt)
     size = tuple(model.meta.input_size)
@@ -55,6 +59,10 @@ def main() -> None:
             # Saved after every row: a long run that is stopped keeps what it measured.
             (HERE / "layers.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
             write_markdown(record)
+
+
+def _sqnr(row: dict[str, Any], tap: str) -> float:
+    return next(t["sqnr_db"] for t in row["layers"]["taps"] if t["tap"] == tap)
 
 
 def write_markdown(record: dict[str, Any]) -> None:
@@ -80,6 +88,22 @@ def write_markdown(record: dict[str, Any]) -> None:
     int8 = [r for r in record["rows"] if r["precision"] == "int8"]
     if int8:
         lines += ["## What it shows", ""]
+        lowest = [min(((t["tap"], t["sqnr_db"]) for t in r["layers"]["taps"] if "sqnr_db" in t), key=lambda s: s[1])[0]
+                  for r in int8]  # fmt: skip
+        common = max(set(lowest), key=lowest.count)
+        fp16 = {r["target"]: r for r in record["rows"] if r["precision"] == "fp16"}
+        gaps = [_sqnr(fp16[r["target"]], "logits") - _sqnr(r, "logits") for r in int8 if r["target"] in fp16]
+        rises = [_sqnr(r, "logits") - _sqnr(r, common) for r in int8]
+        lines += [f"INT8 loses most in {common}: it is the lowest tap of {lowest.count(common)} of {len(int8)} targets. "
+                  f"From there the SQNR climbs again by {min(rises):.1f} to {max(rises):.1f} dB up to the logits (later "
+                  f"stages and the decoder's fusion average the quantization noise of many channels), so the first "
+                  f"tap to look at, when an INT8 artifact of a fine-tuned model disagrees, is {common} (`export --budget` "
+                  f"or `--outliers` act there). fp16 stays {min(_sqnr(r, t) for r in fp16.values() for t in taps):.0f} dB "
+                  f"or more at every tap of every target, {min(gaps):.0f} to {max(gaps):.0f} dB above INT8 at the logits; "
+                  + ("no artifact has a divergent tap at the default thresholds." if not any(
+                      r["layers"]["first_divergent"] for r in record["rows"]) else "divergent taps: " + ", ".join(
+                      f"{r['target']} {r['precision']} {r['layers']['first_divergent']}" for r in record["rows"]
+                      if r["layers"]["first_divergent"]) + "."), ""]  # fmt: skip
         for r in int8:
             sqnr = [(t["tap"], t["sqnr_db"]) for t in r["layers"]["taps"] if "sqnr_db" in t]
             drops = [(b[0], a[1] - b[1]) for a, b in zip(sqnr, sqnr[1:])]

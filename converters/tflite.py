@@ -168,7 +168,7 @@ class TFLiteTarget(Target):
             if key in asked and options.precision != "int8":
                 raise ExportError(f"tflite: --target-option {key}={asked[key]} applies to --precision int8 only")
         if chosen["io"] != "float":
-            if options.input_kind == "uint8" or options.output == "mask" or options.taps:
+            if options.input_kind == "uint8" or options.output == "mask":
                 raise ExportError(f"tflite: io={chosen['io']} quantizes the float input and logits: it takes --input normalized "
                                   "or rgb01 and --output logits (--input uint8 is already a byte input)")  # fmt: skip
             if chosen["activations"] == "int16":
@@ -265,8 +265,9 @@ def set_io(path: Path, io: str) -> None:
     """Give a full-integer model (litert-torch's PT2E lowering takes the int8 tensors themselves as graph input and
     output) the graph edges ``io`` asks for, in place.
 
-    ``int8`` leaves it as it is. ``float`` adds a QUANTIZE (float -> int8, or int16 for 16x8) in front of each input
-    and a DEQUANTIZE after each output, what TFLiteConverter's full-integer default gives. ``uint8`` adds QUANTIZE requantize ops
+    ``int8`` leaves it as it is. ``float`` adds a QUANTIZE (float -> int8, or int16 for 16x8) in front of each
+    quantized input and a DEQUANTIZE after each quantized output, what TFLiteConverter's full-integer default gives
+    (edges that are not quantized tensors, a byte image or a mask, stay as they are). ``uint8`` adds QUANTIZE requantize ops
     (uint8 -> int8 in, int8 -> uint8 out, zero point + 128, same scale), what TensorFlow's
     ``modify_model_interface`` does for uint8 (that tool only rewrites float edges, so it cannot be used here). The
     new edge tensors take the old ones' names, so signatures and output order are unchanged.
@@ -276,9 +277,8 @@ def set_io(path: Path, io: str) -> None:
 
     model = flatbuffer_utils.read_model(str(path))
     graph = model.subgraphs[0]
-    if io == "int8" or io == "float" and all(graph.tensors[int(i)].type == schema.TensorType.FLOAT32
-                                             for i in [*graph.inputs, *graph.outputs]):  # fmt: skip
-        return  # already so
+    if io == "int8":
+        return
     edge_type = schema.TensorType.FLOAT32 if io == "float" else schema.TensorType.UINT8
 
     def opcode(builtin: int) -> int:
@@ -289,11 +289,15 @@ def set_io(path: Path, io: str) -> None:
         model.operatorCodes.append(schema.OperatorCodeT(deprecatedBuiltinCode=min(builtin, 127), version=2, builtinCode=builtin))
         return len(model.operatorCodes) - 1
 
+    def quantized(index: int) -> bool:
+        tensor = graph.tensors[index]
+        integer = (schema.TensorType.INT8, schema.TensorType.INT16) if io == "float" else (schema.TensorType.INT8,)
+        return tensor.type in integer and tensor.quantization is not None and bool(tensor.quantization.scale)
+
     def edge_tensor(inner_index: int) -> int:
         """A new tensor of ``edge_type`` like ``inner``, taking its name; returns its index."""
         inner = graph.tensors[inner_index]
-        integer = (schema.TensorType.INT8, schema.TensorType.INT16) if io == "float" else (schema.TensorType.INT8,)
-        if inner.type not in integer or inner.quantization is None or not inner.quantization.scale:
+        if not quantized(inner_index):
             raise ExportError(f"tflite: io={io} needs quantized graph edges (found {flatbuffer_utils.type_to_name(inner.type)})")
         quant = None
         if io == "uint8":
@@ -303,18 +307,29 @@ def set_io(path: Path, io: str) -> None:
         outer = schema.TensorT(shape=list(inner.shape), type=edge_type, buffer=0, name=inner.name, quantization=quant,
                                shapeSignature=None if inner.shapeSignature is None else list(inner.shapeSignature),
                                hasRank=inner.hasRank)  # fmt: skip
-        inner.name = (inner.name.decode() if isinstance(inner.name, bytes) else str(inner.name)) + "/int8"
+        inner.name = (inner.name.decode() if isinstance(inner.name, bytes) else str(inner.name)) + "/quantized"
         graph.tensors.append(outer)
         return len(graph.tensors) - 1
+
+    # io=float leaves edges that are not quantized as they are: a --input uint8 byte image, a --output mask's labels.
+
+    def keep(index: int) -> bool:
+        return io == "float" and not quantized(index)
 
     remap: dict[int, int] = {}
     new_inputs, new_outputs, head, tail = [], [], [], []
     for index in graph.inputs:
+        if keep(int(index)):
+            new_inputs.append(int(index))
+            continue
         outer = edge_tensor(int(index))
         remap[int(index)] = outer
         head.append(schema.OperatorT(opcodeIndex=opcode(schema.BuiltinOperator.QUANTIZE), inputs=[outer], outputs=[int(index)]))
         new_inputs.append(outer)
     for index in graph.outputs:
+        if keep(int(index)):
+            new_outputs.append(int(index))
+            continue
         outer = edge_tensor(int(index))
         remap[int(index)] = outer
         builtin = schema.BuiltinOperator.DEQUANTIZE if io == "float" else schema.BuiltinOperator.QUANTIZE

@@ -258,3 +258,19 @@ def test_static_and_dynamic_artifacts_do_not_share_a_folder(trained, tmp_path: P
     palettized = plan_export(model, "coreml", ExportOptions(size=SIZE, precision="int8", target_options={"weights": "palettize4"}),
                              tmp_path, QuantSpec(scheme="weight_only"), check_calibration=False)  # fmt: skip
     assert palettized.folder.name == "segformer-custom_coreml_int8_weight-only_weights-palettize4"
+
+
+def test_tflite_float_edges_leave_a_byte_input_and_a_mask_output_alone(trained, calib: CalibrationSet, tmp_path: Path) -> None:
+    """io=float (the default) wraps only quantized edges: a --input uint8 image and --output mask labels stay as they are."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, ckpt = trained
+    options = ExportOptions(size=SIZE, precision="int8", input_kind="uint8", output="mask")
+    artifact, report = export_artifact(model, "tflite", options, tmp_path, checkpoint=ckpt,
+                                       quant=QuantSpec(outliers="none", calibration=calib), verify_images=4)  # fmt: skip
+    interpreter = Interpreter(model_path=str(artifact.file))
+    assert [np.dtype(d["dtype"]).name for d in interpreter.get_input_details()] == ["uint8"]
+    assert interpreter.get_input_details()[0]["quantization"] == (0.0, 0)  # raw bytes, not a quantized tensor
+    assert artifact.manifest["io"] == {"inputs": ["uint8"], "outputs": ["int32"]}
+    assert report["passed"] and report["pixel_agreement"] >= 0.98
+

@@ -274,3 +274,21 @@ def test_tflite_float_edges_leave_a_byte_input_and_a_mask_output_alone(trained, 
     assert artifact.manifest["io"] == {"inputs": ["uint8"], "outputs": ["int32"]}
     assert report["passed"] and report["pixel_agreement"] >= 0.98
 
+
+def test_cli_weight_only_export_needs_no_calibration_images(tmp_path: Path, capsys) -> None:
+    """A model with classes of its own: static int8 needs --data, weight-only int8 does not (nothing to calibrate)."""
+    import json
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(SegFormer(SegFormerConfig(**TINY, num_classes=5)).eval(), tmp_path / "own.safetensors")
+    common = ["export", ckpt, "--target", "coreml", "--precision", "int8", "--size", "64", "64", "--out", tmp_path / "out"]
+    code, _, err = run_cli(common, capsys)
+    assert code == 2 and "needs calibration images" in " ".join(err.split())
+    code, stdout, err = run_cli([*common, "--scheme", "weight_only", "-O", "weights=palettize6", "--no-verify", "--json"], capsys)
+    assert code == 0, err
+    (row,) = json.loads(stdout)
+    assert row["artifact"].endswith("segformer-custom_coreml_int8_weight-only_weights-palettize6")
+    manifest = json.loads((Path(row["artifact"]) / "manifest.json").read_text())
+    q = manifest["quantization"]
+    assert q["scheme"] == "weight_only" and q["calibration"] is None and q["applied"]["nbits"] == 6
+    assert set(manifest["coreml"]["weight_storage"]) == {"palettized_6bit", "float32"}

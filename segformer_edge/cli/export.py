@@ -253,6 +253,8 @@ def _quant_spec(model: Any, path: Path, options: Any, data: str | None, calibrat
     from segformer_edge.converters.pipeline import calibration_for
 
     quant = QuantSpec(scheme=scheme, method=method, outliers=outliers)  # validates the scheme, method and outlier mode before any work
+    if scheme != "static" and data is None and calibration is None:
+        return quant  # dynamic and weight-only int8 need no calibration images (only --outliers measures on them)
     with err_console.status("calibrating ..."):
         calib = calibration_for(model, path, options.size, data=data, calibration=calibration, num_images=images, method=method)
     if method == "auto" and calibration is not None:

@@ -87,6 +87,8 @@ class CoreMLTarget(Target):
         if quant is not None and quant.scheme == "weight_only" and quant.float_groups:
             raise ExportError("coreml: --scheme weight_only compresses every weight of more than 2048 values; "
                               "float-kept layer groups (--budget) need --scheme static")  # fmt: skip
+        if quant is None or quant.scheme != "weight_only":
+            chosen.pop("weights")  # the manifest lists only options that shaped the artifact
         return chosen
 
     def times_here(self) -> bool:

@@ -85,7 +85,7 @@ class OnnxTarget(Target):
         chosen = super().plan(options, quant)
         if "activations" in options.target_options and options.precision != "int8":
             raise ExportError("onnx: --target-option activations=... applies to --precision int8 only")
-        return chosen
+        return chosen if options.precision == "int8" else {}  # the manifest lists only options that shaped the artifact
 
     def _quantize_static(self, model: Any, path: Path, quant: QuantSpec, spec: InputSpec, activations: str) -> dict[str, Any]:
         """QDQ static INT8 through onnxruntime.quantization, calibrated on the same set as every target; int8 weights

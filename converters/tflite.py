@@ -181,7 +181,7 @@ class TFLiteTarget(Target):
                                   "groups (--budget) need activations=int8")  # fmt: skip
             if quant.weights != "per_channel":
                 raise ExportError("tflite: activations=int16 has per-channel int8 weights only (ai-edge-quantizer's static_wi8_ai16)")
-        return chosen
+        return chosen if options.precision == "int8" else {}  # both options shape a quantized model only
 
     def prepare(self, module):  # type: ignore[no-untyped-def]
         from .graph import split_single_head_attention

@@ -45,6 +45,11 @@ OPTIONS: dict[str, tuple[str, str, dict[str, str], float, float]] = {
 }
 
 
+# The target's own options an int8 export of that scheme records (defaults filled in).
+DEFAULTS = {"tflite": {"io": "float", "activations": "int8"}, "coreml": {"weights": "int8"}, "executorch": {},
+            "onnx": {"activations": "int8"}}  # fmt: skip
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():  # type: ignore[no-untyped-def]
     """The suite shares two cores with other work: one torch thread keeps this module from oversubscribing them."""
@@ -110,7 +115,7 @@ def test_option_exports_runs_and_keeps_parity(option: str, exported, trained) ->
                                   "executorch": "executorch.runtime", "onnx": "onnxruntime"}[target]  # fmt: skip
     assert manifest["parity"]["status"] == "passed"
     q = manifest["quantization"]
-    assert q["scheme"] == scheme and manifest["target_options"] == {**manifest["target_options"], **options}
+    assert q["scheme"] == scheme and manifest["target_options"] == {**DEFAULTS[target], **options}
     CHECKS[target](option, artifact, q["applied"])
 
 
@@ -258,6 +263,10 @@ def test_static_and_dynamic_artifacts_do_not_share_a_folder(trained, tmp_path: P
     palettized = plan_export(model, "coreml", ExportOptions(size=SIZE, precision="int8", target_options={"weights": "palettize4"}),
                              tmp_path, QuantSpec(scheme="weight_only"), check_calibration=False)  # fmt: skip
     assert palettized.folder.name == "segformer-custom_coreml_int8_weight-only_weights-palettize4"
+    # A manifest lists only the options that shaped its artifact (verify --layers re-plans from them).
+    for target in ("tflite", "onnx", "coreml"):
+        assert plan_export(model, target, ExportOptions(size=SIZE), tmp_path, None).target_options == {}, target
+    assert plan_export(model, "coreml", options, tmp_path, QuantSpec(), check_calibration=False).target_options == {}
 
 
 def test_tflite_float_edges_leave_a_byte_input_and_a_mask_output_alone(trained, calib: CalibrationSet, tmp_path: Path) -> None:

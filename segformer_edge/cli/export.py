@@ -35,7 +35,7 @@ int8 options of each runtime (--scheme is shared; -O KEY=VALUE is the target's o
 
   tflite -O io=float|int8|uint8: the edges of the full-integer model: float in and out (default), or int8 or uint8 tensors (NPUs, microcontrollers; the manifest gives their scale and zero point)
 
-  tflite -O activations=int16: 16-bit activations with int8 weights (16x8, ai-edge-quantizer, min/max ranges); more accurate, but XNNPACK has no int16 kernels: it runs in LiteRT's reference kernels
+  tflite -O activations=int16: 16-bit activations with int8 weights (16x8, ai-edge-quantizer, min/max ranges) for NPUs and DSPs that run 16x8; XNNPACK has no int16 kernels, so on a CPU it runs in LiteRT's far slower reference kernels
 
   coreml (default --scheme static): W8A8 (int8 weights, uint8 activations, iOS17)
 

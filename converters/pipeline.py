@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import logging
 import os
 import shutil
@@ -204,6 +205,8 @@ def quantize(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan) -
         return module, {}
     inputs = calibration_inputs(plan.quant, plan.graph_input, example)
     try:
+        if "target_options" not in inspect.signature(plan.target.quantize).parameters:  # a plugin's older override
+            return plan.target.quantize(module, example, plan.quant, inputs)
         return plan.target.quantize(module, example, plan.quant, inputs, target_options=plan.target_options)
     except SegformerEdgeError:
         raise

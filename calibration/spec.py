@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["LAYER_GROUPS", "METHODS", "OUTLIER_MODES", "SCHEMES", "QuantSpec", "group_of", "module_names"]
 
 METHODS = ("auto", "minmax", "moving_average", "percentile", "mse", "entropy")
-SCHEMES = ("static", "dynamic")
+SCHEMES = ("static", "dynamic", "weight_only")
 # Outlier handling before any target's quantizer (see .outliers; kept here so that the spec needs no torch).
 OUTLIER_MODES = ("auto", "none", "smoothquant", "bias_correction", "smoothquant+bias_correction")
 
@@ -54,7 +54,9 @@ class QuantSpec:
     """One INT8 recipe, the same for every target.
 
     Attributes:
-        scheme: ``static`` (activation ranges from calibration) or ``dynamic`` (ranges per inference).
+        scheme: ``static`` (int8 weights and activations, activation ranges from calibration), ``dynamic``
+            (int8 weights; activations quantized with each inference's own min/max) or ``weight_only`` (int8 or
+            palettized weights, float activations). Each target lists the schemes it has (``quant_schemes``).
         method: Activation range estimator: ``minmax``, ``moving_average``, ``percentile`` (99.99%),
             ``mse`` (histogram search for the least L2 error), ``entropy`` (KL, ONNX Runtime's) or ``auto``
             (each target's best: ``mse`` for PT2E quantizers, ``entropy`` for ONNX Runtime). The manifest
@@ -87,6 +89,9 @@ class QuantSpec:
             raise ExportError(f"weight granularity {self.weights!r}: choose per_channel or per_tensor")
         if self.outliers not in OUTLIER_MODES:
             raise ExportError(f"--outliers {self.outliers}: choose one of {', '.join(OUTLIER_MODES)}")
+        if self.scheme != "static" and self.method not in ("auto", "minmax"):
+            what = "each inference's own min/max" if self.scheme == "dynamic" else "no activation range at all (float activations)"
+            raise ExportError(f"--method {self.method} applies to --scheme static; --scheme {self.scheme} uses {what}")
         module_names(self.float_groups)  # validates the names
         object.__setattr__(self, "float_groups", tuple(self.float_groups))
 

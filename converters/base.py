@@ -287,7 +287,17 @@ class Target:
         """This target's PT2E quantizer for ``quant``, or None where it quantizes while lowering."""
         return None
 
-    def quantize(self, module: torch.nn.Module, example: torch.Tensor, quant: QuantSpec, inputs: list[torch.Tensor]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def method_for(self, options: ExportOptions) -> str:
+        """What ``--method auto`` means for static int8 under these options (its own options may change the quantizer)."""
+        return self.default_method
+
+    def quantizer_for(self, quant: QuantSpec, target_options: dict[str, str] | None = None) -> Any:
+        """The PT2E quantizer for ``quant`` under this target's own options (``-O``); by default
+        :meth:`pt2e_quantizer`, for targets whose quantizer no option changes."""
+        return self.pt2e_quantizer(quant)
+
+    def quantize(self, module: torch.nn.Module, example: torch.Tensor, quant: QuantSpec, inputs: list[torch.Tensor],
+                 target_options: dict[str, str] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
         """PT2E prepare -> calibrate -> convert with this target's quantizer, honouring ``quant`` exactly.
 
         Returns the quantized module and what was done, read from the graphs themselves: the activation
@@ -295,7 +305,7 @@ class Target:
         compute ops of the converted graph. Targets without a PT2E quantizer return the module unchanged and
         quantize in :meth:`convert`.
         """
-        quantizer = self.pt2e_quantizer(quant)
+        quantizer = self.quantizer_for(quant, target_options)
         if quantizer is None:
             return module, {}
         from segformer_edge.calibration.recipes import SpecQuantizer, count_quantized_ops, pt2e_quantize

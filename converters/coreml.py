@@ -10,11 +10,13 @@ import json
 import logging
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .base import EDGE_FEATURES, TAPS, Artifact, ExportPlan, Target
+from segformer_edge.errors import ExportError
+
+from .base import EDGE_FEATURES, TAPS, Artifact, ExportOptions, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -73,13 +75,36 @@ class CoreMLTarget(Target):
     runtime_modules = ("coremltools",)
     integer_input = False  # Core ML multi-arrays have no uint8: 0..255 values come in as float32
     not_here = "needs macOS"
+    quant_schemes = ("static", "weight_only")  # W8A8, or compressed weights with float activations
+    # Weight-only compression: int8 linear (per-channel symmetric), or k-means palettization to 4, 6 or 8 bits.
+    options: ClassVar[dict[str, tuple[str, ...]]] = {"weights": ("int8", "palettize4", "palettize6", "palettize8")}
+
+    def plan(self, options: ExportOptions, quant: QuantSpec | None) -> dict[str, str]:
+        chosen = super().plan(options, quant)
+        asked = options.target_options.get("weights")
+        if asked is not None and (quant is None or quant.scheme != "weight_only"):
+            raise ExportError(f"coreml: --target-option weights={asked} applies to --precision int8 --scheme weight_only")
+        if quant is not None and quant.scheme == "weight_only" and quant.float_groups:
+            raise ExportError("coreml: --scheme weight_only compresses every weight of more than 2048 values; "
+                              "float-kept layer groups (--budget) need --scheme static")  # fmt: skip
+        if quant is None or quant.scheme != "weight_only":
+            chosen.pop("weights")  # the manifest lists only options that shaped the artifact
+        return chosen
 
     def times_here(self) -> bool:
         return platform.system() == "Darwin"  # elsewhere only the numpy reference executor runs: no latency
 
+    def parity_precision(self, manifest: dict[str, Any]) -> str:
+        """4-bit palettized weights are held to the ``int4`` thresholds (16 values per weight tensor), read from
+        the weights the program stores."""
+        storage = (manifest.get("coreml") or {}).get("weight_storage") or {}
+        return "int4" if manifest["precision"] == "int8" and "palettized_4bit" in storage else str(manifest["precision"])
+
     def pt2e_quantizer(self, quant: QuantSpec) -> Any:
         """W8A8 made on the torch side (coremltools' activation calibration needs macOS): PT2E with Core ML's
-        quantizer, symmetric int8 weights and uint8 activations."""
+        quantizer, symmetric int8 weights and uint8 activations. None for weight-only (compressed after conversion)."""
+        if quant.scheme == "weight_only":
+            return None
         import torch
         from coremltools.optimize.torch.quantization.quantization_config import (
             LinearQuantizerConfig,
@@ -104,12 +129,17 @@ class CoreMLTarget(Target):
         else:
             inputs = [ct.TensorType(name="x", shape=tuple(example.shape), dtype=np.float32)]
         precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
-        target = ct.target.iOS17 if plan.quant is not None else ct.target.iOS16
+        weight_only = plan.quant is not None and plan.quant.scheme == "weight_only"
+        # W8A8's quantize/dequantize ops need iOS17; weight-only int8 and palettization keep the iOS16 constexpr ops.
+        target = ct.target.iOS17 if plan.quant is not None and not weight_only else ct.target.iOS16
         model = ct.convert(
             program, convert_to="mlprogram", inputs=inputs,
             outputs=[ct.TensorType(name=n) for n in ("out", *(TAPS if options.taps else ()))],
             compute_precision=precision, minimum_deployment_target=target,
         )  # fmt: skip
+        applied: dict[str, Any] = {}
+        if weight_only:
+            model, applied = compress_weights(model, plan.target_options["weights"], plan.quant.weights)
         model.short_description = f"SegFormer-{variant.upper()} semantic segmentation ({options.output})"
         model.user_defined_metadata.update({
             "classes": json.dumps(list(meta.class_names)),
@@ -120,7 +150,11 @@ class CoreMLTarget(Target):
             "source": "segformer-edge",
         })  # fmt: skip
         model.save(str(path))
-        return {"coreml": {**read_back(path), "image_input": options.image_input, "deployment_target": str(target.name)}}
+        back = read_back(path)
+        lowered: dict[str, Any] = {"coreml": {**back, "image_input": options.image_input, "deployment_target": str(target.name)}}
+        if weight_only:
+            lowered["quantization"] = {**applied, "weight_storage": back["weight_storage"]}
+        return lowered
 
     def load(self, artifact: Artifact, threads: int | None = None, compute_units: str = "all") -> CoreMLRunner:
         return CoreMLRunner(artifact, compute_units=compute_units)
@@ -131,9 +165,30 @@ class CoreMLTarget(Target):
         return lambda: CoreMLRunner(artifact, compute_units=compute_units)
 
 
+def compress_weights(model: Any, weights: str, granularity: str) -> tuple[Any, dict[str, Any]]:
+    """Weight-only compression of a converted fp32 program with ``coremltools.optimize.coreml``: ``int8`` is
+    ``linear_quantize_weights`` (symmetric, per channel unless ``granularity`` says per tensor), ``palettize<n>``
+    is k-means ``palettize_weights`` with one n-bit look-up table per weight. coremltools' default threshold
+    applies: weights of 2048 values or fewer stay fp32."""
+    import coremltools.optimize.coreml as cto
+
+    if weights == "int8":
+        config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity=granularity)
+        record = {"compression": "linear_quantize_weights", "mode": "linear_symmetric", "dtype": "int8", "granularity": granularity}
+        model = cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=config))
+    else:
+        nbits = int(weights.removeprefix("palettize"))
+        config = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_tensor")
+        record = {"compression": "palettize_weights", "mode": "kmeans", "nbits": nbits, "granularity": "per_tensor"}
+        model = cto.palettize_weights(model, cto.OptimizationConfig(global_config=config))
+    return model, {**record, "weight_threshold": config.weight_threshold}
+
+
 def read_back(path: Path) -> dict[str, Any]:
-    """The saved program's ops, its tensor dtypes and its I/O, read back from the .mlpackage."""
+    """The saved program's ops, its tensor dtypes, how its compute ops' weights are stored, and its I/O, read back
+    from the .mlpackage."""
     from .mil_executor import MilProgram
 
     program = MilProgram(path)
-    return {"ops": program.op_types, "dtypes": program.dtype_counts(), "io": program.io_dtypes()}
+    return {"ops": program.op_types, "dtypes": program.dtype_counts(), "weight_storage": program.weight_storage(),
+            "io": program.io_dtypes()}  # fmt: skip

@@ -89,6 +89,7 @@ class ExecuTorchTarget(Target):
     summary = "ExecuTorch .pte, XNNPACK-delegated (Android, iOS, Linux)"
     precisions = ("fp32", "fp16", "int8")
     features = EDGE_FEATURES | {"taps"}
+    quant_schemes = ("static", "dynamic")
     tools = ("executorch",)
     runtime_modules = ("executorch.runtime",)
 
@@ -98,7 +99,11 @@ class ExecuTorchTarget(Target):
         return decompose_layer_norms(module)
 
     def pt2e_quantizer(self, quant: QuantSpec) -> Any:
-        """XNNPACKQuantizer, static, per-channel weights; LayerNorm statistics deliberately stay fp32."""
+        """XNNPACKQuantizer, per-channel weights; LayerNorm statistics deliberately stay fp32.
+
+        ``static``: int8 activations with calibrated ranges. ``dynamic``: XNNPACK's dynamically quantized linears
+        (int8 weights; each linear's input quantized per inference with its own min/max, no calibration); the
+        convolutions, attention matmuls and everything else stay fp32."""
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
@@ -106,7 +111,15 @@ class ExecuTorchTarget(Target):
 
         from .graph import DecomposedLayerNorm
 
-        config = get_symmetric_quantization_config(is_per_channel=quant.weights == "per_channel")
+        per_channel = quant.weights == "per_channel"
+        if quant.scheme == "dynamic":
+            import torch
+
+            # Linears only: XNNPACK's dynamically quantized convolutions break its channels-last pass (executorch 1.5.1:
+            # "required rank 4 tensor to use channels_last format"); the convolutions stay fp32.
+            config = get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=True)
+            return XNNPACKQuantizer().set_operator_type(torch.ops.aten.linear.default, config).set_module_type(DecomposedLayerNorm, None)
+        config = get_symmetric_quantization_config(is_per_channel=per_channel)
         return XNNPACKQuantizer().set_global(config).set_module_type(DecomposedLayerNorm, None)
 
     def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -122,7 +135,10 @@ class ExecuTorchTarget(Target):
         path.write_bytes(edge.to_executorch().buffer)
         if report["portable_ops"]:
             logger.info("executorch: ops left to portable kernels: %s", ", ".join(report["portable_ops"]))
-        return {"delegation": report, "io": program_io(path)}
+        lowered: dict[str, Any] = {"delegation": report, "io": program_io(path)}
+        if plan.quant is not None:
+            lowered["quantization"] = {"scheme": quantized_scheme(report)}
+        return lowered
 
     def load(self, artifact: Artifact, threads: int | None = None) -> ExecuTorchRunner:
         self.check_runtime()
@@ -134,6 +150,20 @@ class ExecuTorchTarget(Target):
         from .bench import top_ops
 
         return top_ops(profile_etdump(artifact, x, runs))
+
+
+def quantized_scheme(report: dict[str, Any]) -> dict[str, Any]:
+    """What the lowered graph quantizes, read from its ops: activations quantized per inference (dynamic: a
+    ``choose_qparams`` computes each scale at run time) or with calibrated constant scales (static)."""
+    by_op = report["by_op"]
+
+    def count(name: str) -> int:
+        return sum(v["delegated"] + v["portable"] for op, v in by_op.items() if op.startswith(name))
+
+    dynamic = count("quantized_decomposed_choose_qparams")
+    static = count("quantized_decomposed_quantize_per_tensor_default")
+    return {"kind": "dynamic" if dynamic and not static else "static" if static and not dynamic else "mixed" if dynamic else "none",
+            "runtime_quantized_activations": dynamic, "calibrated_quantize_ops": static}  # fmt: skip
 
 
 def program_io(path: Path) -> dict[str, list[str]]:

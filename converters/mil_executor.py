@@ -84,11 +84,38 @@ class MilProgram:
         """How many stored constants (weights) and computed values of each dtype the program holds."""
         counts: dict[str, dict[str, int]] = {"constants": {}, "values": {}}
         for op in self.block.operations:
-            kind = "constants" if op.type in ("const", "constexpr_affine_dequantize") else "values"
+            kind = "constants" if op.type in ("const", *_CONSTEXPR) else "values"
             for out in op.outputs:
                 name = self._mil.DataType.Name(out.type.tensorType.dataType).lower()
                 counts[kind][name] = counts[kind].get(name, 0) + 1
         return counts
+
+    def weight_storage(self) -> dict[str, int]:
+        """How the weights of the compute ops (conv, linear, matmul) are stored, read from the program: ``int8``
+        (``constexpr_affine_dequantize``), ``palettized_<n>bit`` (``constexpr_lut_to_dense``, n = log2 of the LUT
+        size), ``dequantize`` (W8A8: an int8 const dequantized at run time) or the dtype of a plain ``const``."""
+        producers = {out.name: op for op in self.block.operations for out in op.outputs}
+        counts: dict[str, int] = {}
+        for op in self.block.operations:
+            if op.type not in ("conv", "linear", "matmul") or "weight" not in op.inputs and op.type != "matmul":
+                continue
+            argument = op.inputs["weight" if op.type != "matmul" else "y"].arguments[0]
+            source = producers.get(argument.name) if argument.WhichOneof("binding") == "name" else None
+            if source is None:
+                continue  # an activation (matmul of two activations) or an inline value
+            if source.type == "constexpr_lut_to_dense":
+                lut = self._value(source.attributes["lut"])
+                kind = f"palettized_{int(np.log2(np.asarray(lut).size))}bit"
+            elif source.type == "constexpr_affine_dequantize":
+                kind = self._mil.DataType.Name(source.attributes["quantized_data"].type.tensorType.dataType).lower()
+            elif source.type == "const":
+                kind = self._mil.DataType.Name(source.outputs[0].type.tensorType.dataType).lower()
+            elif source.type == "dequantize" and producers.get(source.inputs["input"].arguments[0].name, source).type == "const":
+                kind = "dequantize"  # W8A8: an int8 const dequantized at run time
+            else:
+                continue  # an activation (the attention matmuls)
+            counts[kind] = counts.get(kind, 0) + 1
+        return dict(sorted(counts.items()))
 
     def io_dtypes(self) -> dict[str, list[str]]:
         """The dtypes of the program's inputs and outputs."""
@@ -154,6 +181,12 @@ class MilProgram:
                     attrs["quantized_data"], attrs["scale"], attrs.get("zero_point"), attrs.get("axis")
                 ).astype(self._dtype(op.outputs[0].type))
                 continue
+            if op.type == "constexpr_lut_to_dense":  # palettized weights: packed n-bit indices into a look-up table
+                attrs = {k: self._value(v) for k, v in op.attributes.items() if k != "name"}
+                env[op.outputs[0].name] = _lut_to_dense(attrs["indices"], attrs["lut"], attrs["shape"]).astype(
+                    self._dtype(op.outputs[0].type)
+                )
+                continue
             kernel = _KERNELS.get(op.type)
             if kernel is None:
                 raise UnsupportedOpError(
@@ -175,6 +208,21 @@ class MilProgram:
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernels: float32 arithmetic; the caller rounds to the declared output dtype.
+
+
+_CONSTEXPR = ("constexpr_affine_dequantize", "constexpr_lut_to_dense")  # compressed weights, decompressed at load
+
+
+def _lut_to_dense(indices: np.ndarray, lut: np.ndarray, shape: Any) -> np.ndarray:
+    """iOS16 ``constexpr_lut_to_dense``: n-bit indices (n = log2 of the LUT size) packed least significant bit
+    first, one byte at a time, into a uint8 vector -> the dense tensor of ``shape``."""
+    lut = np.asarray(lut).reshape(-1)  # (NUM_PALETTES,)
+    shape = tuple(int(d) for d in np.atleast_1d(shape))
+    nbits = int(np.log2(lut.size))
+    count = int(np.prod(shape))
+    bits = np.unpackbits(np.asarray(indices, np.uint8).reshape(-1), bitorder="little")[: count * nbits]  # (count * nbits,)
+    index = (bits.reshape(count, nbits).astype(np.int64) << np.arange(nbits)).sum(axis=1)  # (count,)
+    return lut[index].reshape(shape)
 
 
 def _f(x: Any) -> np.ndarray:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from segformer_edge.errors import ExportError
 
-from .base import EDGE_FEATURES, TAPS, Artifact, ExportPlan, Target
+from .base import EDGE_FEATURES, TAPS, Artifact, ExportOptions, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -50,6 +50,8 @@ class OnnxTarget(Target):
     precisions = ("fp32", "fp16", "int8")
     features = EDGE_FEATURES | {"dynamic", "taps"}
     quant_methods = ("minmax", "moving_average", "percentile", "entropy")  # ONNX Runtime's calibrators
+    # S8S8 (int8 activations and weights, ORT's default for QDQ) or U8S8 (uint8 activations, int8 weights).
+    options: ClassVar[dict[str, tuple[str, ...]]] = {"activations": ("int8", "uint8")}
     default_method = "entropy"
     tools = ("onnx", "onnxruntime", "onnxscript")
     runtime_modules = ("onnxruntime",)
@@ -75,12 +77,19 @@ class OnnxTarget(Target):
             model = _to_fp16(model)
         onnx.checker.check_model(model, full_check=True)
         if plan.quant is not None:
-            return self._quantize_static(model, path, plan.quant, plan.graph_input)
+            return self._quantize_static(model, path, plan.quant, plan.graph_input, plan.target_options["activations"])
         onnx.save_model(model, str(path))
         return {"onnx": read_back(path)}
 
-    def _quantize_static(self, model: Any, path: Path, quant: QuantSpec, spec: InputSpec) -> dict[str, Any]:
-        """QDQ static INT8 through onnxruntime.quantization, calibrated on the same set as every target."""
+    def plan(self, options: ExportOptions, quant: QuantSpec | None) -> dict[str, str]:
+        chosen = super().plan(options, quant)
+        if "activations" in options.target_options and options.precision != "int8":
+            raise ExportError("onnx: --target-option activations=... applies to --precision int8 only")
+        return chosen if options.precision == "int8" else {}  # the manifest lists only options that shaped the artifact
+
+    def _quantize_static(self, model: Any, path: Path, quant: QuantSpec, spec: InputSpec, activations: str) -> dict[str, Any]:
+        """QDQ static INT8 through onnxruntime.quantization, calibrated on the same set as every target; int8 weights
+        with int8 (S8S8) or uint8 (U8S8) activations."""
         import tempfile
 
         import onnx
@@ -131,11 +140,13 @@ class OnnxTarget(Target):
                 inputs = inputs[:used]
             quantize_static(
                 str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=quant.weights == "per_channel",
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8, weight_type=QuantType.QInt8,
+                calibrate_method=method,
                 nodes_to_exclude=excluded, extra_options=extra,
             )  # fmt: skip
         return {"onnx": {**read_back(path), "format": "QDQ"},
                 "quantization": {"quantizer": f"onnxruntime quantize_static ({used_method})", "calibrate_method": used_method,
+                                 "qdq_types": qdq_types(path),
                                  "calibration_images_used": used,
                                  "ops_by_group": ops_by_group(path)}}  # fmt: skip
 
@@ -192,6 +203,33 @@ def read_back(path: Path) -> dict[str, Any]:
         "input_shape": dims(model.graph.input[0].type),
         "initializers": initializers,
     }
+
+
+def qdq_types(path: Path) -> dict[str, Any]:
+    """The integer types of a QDQ model, read from its zero points: activations (QuantizeLinear) and the weights
+    (initializers dequantized straight into a compute op), with the ORT name of the pair (``S8S8``, ``U8S8``)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+
+    def dtype(name: str) -> str:
+        return onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type).name if name in inits else "unknown"
+
+    weight_inputs = {node.input[1] for node in graph.node if node.op_type in _COMPUTE_OPS and len(node.input) > 1}
+    activations: dict[str, int] = {}
+    weights: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+            name = dtype(node.input[2])
+            activations[name] = activations.get(name, 0) + 1
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits and node.output[0] in weight_inputs and len(node.input) > 2:
+            name = dtype(node.input[2])  # a weight dequantized straight into Conv, MatMul or Gemm
+            weights[name] = weights.get(name, 0) + 1
+    letter = {"int8": "S8", "uint8": "U8"}
+    pair = (letter.get(next(iter(activations)), "?") + letter.get(next(iter(weights)), "?")
+            if len(activations) == 1 and len(weights) == 1 else "mixed")  # fmt: skip
+    return {"activations": activations, "weights": weights, "format": pair}
 
 
 _COMPUTE_OPS = ("Conv", "MatMul", "Gemm")

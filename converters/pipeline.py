@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import logging
 import os
 import shutil
@@ -72,6 +73,8 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(max_abs_diff=1e-3, pixel_agreement=0.999),
     "fp16": Thresholds(pixel_agreement=0.995),
     "int8": Thresholds(pixel_agreement=0.98, miou_drop=1.0),
+    # 4-bit weights (Core ML palettize4: 16 values per weight tensor) give up more than int8 by design.
+    "int4": Thresholds(pixel_agreement=0.95, miou_drop=3.0),
 }
 
 
@@ -96,9 +99,11 @@ _NAME_PARTS = {"output:mask": "mask", "output:probs": "probs", "input:rgb01": "r
                "image_input": "image", "taps": "taps"}  # fmt: skip
 
 
-def artifact_name(variant: str, target: str, options: ExportOptions) -> str:
+def artifact_name(variant: str, target: str, options: ExportOptions, scheme: str = "static") -> str:
     features = options.features
     parts = [f"segformer-{variant}", target, options.precision]
+    if options.precision == "int8" and scheme != "static":  # dynamic, weight-only: never the static artifact's folder
+        parts.append(scheme.replace("_", "-"))
     parts += [part for feature, part in _NAME_PARTS.items() if feature in features]
     if options.mask_size != "full":
         parts[parts.index("mask")] = f"mask-{options.mask_size}"
@@ -121,7 +126,9 @@ def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: s
     if options.precision != "int8":
         quant = None
     elif quant is not None and quant.method == "auto":
-        quant = quant.with_(method=target.default_method)
+        # Only static int8 calibrates activation ranges; dynamic ranges are each inference's min/max, and weight-only
+        # int8 has min/max weight ranges and float activations.
+        quant = quant.with_(method=target.method_for(options) if quant.scheme == "static" else "minmax")
     if options.precision == "int8" and quant is None:
         raise ExportError(f"{target_name}: int8 needs a quantization spec with a calibration set")
     if quant is not None and quant.scheme == "static" and check_calibration:
@@ -129,7 +136,7 @@ def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: s
         if calib.size != tuple(options.size):
             raise DataError(f"calibration images are {calib.size[0]}x{calib.size[1]} but the export is {options.size[0]}x{options.size[1]}")
     target_options = target.plan(options, quant)
-    folder = Path(out_dir) / artifact_name(model.config.variant, target_name, options)
+    folder = Path(out_dir) / artifact_name(model.config.variant, target_name, options, quant.scheme if quant else "static")
     return ExportPlan(target, options, quant, target_options, folder, options.input_spec(model.meta, target.integer_input),
                       options.graph_spec(model.meta), model.meta, model.config.variant)  # fmt: skip
 
@@ -167,6 +174,8 @@ def rewrite_outliers(model: Any, plan: ExportPlan) -> tuple[Any, dict[str, Any]]
         return model, {}
     if quant.outliers == "none":
         return model, {"mode": "none", "applied": []}
+    if quant.scheme == "weight_only" and quant.outliers == "auto":  # what auto measures is the W8A8 activation error
+        return model, {"mode": "auto", "applied": [], "note": "weight-only: activations stay float, nothing to migrate"}
     if quant.calibration is None:
         if quant.outliers != "auto":
             raise ExportError(f"{plan.target.name}: --outliers {quant.outliers} needs calibration images (--data or --calibration)")
@@ -199,7 +208,9 @@ def quantize(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan) -
         return module, {}
     inputs = calibration_inputs(plan.quant, plan.graph_input, example)
     try:
-        return plan.target.quantize(module, example, plan.quant, inputs)
+        if "target_options" not in inspect.signature(plan.target.quantize).parameters:  # a plugin's older override
+            return plan.target.quantize(module, example, plan.quant, inputs)
+        return plan.target.quantize(module, example, plan.quant, inputs, target_options=plan.target_options)
     except SegformerEdgeError:
         raise
     except Exception as exc:  # noqa: BLE001 - a quantizer failure becomes one clear error
@@ -639,7 +650,7 @@ def quantized_predictor(model: Any, target_name: str, options: ExportOptions, qu
                       dynamic=False, image_input=False)  # fmt: skip
     plan = plan_export(model, target_name, options, workdir, quant)
     h, w = options.size
-    if plan.target.pt2e_quantizer(quant) is not None:
+    if plan.target.quantizer_for(quant, plan.target_options) is not None:
         module, example, _ = capture(model, plan)
         quantized, _ = quantize(module, example, plan)
 

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .base import EDGE_FEATURES, Artifact, ArtifactError, ExportPlan, Target
+from segformer_edge.errors import ExportError
+
+from .base import EDGE_FEATURES, Artifact, ArtifactError, ExportOptions, ExportPlan, Target
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
+
+IO_TYPES = ("float", "int8", "uint8")  # the graph edges of a full-integer model (-O io=...)
 
 _FP16_RECIPE = [
     {
@@ -83,7 +87,7 @@ class LiteRTRunner:
     @staticmethod
     def _dequantize(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
         scale, zero = detail.get("quantization", (0.0, 0))
-        if y.dtype in (np.int8, np.uint8) and scale:
+        if y.dtype in (np.int8, np.uint8, np.int16) and scale:
             return (y.astype(np.float32) - zero) * scale
         return y.copy()
 
@@ -153,37 +157,82 @@ class TFLiteTarget(Target):
     runtime_modules = ("ai_edge_litert",)
     extra = "runtime"
     fold_quantize = False  # litert-torch's lowering expects the weight quantize ops in the graph
+    # int8: graph edges of a full-integer model (float: quantize/dequantize ops inside the model; int8 or uint8:
+    # integer tensors, for NPUs and microcontrollers). activations: int8, or int16 with int8 weights (16x8).
+    options: ClassVar[dict[str, tuple[str, ...]]] = {"io": IO_TYPES, "activations": ("int8", "int16")}
+
+    def plan(self, options: ExportOptions, quant: QuantSpec | None) -> dict[str, str]:
+        chosen = super().plan(options, quant)
+        asked = options.target_options
+        for key in ("io", "activations"):
+            if key in asked and options.precision != "int8":
+                raise ExportError(f"tflite: --target-option {key}={asked[key]} applies to --precision int8 only")
+        if chosen["io"] != "float":
+            if options.input_kind == "uint8" or options.output == "mask":
+                raise ExportError(f"tflite: io={chosen['io']} quantizes the float input and logits: it takes --input normalized "
+                                  "or rgb01 and --output logits (--input uint8 is already a byte input)")  # fmt: skip
+            if chosen["activations"] == "int16":
+                raise ExportError(f"tflite: io={chosen['io']} needs activations=int8 (16x8 models take io=float)")
+        if chosen["activations"] == "int16" and quant is not None:
+            if quant.method != "minmax":
+                raise ExportError(f"tflite: activations=int16 calibrates with ai-edge-quantizer's min/max ranges: --method minmax or auto, not {quant.method}")
+            if quant.float_groups:
+                raise ExportError("tflite: activations=int16 quantizes every op ai-edge-quantizer supports; float-kept layer "
+                                  "groups (--budget) need activations=int8")  # fmt: skip
+            if quant.weights != "per_channel":
+                raise ExportError("tflite: activations=int16 has per-channel int8 weights only (ai-edge-quantizer's static_wi8_ai16)")
+        return chosen if options.precision == "int8" else {}  # both options shape a quantized model only
 
     def prepare(self, module):  # type: ignore[no-untyped-def]
         from .graph import split_single_head_attention
 
         return split_single_head_attention(module)
 
-    def pt2e_quantizer(self, quant: QuantSpec) -> Any:
-        """litert-torch PT2E full integer: int8 weights and activations."""
+    def method_for(self, options: ExportOptions) -> str:
+        return "minmax" if options.target_options.get("activations") == "int16" else self.default_method
+
+    def quantizer_for(self, quant: QuantSpec, target_options: dict[str, str] | None = None) -> Any:
+        return self.pt2e_quantizer(quant, activations=(target_options or {}).get("activations", "int8"))
+
+    def pt2e_quantizer(self, quant: QuantSpec, activations: str = "int8") -> Any:
+        """litert-torch PT2E full integer: int8 weights and activations. None for 16x8 (activations=int16): litert-torch
+        0.10's lowering has no 16-bit form of some ops (``tfl.concatenation`` refuses QI16 operands), so 16x8 is made
+        by ai-edge-quantizer's ``static_wi8_ai16`` recipe on the float model instead."""
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
+        if activations == "int16":
+            return None  # 16x8 is made by ai-edge-quantizer on the float model (see _quantize_16x8)
         config = get_symmetric_quantization_config(is_per_channel=quant.weights == "per_channel", is_dynamic=False)
         return PT2EQuantizer().set_global(config)
 
     def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import litert_torch
 
-        if plan.quant is not None:
+        sixteen = plan.quant is not None and plan.target_options["activations"] == "int16"
+        if plan.quant is not None and not sixteen:
             from litert_torch.quantize.quant_config import QuantConfig
 
-            quant_config = QuantConfig(pt2e_quantizer=self.pt2e_quantizer(plan.quant))
+            quant_config = QuantConfig(pt2e_quantizer=self.quantizer_for(plan.quant, plan.target_options))
             edge = litert_torch.convert(module, (example,), quant_config=quant_config)
         else:
             edge = litert_torch.convert(module, (example,))
         edge.export(str(path))
+        lowered: dict[str, Any] = {}
+        if sixteen:
+            lowered["quantization"] = _quantize_16x8(path, plan)
+        if plan.quant is not None:
+            set_io(path, plan.target_options["io"])
+            lowered.setdefault("quantization", {})["io"] = io_quantization(path)
         if plan.options.precision == "fp16":
             from ai_edge_quantizer import quantizer
 
             qt = quantizer.Quantizer(str(path), _FP16_RECIPE)
             path.write_bytes(bytes(qt.quantize().quantized_model))
-        return {"tflite": {"converter": "litert-torch", **read_back(path)}, "delegation": delegation_report(path),
-                "io": model_io(path)}  # fmt: skip
+        back = read_back(path)
+        if plan.quant is not None:
+            lowered["quantization"]["activations"] = back["compute_inputs"]  # the dtypes conv/FC read, from the flatbuffer
+        return {"tflite": {"converter": "litert-torch", **back}, "delegation": delegation_report(path), "io": model_io(path),
+                **lowered}  # fmt: skip
 
     def load(self, artifact: Artifact, threads: int | None = None) -> LiteRTRunner:
         return LiteRTRunner(artifact, threads=threads)
@@ -191,6 +240,124 @@ class TFLiteTarget(Target):
     def runner_factory(self, artifact: Artifact, threads: int, compute_units: str = "all") -> Any:
         _interpreter_class()  # ai_edge_litert, or tflite_runtime where only that is installed
         return lambda: LiteRTRunner(artifact, threads=threads)
+
+
+def _quantize_16x8(path: Path, plan: ExportPlan) -> dict[str, Any]:
+    """16-bit activations and int8 weights, in place: ai-edge-quantizer's ``static_wi8_ai16`` recipe (symmetric int16
+    activations with min/max ranges over the calibration images, per-channel int8 weights) on the float model."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    if plan.quant is None:
+        raise ExportError("tflite: activations=int16 applies to --precision int8 only")
+    calib = plan.quant.require_calibration("tflite")
+    interpreter_cls, _ = _interpreter_class()
+    signatures = interpreter_cls(model_path=str(path)).get_signature_list()  # {key: {"inputs": [...], "outputs": [...]}}
+    key = next(iter(signatures))
+    name = signatures[key]["inputs"][0]
+    batch = plan.graph_input(calib.images)  # (N, ...) as the graph takes it
+    qt = quantizer.Quantizer(str(path), recipe.static_wi8_ai16())
+    result = qt.calibrate({key: [{name: batch[i : i + 1]} for i in range(len(batch))]})
+    path.write_bytes(bytes(qt.quantize(result).quantized_model))
+    return {"quantizer": "ai-edge-quantizer static_wi8_ai16 (min/max)", "calibration_images_used": len(batch)}
+
+
+def set_io(path: Path, io: str) -> None:
+    """Give a full-integer model (litert-torch's PT2E lowering takes the int8 tensors themselves as graph input and
+    output) the graph edges ``io`` asks for, in place.
+
+    ``int8`` leaves it as it is. ``float`` adds a QUANTIZE (float -> int8, or int16 for 16x8) in front of each
+    quantized input and a DEQUANTIZE after each quantized output, what TFLiteConverter's full-integer default gives
+    (edges that are not quantized tensors, a byte image or a mask, stay as they are). ``uint8`` adds QUANTIZE requantize ops
+    (uint8 -> int8 in, int8 -> uint8 out, zero point + 128, same scale), what TensorFlow's
+    ``modify_model_interface`` does for uint8 (that tool only rewrites float edges, so it cannot be used here). The
+    new edge tensors take the old ones' names, so signatures and output order are unchanged.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    graph = model.subgraphs[0]
+    if io == "int8":
+        return
+    edge_type = schema.TensorType.FLOAT32 if io == "float" else schema.TensorType.UINT8
+
+    def opcode(builtin: int) -> int:
+        for i, code in enumerate(model.operatorCodes):
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+                code.version = max(code.version, 2)
+                return i
+        model.operatorCodes.append(schema.OperatorCodeT(deprecatedBuiltinCode=min(builtin, 127), version=2, builtinCode=builtin))
+        return len(model.operatorCodes) - 1
+
+    def quantized(index: int) -> bool:
+        tensor = graph.tensors[index]
+        integer = (schema.TensorType.INT8, schema.TensorType.INT16) if io == "float" else (schema.TensorType.INT8,)
+        return tensor.type in integer and tensor.quantization is not None and bool(tensor.quantization.scale)
+
+    def edge_tensor(inner_index: int) -> int:
+        """A new tensor of ``edge_type`` like ``inner``, taking its name; returns its index."""
+        inner = graph.tensors[inner_index]
+        if not quantized(inner_index):
+            raise ExportError(f"tflite: io={io} needs quantized graph edges (found {flatbuffer_utils.type_to_name(inner.type)})")
+        quant = None
+        if io == "uint8":
+            quant = schema.QuantizationParametersT()
+            quant.scale = list(inner.quantization.scale)
+            quant.zeroPoint = [int(z) + 128 for z in inner.quantization.zeroPoint]
+        outer = schema.TensorT(shape=list(inner.shape), type=edge_type, buffer=0, name=inner.name, quantization=quant,
+                               shapeSignature=None if inner.shapeSignature is None else list(inner.shapeSignature),
+                               hasRank=inner.hasRank)  # fmt: skip
+        inner.name = (inner.name.decode() if isinstance(inner.name, bytes) else str(inner.name)) + "/quantized"
+        graph.tensors.append(outer)
+        return len(graph.tensors) - 1
+
+    # io=float leaves edges that are not quantized as they are: a --input uint8 byte image, a --output mask's labels.
+
+    def keep(index: int) -> bool:
+        return io == "float" and not quantized(index)
+
+    remap: dict[int, int] = {}
+    new_inputs, new_outputs, head, tail = [], [], [], []
+    for index in graph.inputs:
+        if keep(int(index)):
+            new_inputs.append(int(index))
+            continue
+        outer = edge_tensor(int(index))
+        remap[int(index)] = outer
+        head.append(schema.OperatorT(opcodeIndex=opcode(schema.BuiltinOperator.QUANTIZE), inputs=[outer], outputs=[int(index)]))
+        new_inputs.append(outer)
+    for index in graph.outputs:
+        if keep(int(index)):
+            new_outputs.append(int(index))
+            continue
+        outer = edge_tensor(int(index))
+        remap[int(index)] = outer
+        builtin = schema.BuiltinOperator.DEQUANTIZE if io == "float" else schema.BuiltinOperator.QUANTIZE
+        tail.append(schema.OperatorT(opcodeIndex=opcode(builtin), inputs=[int(index)], outputs=[outer]))
+        new_outputs.append(outer)
+    graph.inputs, graph.outputs = new_inputs, new_outputs
+    graph.operators = head + list(graph.operators) + tail
+    for signature in model.signatureDefs or []:
+        for item in [*(signature.inputs or []), *(signature.outputs or [])]:
+            item.tensorIndex = remap.get(int(item.tensorIndex), int(item.tensorIndex))
+    flatbuffer_utils.write_model(model, str(path))
+
+
+def io_quantization(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The graph inputs' and outputs' dtype, scale and zero point, read back by the interpreter (what a caller of an
+    integer-I/O model must quantize with)."""
+    interpreter_cls, _ = _interpreter_class()
+    interpreter = interpreter_cls(model_path=str(path), num_threads=1)
+
+    def one(detail: dict[str, Any]) -> dict[str, Any]:
+        scale, zero = detail.get("quantization", (0.0, 0))
+        entry: dict[str, Any] = {"dtype": np.dtype(detail["dtype"]).name}
+        if scale:
+            entry.update(scale=float(scale), zero_point=int(zero))
+        return entry
+
+    return {"inputs": [one(d) for d in interpreter.get_input_details()],
+            "outputs": [one(d) for d in _in_graph_order(interpreter.get_output_details())]}  # fmt: skip
 
 
 def model_io(path: Path) -> dict[str, list[str]]:

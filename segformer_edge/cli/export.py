@@ -31,6 +31,20 @@ int8 first rewrites the float model for activation outliers (--outliers; by defa
 
 Targets: {targets}.
 
+int8 options of each runtime (--scheme is shared; -O KEY=VALUE is the target's own; the manifest records what the artifact really holds):
+
+  tflite -O io=float|int8|uint8: the edges of the full-integer model: float in and out (default), or int8 or uint8 tensors (NPUs, microcontrollers; the manifest gives their scale and zero point)
+
+  tflite -O activations=int16: 16-bit activations with int8 weights (16x8, ai-edge-quantizer, min/max ranges) for NPUs and DSPs that run 16x8; XNNPACK has no int16 kernels, so on a CPU it runs in LiteRT's far slower reference kernels
+
+  coreml (default --scheme static): W8A8 (int8 weights, uint8 activations, iOS17)
+
+  coreml --scheme weight_only [-O weights=int8|palettize4|palettize6|palettize8]: float activations, weights stored as int8 (default) or k-means palettized to 4, 6 or 8 bits (iOS16); 4-bit is held to looser parity (agreement 95%, drop 3 points)
+
+  executorch --scheme dynamic: XNNPACK dynamically quantized linears (int8 weights, each input quantized with its own min/max per inference, no calibration); convolutions stay fp32
+
+  onnx -O activations=int8|uint8: S8S8 (default) or U8S8 QDQ. U8S8 suits x86 CPUs with VNNI (AVX512-VNNI, AVX-VNNI); without VNNI, ONNX Runtime's AVX2/AVX-512 U8S8 kernels (VPMADDUBSW) can saturate 16-bit sums and lose accuracy, and S8S8 is the safer choice
+
 Examples:
 
   segformer-edge export
@@ -42,6 +56,10 @@ Examples:
   segformer-edge export runs/ade/best.safetensors --target tflite --precision fp16 --size 512 512
 
   segformer-edge export --target onnx --dynamic --output mask --input uint8
+
+  segformer-edge export --target tflite --precision int8 -O io=uint8 --data photos/
+
+  segformer-edge export --target coreml --precision int8 --scheme weight_only -O weights=palettize6
 """
 
 VERIFY_HELP = """Run an artifact and the float model on the same images and report parity.
@@ -115,6 +133,7 @@ def export(
     calibration: Annotated[Path | None, typer.Option(help="int8: a folder from segformer-edge calibrate (default: calibrate now on --data).")] = None,
     calibration_images: Annotated[int, typer.Option(min=1, help="int8 without --calibration: images to calibrate on.")] = 32,
     method: Annotated[str, typer.Option(help="int8 activation ranges: auto, minmax, moving_average, percentile, mse or entropy (ONNX).")] = "auto",
+    scheme: Annotated[str, typer.Option(help="int8: static (weights and activations, calibrated ranges), dynamic (activation ranges per inference: executorch) or weight_only (float activations: coreml).")] = "static",
     budget: Annotated[float | None, typer.Option(help="int8: keep the most sensitive layer groups in float until the mIoU drop, measured with each target's quantizer, is within POINTS.")] = None,
     layers: Annotated[bool, typer.Option("--layers", help="Parity per stage too (verify --layers), recorded in the manifest.")] = False,
     outliers: Annotated[str, typer.Option(help="int8: activation-outlier handling before every target's quantizer: auto (what measurably lowers the int8 error on the calibration images), none, smoothquant, bias_correction or smoothquant+bias_correction.")] = "auto",
@@ -130,8 +149,8 @@ def export(
     h, w = check_size(size, model.meta.input_size)
     options = ExportOptions(precision=precision, size=(h, w), input_kind=input_kind, output=output, mask_size=mask_size,
                             layout=layout, dynamic=dynamic, image_input=image_input, target_options=_target_options(target_option))  # fmt: skip
-    _plan_all(model, names, options, out, method, outliers)  # every target refuses what it cannot honour before any work
-    quant = _quant_spec(model, path, options, data, calibration, calibration_images, method, budget, outliers)
+    _plan_all(model, names, options, out, method, outliers, scheme)  # every target refuses what it cannot honour before any work
+    quant = _quant_spec(model, path, options, data, calibration, calibration_images, method, budget, outliers, scheme)
     rows = []
     with step_progress() as progress:
         for name in names:
@@ -152,12 +171,12 @@ def export(
         sys.exit(max(codes))
 
 
-def _plan_all(model: Any, names: list[str], options: Any, out: Path, method: str, outliers: str) -> None:
+def _plan_all(model: Any, names: list[str], options: Any, out: Path, method: str, outliers: str, scheme: str) -> None:
     """Check the options against every chosen target first: one clear error, nothing converted or written."""
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters.pipeline import plan_export
 
-    quant = QuantSpec(method=method, outliers=outliers) if options.precision == "int8" else None
+    quant = QuantSpec(scheme=scheme, method=method, outliers=outliers) if options.precision == "int8" else None
     for name in names:
         plan_export(model, name, options, out, quant, check_calibration=False)
 
@@ -244,16 +263,18 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
 
 
 def _quant_spec(model: Any, path: Path, options: Any, data: str | None, calibration: Path | None, images: int,
-                method: str, budget: float | None, outliers: str) -> Any:  # fmt: skip
+                method: str, budget: float | None, outliers: str, scheme: str = "static") -> Any:  # fmt: skip
     """The int8 recipe with its calibration set (loaded and checked, or picked now), or None for float exports."""
     if options.precision != "int8":
-        if calibration is not None or budget is not None or outliers != "auto":
-            raise typer.BadParameter("--calibration, --budget and --outliers apply to --precision int8", param_hint="--precision")
+        if calibration is not None or budget is not None or outliers != "auto" or scheme != "static":
+            raise typer.BadParameter("--calibration, --budget, --outliers and --scheme apply to --precision int8", param_hint="--precision")
         return None
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters.pipeline import calibration_for
 
-    quant = QuantSpec(method=method, outliers=outliers)  # validates the method and outlier mode before any work
+    quant = QuantSpec(scheme=scheme, method=method, outliers=outliers)  # validates the scheme, method and outlier mode before any work
+    if scheme != "static" and data is None and calibration is None:
+        return quant  # dynamic and weight-only int8 need no calibration images (only --outliers measures on them)
     with err_console.status("calibrating ..."):
         calib = calibration_for(model, path, options.size, data=data, calibration=calibration, num_images=images, method=method)
     if method == "auto" and calibration is not None:

@@ -106,6 +106,7 @@ def _targets_info(as_json: bool) -> None:
         t = get_target(name)
         rows.append({"name": name, "summary": t.summary, "suffix": t.suffix, "precisions": list(t.precisions),
                      "features": sorted(t.features), "int8_methods": list(t.quant_methods) if "int8" in t.precisions else [],
+                     "int8_schemes": list(t.quant_schemes) if "int8" in t.precisions else [],
                      "options": {k: list(v) for k, v in t.options.items()}, "in_all": t.in_all,
                      "runs_here": t.runs_here(), "extra": t.extra})  # fmt: skip
     if as_json:
@@ -117,6 +118,8 @@ def _targets_info(as_json: bool) -> None:
         extras = [f"edges: {', '.join(r['features'])}"]
         if r["int8_methods"]:
             extras.append(f"int8 methods: {', '.join(r['int8_methods'])}")
+        if len(r["int8_schemes"]) > 1:
+            extras.append(f"int8 schemes: {', '.join(r['int8_schemes'])}")
         extras += [f"-O {k}={'|'.join(v)}" for k, v in r["options"].items()]
         console.print("  " + "; ".join(extras), markup=False, highlight=False)
 

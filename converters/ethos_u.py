@@ -495,6 +495,35 @@ def vela_estimate(spec: Any, tosa: Path, name: str, reports: Path, processed: by
             "reports": [f"{VELA_DIR}/{name}_summary.csv", f"{VELA_DIR}/{name}_per-layer.csv"]}  # fmt: skip
 
 
+def estimate_for(artifact: Artifact, npu: str, system_config: str = AUTO, memory_mode: str = AUTO) -> dict[str, Any]:
+    """Vela's estimate of an artifact's NPU delegates on another configuration of the same TOSA family, with Vela
+    alone (no new lowering): the TOSA graphs and the partition depend only on the TOSA spec (U55 and U65 share one,
+    U85 has its own), so one export per family serves a sweep over MAC counts, system configs and memory modes.
+    The estimate of the artifact's own configuration is its manifest's ``estimate`` block."""
+    from ethosu.vela import vela
+
+    if npu not in ACCELERATORS:
+        raise ExportError(f"ethos-u: npu={npu}: choose one of {', '.join(ACCELERATORS)}")
+    system_config, memory_mode = resolve_defaults(npu, system_config, memory_mode)
+    check_vela_config(npu, system_config, memory_mode)
+    spec = compile_spec(npu, system_config, memory_mode)
+    exported = artifact.manifest["ethos_u"]["tosa_spec"]
+    if str(spec.tosa_spec) != exported:
+        raise ExportError(f"ethos-u: {npu} compiles {spec.tosa_spec}, the artifact holds {exported} graphs; export for {npu}")
+    per_delegate = []
+    with tempfile.TemporaryDirectory(prefix="ethos-u-sweep-") as tmp:
+        for tosa in sorted((artifact.file / REFERENCE_DIR).glob("lowered_module_*.tosa"), key=lambda p: int(p.stem.rsplit("_", 1)[1])):
+            out = Path(tmp) / tosa.stem
+            try:
+                code = vela.main([*spec.compiler_flags, f"--output-dir={out}", str(tosa)])
+            except (Exception, SystemExit) as exc:  # noqa: BLE001
+                raise ExportError(f"ethos-u: Vela failed on {tosa.name} for {npu}: {' '.join(str(exc).split())[:300]}") from exc
+            if code:
+                raise ExportError(f"ethos-u: Vela exited with {code} on {tosa.name} for {npu}")
+            per_delegate.append({"delegate": tosa.stem, **read_summary_csv(next(out.glob("*_summary_*.csv")))})
+    return summed_estimate(per_delegate, artifact.manifest["delegation"])
+
+
 def read_summary_csv(path: Path) -> dict[str, Any]:
     """Vela's ``<network>_summary_<system config>.csv`` (a header row and one row) -> the manifest's fields."""
     with open(path, newline="") as fh:

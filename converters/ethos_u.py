@@ -62,7 +62,7 @@ ACCELERATORS = (
 )  # fmt: skip
 AUTO = "auto"  # system_config / memory_mode: the family's default, as EthosUCompileSpec resolves it
 VELA_INI = "Arm/vela.ini"  # the config file EthosUCompileSpec passes to Vela (inside ethosu/config_files)
-# What `--no-deps` installs beside the export extra; requirements/ethos-u.txt and the pyproject extra say the same.
+# What the README's `--no-deps` step installs beside the export extra (the pyproject `ethos-u` extra pins the same).
 PACKAGES = {"ethos-u-vela": "5.1.0", "tosa-tools": "2026.5.0"}
 INSTALL = "python -m pip install --no-deps " + " ".join(f"{k}=={v}" for k, v in PACKAGES.items())
 
@@ -101,7 +101,7 @@ def vela_ini() -> Path | None:
     spec = importlib.util.find_spec("ethosu")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "config_files" / VELA_INI
+    path = Path(next(iter(spec.submodule_search_locations))) / "config_files" / VELA_INI
     return path if path.is_file() else None
 
 
@@ -142,7 +142,7 @@ def check_vela_config(npu: str, system_config: str, memory_mode: str) -> None:
                 vela_config_files=[str(vela_ini())], accelerator_config=npu, system_config=system_config,
                 memory_mode=memory_mode, max_blockdep=3, verbose_config=False, arena_cache_size=None,
             )  # fmt: skip
-    except Exception as exc:  # noqa: BLE001 - Vela's ConfigOptionError / CliOptionError: one line for the user
+    except Exception as exc:
         reason = " ".join(str(exc).split()).strip("'\"").removeprefix("Error: ")  # Vela's errors quote themselves
         raise ExportError(f"ethos-u: Vela refuses npu={npu} system_config={system_config} memory_mode={memory_mode}: "
                           f"{reason}") from exc  # fmt: skip
@@ -236,6 +236,10 @@ class EthosUTarget(Target):
     # own packages (installed apart, see the module docstring).
     in_all = False
     not_here = "not timed: an Ethos-U NPU runs it (Corstone FVP or a board)"
+    # The quantizer depends on the NPU family's TOSA spec (u55/u65 or u85): plan() records the resolved configuration
+    # on this instance (the pipeline quantizes and converts with the instance that planned).
+    def __init__(self) -> None:
+        self.planned = {"npu": ACCELERATORS[0], "system_config": AUTO, "memory_mode": AUTO}
 
     # npu's default, ethos-u55-128: the most widely shipped Ethos-U (Corstone-300, Alif Ensemble, ...) and the
     # default of ExecuTorch's own Arm examples; it is also the configuration whose delegation report says the most
@@ -266,10 +270,6 @@ class EthosUTarget(Target):
         # The manifest records what Vela was given, not "auto".
         self.planned = {"npu": chosen["npu"], "system_config": system_config, "memory_mode": memory_mode}
         return dict(self.planned)
-
-    # The quantizer depends on the NPU family's TOSA spec (u55/u65 or u85): plan() records the configuration on
-    # this instance, which the pipeline then uses for quantize and convert.
-    planned: dict[str, str] = {"npu": ACCELERATORS[0], "system_config": AUTO, "memory_mode": AUTO}
 
     def pt2e_quantizer(self, quant: QuantSpec) -> Any:
         """EthosUQuantizer for the planned NPU: int8 per-tensor affine activations, int8 symmetric weights
@@ -478,7 +478,7 @@ def vela_estimate(spec: Any, tosa: Path, name: str, reports: Path, processed: by
     args = [*spec.compiler_flags, "--verbose-performance", f"--output-dir={out}", str(tosa)]
     try:
         code = vela.main(args)
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - Vela reports bad flags by raising or exiting
+    except (Exception, SystemExit) as exc:
         raise ExportError(f"ethos-u: Vela failed on {name}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
     if code:
         raise ExportError(f"ethos-u: Vela exited with {code} on {name} (vela {' '.join(args)})")
@@ -516,7 +516,7 @@ def estimate_for(artifact: Artifact, npu: str, system_config: str = AUTO, memory
             out = Path(tmp) / tosa.stem
             try:
                 code = vela.main([*spec.compiler_flags, f"--output-dir={out}", str(tosa)])
-            except (Exception, SystemExit) as exc:  # noqa: BLE001
+            except (Exception, SystemExit) as exc:
                 raise ExportError(f"ethos-u: Vela failed on {tosa.name} for {npu}: {' '.join(str(exc).split())[:300]}") from exc
             if code:
                 raise ExportError(f"ethos-u: Vela exited with {code} on {tosa.name} for {npu}")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import csv
 import json
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import tomllib
 from conftest import run_cli
 from segformer_edge.calibration.spec import QuantSpec
 from segformer_edge.converters import get_target
@@ -24,10 +24,10 @@ from segformer_edge.converters.pipeline import DEFAULT_THRESHOLDS
 
 from segformer_edge.errors import ExportError
 
-pytest.importorskip("tosa_reference_model", reason="install requirements/ethos-u.txt (see README)")
-pytest.importorskip("ethosu.vela", reason="install requirements/ethos-u.txt (see README)")
+pytest.importorskip("tosa_reference_model", reason="install the Ethos-U compilers (see README)")
+pytest.importorskip("ethosu.vela", reason="install the Ethos-U compilers (see README)")
 
-from test_int8 import calib, trained  # noqa: E402,F401  (the trained tiny model and its calibration set)
+from test_int8 import calib, trained  # noqa: F401  (the trained tiny model and its calibration set)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = ("--size", "64", "64")
@@ -77,10 +77,10 @@ class _ModuleCapsys:
         self._saved = (os.dup(1), os.dup(2), sys.stdout, sys.stderr)
         os.dup2(self._fd, 1)
         os.dup2(self._fd, 2)
-        sys.stdout = sys.stderr = open(self._fd, "w", closefd=False, buffering=1)  # noqa: SIM115
+        sys.stdout = sys.stderr = open(self._fd, "w", closefd=False, buffering=1)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         import os
         import sys
 
@@ -215,14 +215,14 @@ def test_bench_shows_vela_estimate_as_an_estimate(u85, tmp_path: Path, capsys) -
 def test_options_and_configurations_are_checked_before_lowering(capsys, tmp_path: Path) -> None:
     target = get_target("ethos-u")
     quant = QuantSpec(method="mse")  # what plan_export resolves --method auto to
-    int8 = dict(size=(64, 64), precision="int8")
+    int8: dict[str, Any] = {"size": (64, 64), "precision": "int8"}
     refusals = [
         (ExportOptions(size=(64, 64)), "--precision fp32 is not supported: Ethos-U NPUs compute in integers only"),
         (ExportOptions(**int8, target_options={"npu": "ethos-u99-1"}), "npu=ethos-u99-1: choose one of ethos-u55-128"),
         (ExportOptions(**int8, target_options={"system_config": "Nope"}), "system_config=Nope: choose one of auto, Ethos_U55"),
         (ExportOptions(**int8, target_options={"memory_mode": "Dedicated_Sram"}),  # u55's arena cannot live in flash
-         "Vela refuses npu=ethos-u55-128 system_config=Ethos_U55_High_End_Embedded memory_mode=Dedicated_Sram: "
-         "Invalid configuration of arena_mem_area=OffChipFlash"),
+         ("Vela refuses npu=ethos-u55-128 system_config=Ethos_U55_High_End_Embedded memory_mode=Dedicated_Sram: "
+          "Invalid configuration of arena_mem_area=OffChipFlash")),
         (ExportOptions(**int8, target_options={"npu": "ethos-u55-64", "system_config": "Ethos_U85_SYS_DRAM_Mid"}),
          "system_config=Ethos_U85_SYS_DRAM_Mid is not a system of ethos-u55"),
         (ExportOptions(**int8, output="mask"), "--output mask is not supported by this target"),
@@ -244,22 +244,17 @@ def test_options_and_configurations_are_checked_before_lowering(capsys, tmp_path
 
 
 def test_the_pins_agree_and_are_what_runs() -> None:
-    """requirements/ethos-u.txt (the README's --no-deps step), the pyproject extra and the target's own install hint
-    name the same versions, and those are the versions installed."""
+    """The README's --no-deps step, CI's copy of it, the pyproject extra and the target's own install hint name the
+    same versions, and those are the versions installed."""
     from importlib import metadata
 
-    from segformer_edge.converters.ethos_u import PACKAGES
+    from segformer_edge.converters.ethos_u import INSTALL, PACKAGES
 
-    lines = [line.strip() for line in (ROOT / "requirements" / "ethos-u.txt").read_text().splitlines()]
-    pinned = dict(line.split("==") for line in lines if line and not line.startswith("#"))
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["ethos-u"]
-    assert pinned == PACKAGES
     assert {f"{k}=={v}" for k, v in PACKAGES.items()} <= set(extra)
     assert {k: metadata.version(k) for k in PACKAGES} == PACKAGES
-    readme = (ROOT / "README.md").read_text()
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "python -m pip install --no-deps -r requirements/ethos-u.txt" in readme
-    assert "python -m pip install --no-deps -r requirements/ethos-u.txt" in ci
+    assert INSTALL == "python -m pip install --no-deps ethos-u-vela==5.1.0 tosa-tools==2026.5.0"
+    assert INSTALL in (ROOT / "README.md").read_text() and INSTALL in (ROOT / ".ci" / "run").read_text()
 
 
 def test_vela_sweep_on_the_exported_graphs(u55) -> None:

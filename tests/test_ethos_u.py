@@ -27,7 +27,7 @@ from segformer_edge.errors import ExportError
 pytest.importorskip("tosa_reference_model", reason="install the Ethos-U compilers (see README)")
 pytest.importorskip("ethosu.vela", reason="install the Ethos-U compilers (see README)")
 
-from test_int8 import calib, trained  # noqa: F401  (the trained tiny model and its calibration set)
+from test_int8 import trained  # noqa: F401  (the trained tiny model, shared with the other INT8 tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = ("--size", "64", "64")

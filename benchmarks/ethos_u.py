@@ -146,6 +146,11 @@ def markdown(data: dict[str, Any]) -> str:
         "(`tosa-tools`), against the float model on the synthetic val scenes; Vela's compilation of those graphs is "
         "only executed by an FVP or hardware."),
         "",
+        ("`peak SRAM KiB` is Vela's `sram_memory_used` of the largest delegate: Vela plans the arena into that much SRAM "
+         "without knowing the board's, so a configuration whose peak exceeds the board's SRAM needs another memory mode "
+         "(the Dedicated_Sram modes put the arena in DRAM behind an SRAM cache, at the DRAM traffic shown). Traffic is "
+         "bytes moved per inference, in MB (10^6 bytes)."),
+        "",
     ]
     for family in data["families"]:
         lines += [f"## {family['size']}x{family['size']}, {family['family']} ({family['tosa_spec']})", ""]

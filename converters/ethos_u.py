@@ -250,9 +250,11 @@ class EthosUTarget(Target):
         return {"npu": ACCELERATORS, "system_config": (AUTO, *systems), "memory_mode": (AUTO, *modes)}
 
     def check_runtime(self) -> None:
-        missing = [p for p, m in (("tosa-tools", "tosa_reference_model"), ("ethos-u-vela", "ethosu")) if importlib.util.find_spec(m) is None]
+        modules = (("tosa-tools", "tosa_reference_model"), ("ethos-u-vela", "ethosu"))
+        missing = [package for package, module in modules if importlib.util.find_spec(module) is None]
         if missing:
-            raise ArtifactError(f"ethos-u needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; "
+            verb = "is" if len(missing) == 1 else "are"
+            raise ArtifactError(f"ethos-u needs {' and '.join(missing)}, which {verb} not installed; "
                                 f"{INSTALL} (beside the export extra; see README)")  # fmt: skip
         super().check_runtime()
 
@@ -307,9 +309,10 @@ class EthosUTarget(Target):
                 per_delegate.append(vela_estimate(spec, tosa, name, path / VELA_DIR, lowered.processed_bytes, work))
             save_program(edge.exported_program(), path / REFERENCE_DIR / PROGRAM)
         estimate = summed_estimate(per_delegate, delegation)
+        total = estimate["total"]
         logger.info("ethos-u %s: %d delegate(s), %d NPU / %d CPU compute ops; Vela estimate %.3f ms (%s cycles at %.0f MHz)",
                     chosen["npu"], delegation["delegates"], delegation["npu_compute_ops"], delegation["cpu_compute_ops"],
-                    estimate["total"]["inference_ms"], f"{estimate['total']['cycles']:,.0f}", estimate["total"]["clock_hz"] / 1e6)  # fmt: skip
+                    total["inference_ms"], f"{total['cycles']:,.0f}", total["clock_hz"] / 1e6)  # fmt: skip
         for fallback in delegation["cpu_fallbacks"]:
             logger.info("ethos-u: on the CPU: %s x%d: %s", fallback["op"], fallback["nodes"], fallback["reason"])
         return {
@@ -512,10 +515,13 @@ def estimate_for(artifact: Artifact, npu: str, system_config: str = AUTO, memory
         raise ExportError(f"ethos-u: {npu} compiles {spec.tosa_spec}, the artifact holds {exported} graphs; export for {npu}")
     per_delegate = []
     with tempfile.TemporaryDirectory(prefix="ethos-u-sweep-") as tmp:
-        for tosa in sorted((artifact.file / REFERENCE_DIR).glob("lowered_module_*.tosa"), key=lambda p: int(p.stem.rsplit("_", 1)[1])):
+        graphs = (artifact.file / REFERENCE_DIR).glob("lowered_module_*.tosa")
+        for tosa in sorted(graphs, key=lambda p: int(p.stem.rsplit("_", 1)[1])):  # graph order: lowered_module_0, 1, ...
             out = Path(tmp) / tosa.stem
             try:
-                code = vela.main([*spec.compiler_flags, f"--output-dir={out}", str(tosa)])
+                with contextlib.redirect_stdout(io.StringIO()) as printed:  # Vela's network summary: to the log
+                    code = vela.main([*spec.compiler_flags, f"--output-dir={out}", str(tosa)])
+                logger.debug("vela %s on %s:\n%s", npu, tosa.name, printed.getvalue())
             except (Exception, SystemExit) as exc:
                 raise ExportError(f"ethos-u: Vela failed on {tosa.name} for {npu}: {' '.join(str(exc).split())[:300]}") from exc
             if code:

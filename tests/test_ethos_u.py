@@ -179,7 +179,8 @@ def test_u85_export_with_a_memory_mode(u85) -> None:
 def test_verify_runs_each_delegate_in_the_reference_model(u55, trained, capsys) -> None:  # noqa: F811
     folder, _, _ = u55
     _, ckpt = trained
-    code, out, err = run_cli(["verify", folder, "--checkpoint", ckpt, "--data", "synthetic:96", "--num-images", "2", "--json"], capsys)
+    args = ["verify", folder, "--checkpoint", ckpt, "--data", "synthetic:96", "--num-images", "2", "--json"]
+    code, out, err = run_cli(args, capsys)
     assert code == 0, err
     report = json.loads(out)
     assert report["passed"] and report["executor"].startswith("TOSA reference model")

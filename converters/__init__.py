@@ -31,6 +31,7 @@ _BUILTIN: dict[str, str] = {
     "onnx": "segformer_edge.converters.onnx:OnnxTarget",
     "executorch-coreml": "segformer_edge.converters.executorch_coreml:ExecuTorchCoreMLTarget",
     "openvino": "segformer_edge.converters.openvino:OpenVINOTarget",
+    "ethos-u": "segformer_edge.converters.ethos_u:EthosUTarget",
 }
 _registry: dict[str, str | type[Target]] = dict(_BUILTIN)
 _plugins_loaded = False

@@ -338,6 +338,12 @@ class Target:
             importlib.import_module(module)
         return lambda: self.load(artifact, threads=threads)
 
+    def estimate(self, artifact: Artifact) -> dict[str, Any] | None:
+        """Where a latency cannot be measured here (:meth:`times_here` is False) but the target's compiler predicts one:
+        bench's record fields for it, a ``status`` that says it is an estimate and an ``estimate`` block (None: no
+        estimate; the row then says :attr:`not_here`). Never timing fields: an estimate is not a measurement."""
+        return None
+
     def profile(self, artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> list[dict[str, Any]] | None:
         """The ops that take the time, where the runtime can say (None where it cannot)."""
         return None

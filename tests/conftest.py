@@ -109,3 +109,25 @@ def is_heat_map(pixels: np.ndarray) -> bool:
     hot = ((r > 200) & (g > 180) & (b < 200)).sum()
     cold = ((r < 60) & (g < 60) & (b < 90)).sum()
     return bool(hot > 0 and cold > 0)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A tiny SegFormer trained on the synthetic scenes for a few seconds: real, structured predictions, and its
+    checkpoint. One per test process (the INT8, outlier, target-option and Ethos-U tests share it)."""
+    import torch
+
+    from segformer_edge import save_checkpoint
+    from segformer_edge.model import SegFormer, SegFormerConfig
+    from segformer_edge.train import TrainConfig, Trainer
+
+    root = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(0)
+    init = save_checkpoint(SegFormer(SegFormerConfig(**TINY, num_classes=8)), root / "init.safetensors")
+    config = TrainConfig(data="synthetic:96", out=str(root / "run"), crop=(64, 64), scale=(256, 64), batch_size=8,
+                         iters=150, lr=3e-3, warmup_iters=10, eval_interval=150, ckpt_interval=150, log_interval=50,
+                         workers=0, init=str(init), eval_images=8)  # fmt: skip
+    trainer = Trainer(config)
+    metrics = trainer.train(progress=False)
+    assert metrics["miou"] > 0.3, metrics  # a model that has learned something, not random init
+    return trainer.model.eval(), root / "run" / "final.safetensors"

@@ -27,14 +27,13 @@ from segformer_edge.errors import ExportError
 pytest.importorskip("tosa_reference_model", reason="install the Ethos-U compilers (see README)")
 pytest.importorskip("ethosu.vela", reason="install the Ethos-U compilers (see README)")
 
-from test_int8 import trained  # noqa: F401  (the trained tiny model, shared with the other INT8 tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = ("--size", "64", "64")
 INT8 = DEFAULT_THRESHOLDS["int8"]
 
 
-def _export(trained, out: Path, capsys: pytest.CaptureFixture[str], *options: str) -> tuple[Path, str, str]:  # noqa: F811
+def _export(trained, out: Path, capsys: pytest.CaptureFixture[str], *options: str) -> tuple[Path, str, str]:
     _, ckpt = trained
     args = ["export", ckpt, "--target", "ethos-u", "--precision", "int8", *SIZE, "--data", "synthetic:96",
             "--calibration-images", "16", "--verify-images", "4", "--out", out, *options]  # fmt: skip
@@ -45,7 +44,7 @@ def _export(trained, out: Path, capsys: pytest.CaptureFixture[str], *options: st
 
 
 @pytest.fixture(scope="module")
-def u55(trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:  # noqa: F811
+def u55(trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """ethos-u55-128 with its family's defaults (Ethos_U55_High_End_Embedded, Shared_Sram): the module's one U55 export."""
     capsys = _ModuleCapsys()
     with capsys:
@@ -53,7 +52,7 @@ def u55(trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, s
 
 
 @pytest.fixture(scope="module")
-def u85(trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:  # noqa: F811
+def u85(trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """ethos-u85-256 with a memory mode other than its default (Dedicated_Sram_384KB: DRAM arena, SRAM cache)."""
     capsys = _ModuleCapsys()
     with capsys:
@@ -176,7 +175,7 @@ def test_u85_export_with_a_memory_mode(u85) -> None:
     assert total["dram_traffic_bytes"] > 0  # the arena lives in DRAM in this memory mode: Vela was given the option
 
 
-def test_verify_runs_each_delegate_in_the_reference_model(u55, trained, capsys) -> None:  # noqa: F811
+def test_verify_runs_each_delegate_in_the_reference_model(u55, trained, capsys) -> None:
     folder, _, _ = u55
     _, ckpt = trained
     args = ["verify", folder, "--checkpoint", ckpt, "--data", "synthetic:96", "--num-images", "2", "--json"]

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import TINY, folder_snapshot, run_cli
 from segformer_edge.calibration.calibset import CalibrationSet, select_calibration_set
 from segformer_edge.calibration.spec import LAYER_GROUPS, QuantSpec
@@ -16,24 +15,8 @@ from segformer_edge.converters.pipeline import checkpoint_digest, export_artifac
 from segformer_edge import save_checkpoint
 from segformer_edge.errors import DataError
 from segformer_edge.model import SegFormer, SegFormerConfig
-from segformer_edge.train import TrainConfig, Trainer
 
 SIZE = (64, 64)
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[SegFormer, Path]:
-    """A tiny SegFormer trained on the synthetic scenes for a few seconds: real, structured predictions."""
-    root = tmp_path_factory.mktemp("int8")
-    torch.manual_seed(0)
-    init = save_checkpoint(SegFormer(SegFormerConfig(**TINY, num_classes=8)), root / "init.safetensors")
-    config = TrainConfig(data="synthetic:96", out=str(root / "run"), crop=SIZE, scale=(256, 64), batch_size=8, iters=150,
-                         lr=3e-3, warmup_iters=10, eval_interval=150, ckpt_interval=150, log_interval=50, workers=0,
-                         init=str(init), eval_images=8)  # fmt: skip
-    trainer = Trainer(config)
-    metrics = trainer.train(progress=False)
-    assert metrics["miou"] > 0.3, metrics  # a model that has learned something, not random init
-    return trainer.model.eval(), root / "run" / "final.safetensors"
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import run_cli
 from segformer_edge.calibration.calibset import CalibrationSet, select_calibration_set
 from segformer_edge.calibration.outliers import (
     OutlierError,
@@ -41,8 +41,7 @@ from segformer_edge.converters.pipeline import (
 from segformer_edge import save_checkpoint
 from segformer_edge.errors import ExportError
 from segformer_edge.inputs import InputSpec
-from segformer_edge.model import SegFormer, SegFormerConfig
-from segformer_edge.train import TrainConfig, Trainer
+from segformer_edge.model import SegFormer
 
 SIZE = (64, 64)
 FACTORS = (100.0, 60.0, 30.0)  # the outliers put on three channels of every LayerNorm site
@@ -61,18 +60,9 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> SegFormer:
-    """A tiny SegFormer trained on the synthetic scenes for a few seconds (as tests/test_int8.py's fixture)."""
-    root = tmp_path_factory.mktemp("outliers-train")
-    torch.manual_seed(0)
-    init = save_checkpoint(SegFormer(SegFormerConfig(**TINY, num_classes=8)), root / "init.safetensors")
-    config = TrainConfig(data="synthetic:96", out=str(root / "run"), crop=SIZE, scale=(256, 64), batch_size=8, iters=150,
-                         lr=3e-3, warmup_iters=10, eval_interval=150, ckpt_interval=150, log_interval=50, workers=0,
-                         init=str(init), eval_images=8)  # fmt: skip
-    trainer = Trainer(config)
-    metrics = trainer.train(progress=False)
-    assert metrics["miou"] > 0.3, metrics  # a model that has learned something, not random init
-    return trainer.model.eval()
+def trained(trained: tuple[SegFormer, Path]) -> SegFormer:
+    """The suite's tiny trained model (tests/conftest.py), without its checkpoint path."""
+    return trained[0]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from segformer_edge.converters.pipeline import checkpoint_digest, export_artifac
 from segformer_edge import save_checkpoint
 from segformer_edge.errors import ExportError
 from segformer_edge.model import SegFormer, SegFormerConfig
-from segformer_edge.train import TrainConfig, Trainer
 
 SIZE = (64, 64)
 IMAGES = 8  # parity images (synthetic scenes the model was not calibrated on)
@@ -57,21 +56,6 @@ def one_torch_thread():  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[SegFormer, Path]:
-    """A tiny SegFormer trained briefly on the synthetic scenes: structured predictions with real margins."""
-    root = tmp_path_factory.mktemp("target_options")
-    torch.manual_seed(0)
-    init = save_checkpoint(SegFormer(SegFormerConfig(**TINY, num_classes=8)), root / "init.safetensors")
-    config = TrainConfig(data="synthetic:96", out=str(root / "run"), crop=SIZE, scale=(256, 64), batch_size=8, iters=50,
-                         lr=3e-3, warmup_iters=10, eval_interval=50, ckpt_interval=50, log_interval=50, workers=0,
-                         init=str(init), eval_images=8)  # fmt: skip
-    trainer = Trainer(config)
-    metrics = trainer.train(progress=False)
-    assert metrics["miou"] > 0.2, metrics  # it has learned the scenes' large classes
-    return trainer.model.eval(), root / "run" / "final.safetensors"
 
 
 @pytest.fixture(scope="module")

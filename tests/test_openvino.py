@@ -24,7 +24,7 @@ from segformer_edge.model import SegFormer, SegFormerConfig
 
 pytest.importorskip("openvino")
 
-from test_int8 import calib, trained  # noqa: E402,F401  (the trained tiny model and its calibration set)
+from test_int8 import calib  # noqa: E402,F401  (its calibration set; the trained tiny model comes from conftest)
 
 SIZE = (64, 64)
 

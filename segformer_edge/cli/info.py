@@ -115,7 +115,7 @@ def _targets_info(as_json: bool) -> None:
     for r in rows:
         here = "runs here" if r["runs_here"] else "compile only here"
         console.print(f"[bold]{r['name']}[/] ({r['suffix']}, {', '.join(r['precisions'])}; {here}): {r['summary']}")
-        extras = [f"edges: {', '.join(r['features'])}"]
+        extras = [f"edges: {', '.join(r['features']) or 'none (normalized NCHW in, logits out)'}"]
         if r["int8_methods"]:
             extras.append(f"int8 methods: {', '.join(r['int8_methods'])}")
         if len(r["int8_schemes"]) > 1:

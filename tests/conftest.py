@@ -131,3 +131,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     metrics = trainer.train(progress=False)
     assert metrics["miou"] > 0.3, metrics  # a model that has learned something, not random init
     return trainer.model.eval(), root / "run" / "final.safetensors"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():  # type: ignore[no-untyped-def]
+    """One torch intra-op thread for a module of tiny models (64x64): they gain nothing from more, and on the
+    suite's two busy cores the threads' spin-waits cost several times the work. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,7 +10,6 @@ not, which proves the test can fail.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,14 +48,7 @@ STRICT = Thresholds(pixel_agreement=0.99, miou_drop=1.0)  # stricter than the de
 VERIFY_IMAGES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models at 64x64 gain nothing from intra-op threads, and on shared busy cores their spin-waits cost
-    several times the work (measured here: the whole file 14 min with 2 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: one torch thread per module
 
 
 @pytest.fixture(scope="module")

@@ -49,13 +49,7 @@ DEFAULTS = {"tflite": {"io": "float", "activations": "int8"}, "coreml": {"weight
             "onnx": {"activations": "int8"}}  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():  # type: ignore[no-untyped-def]
-    """The suite shares two cores with other work: one torch thread keeps this module from oversubscribing them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: one torch thread per module
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from segformer_edge.errors import ExportError
 if TYPE_CHECKING:
     from .calibset import CalibrationSet
 
-__all__ = ["LAYER_GROUPS", "METHODS", "OUTLIER_MODES", "SCHEMES", "QuantSpec", "group_of", "module_names"]
+__all__ = ["LAYER_GROUPS", "METHODS", "OUTLIER_MODES", "SCHEMES", "WRAPPER", "QuantSpec", "group_of", "module_names", "within"]
 
 METHODS = ("auto", "minmax", "moving_average", "percentile", "mse", "entropy")
 SCHEMES = ("static", "dynamic", "weight_only")
@@ -33,18 +33,31 @@ LAYER_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def module_names(groups: tuple[str, ...] | list[str]) -> list[str]:
-    """The module names (inside the export wrapper) of these layer groups."""
-    unknown = [g for g in groups if g not in LAYER_GROUPS]
+WRAPPER = "model."  # the SegFormer's module paths inside the export wrapper start with this
+
+
+def module_names(entries: tuple[str, ...] | list[str]) -> list[str]:
+    """The module names (inside the export wrapper) of these float-kept entries.
+
+    An entry is a layer group (``stage2``) or one module of the SegFormer by its own path, as in its state dict
+    (``encoder.stages.1.blocks.0.attn.q``, ``decoder.linear_c.2``): a block, an attention, a single layer.
+    """
+    unknown = [e for e in entries if e not in LAYER_GROUPS and group_of(WRAPPER + e) is None]
     if unknown:
-        raise ExportError(f"unknown layer group(s) {', '.join(unknown)}; choose from {', '.join(LAYER_GROUPS)}")
-    return [name for g in groups for name in LAYER_GROUPS[g]]
+        raise ExportError(f"unknown layer group or layer {', '.join(unknown)}: choose a group ({', '.join(LAYER_GROUPS)}) "
+                          "or a module path inside one (encoder.stages.1.blocks.0.attn.q, decoder.linear_c.2)")  # fmt: skip
+    return [name for e in entries for name in (LAYER_GROUPS[e] if e in LAYER_GROUPS else (WRAPPER + e,))]
+
+
+def within(module_path: str, prefixes: list[str] | tuple[str, ...]) -> bool:
+    """Whether ``module_path`` is one of ``prefixes`` or a module inside one of them."""
+    return any(module_path == p or module_path.startswith(p + ".") for p in prefixes)
 
 
 def group_of(module_path: str) -> str | None:
     """The layer group a module path (``model.encoder.stages.0.blocks.1.attn.q``) belongs to, or None."""
     for group, names in LAYER_GROUPS.items():
-        if any(module_path == n or module_path.startswith(n + ".") for n in names):
+        if within(module_path, names):
             return group
     return None
 
@@ -62,7 +75,8 @@ class QuantSpec:
             (each target's best: ``mse`` for PT2E quantizers, ``entropy`` for ONNX Runtime). The manifest
             records the method a target used.
         weights: Weight granularity, ``per_channel`` or ``per_tensor`` (symmetric int8).
-        float_groups: Layer groups kept in float (see :data:`LAYER_GROUPS`).
+        float_groups: What stays float: layer groups (see :data:`LAYER_GROUPS`) or single modules by their path in
+            the SegFormer (``encoder.stages.1.blocks.0.attn.q``); see :func:`module_names`.
         outliers: Function-preserving rewrites of the float model before the target's quantizer
             (:mod:`.outliers`): ``smoothquant`` (LayerNorm scale migration, strength searched on the
             calibration images), ``bias_correction`` (of the int8 weight error), both
@@ -101,6 +115,11 @@ class QuantSpec:
     @property
     def float_modules(self) -> list[str]:
         return module_names(self.float_groups)
+
+    def keeps_float(self, module_path: str) -> bool:
+        """Whether an op traced in ``module_path`` (inside the export wrapper) stays float: the one test every
+        target's quantizer applies, so that a group, a block or a single layer is honoured alike."""
+        return bool(self.float_groups) and within(module_path, self.float_modules)
 
     def only(self, groups: list[str] | tuple[str, ...]) -> QuantSpec:
         """The same recipe with only ``groups`` quantized (every other group in float)."""

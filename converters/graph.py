@@ -191,7 +191,7 @@ def decompose_layer_norms(module: nn.Module) -> nn.Module:
     return module
 
 
-class RowSplitAttention(nn.Module):
+class RowSplitAttention(EfficientSelfAttention):
     """Efficient self-attention whose single-head query rows run as a batch of ``parts`` matmuls.
 
     With one image and one head (SegFormer's stage 1), ``bmm(q, k^T)`` has batch 1, and the TFLite
@@ -200,25 +200,30 @@ class RowSplitAttention(nn.Module):
     reference kernels (12 ms of a 16384 x 256 x 32 attention at 512x512, against 4 ms delegated). Attention
     rows are independent: splitting the N queries into ``parts`` batches, each against the same keys and
     values, keeps a real BATCH_MATMUL and gives the same numbers.
+
+    It takes over the attention's own layers (the same objects, under the same names), so every module path
+    (``...blocks.0.attn.q``) is what it was: float-kept layers and per-group counts find them.
     """
 
     def __init__(self, attn: EfficientSelfAttention, parts: int = 2) -> None:
-        super().__init__()
-        self.attn = attn
+        nn.Module.__init__(self)
+        for name in ("num_heads", "head_dim", "scale", "sr_ratio"):
+            setattr(self, name, getattr(attn, name))
+        for name, child in attn.named_children():
+            self.add_module(name, child)
         self.parts = parts
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
-        a = self.attn
         b, n, c = x.shape  # (B, N, C)
         parts = self.parts
-        if b * a.num_heads != 1 or n % parts:
-            return a(x, h, w)
-        kv = a.reduce_kv(x, h, w)  # (B, M, C)
-        q = a.q(x).reshape(parts, n // parts, c)  # (1, N, C) -> (P, N / P, C): query rows in P batches
-        k = torch.cat([a.k(kv)] * parts)  # (P, M, C)
-        v = torch.cat([a.v(kv)] * parts)  # (P, M, C)
-        out = a.attend(q, k, v).reshape(b, n, c)  # (P, N / P, C) -> (1, N, C)
-        return a.proj(out)
+        if b * self.num_heads != 1 or n % parts:
+            return super().forward(x, h, w)
+        kv = self.reduce_kv(x, h, w)  # (B, M, C)
+        q = self.q(x).reshape(parts, n // parts, c)  # (1, N, C) -> (P, N / P, C): query rows in P batches
+        k = torch.cat([self.k(kv)] * parts)  # (P, M, C)
+        v = torch.cat([self.v(kv)] * parts)  # (P, M, C)
+        out = self.attend(q, k, v).reshape(b, n, c)  # (P, N / P, C) -> (1, N, C)
+        return self.proj(out)
 
 
 def split_single_head_attention(module: nn.Module, parts: int = 2) -> nn.Module:
@@ -226,7 +231,7 @@ def split_single_head_attention(module: nn.Module, parts: int = 2) -> nn.Module:
     module = copy.deepcopy(module)
     for child in list(module.modules()):
         for attr, sub in list(child.named_children()):
-            if isinstance(sub, EfficientSelfAttention) and sub.num_heads == 1:
+            if type(sub) is EfficientSelfAttention and sub.num_heads == 1:
                 setattr(child, attr, RowSplitAttention(sub, parts))
     return module
 

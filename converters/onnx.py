@@ -128,7 +128,7 @@ class OnnxTarget(Target):
             # layer group a node belongs to (float-kept groups would silently be quantized). ORT optimises
             # the quantized graph when a session loads it.
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, skip_optimization=True)
-            excluded = _nodes_in_groups(pre, set(quant.float_groups))
+            excluded = _float_nodes(pre, quant)
             # ORT's calibrators keep every intermediate tensor of every image until the end. (Its MinMax chunking,
             # CalibMaxIntermediateOutputs, discards each full chunk without folding its ranges in onnxruntime 1.32:
             # minmax then calibrated on the last N mod k images only, or failed with "No data is collected".)
@@ -236,32 +236,37 @@ _COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
 
-def _node_group(node: Any) -> str | None:
-    """The layer group of an ONNX node, from the torch name scopes the dynamo exporter records."""
+def _node_scopes(node: Any) -> list[str]:
+    """The torch module paths (outermost first) the dynamo exporter recorded for an ONNX node."""
     import ast
-
-    from segformer_edge.calibration.spec import group_of
 
     scopes = next((p.value for p in node.metadata_props if p.key == _SCOPES), None)
     if scopes is None:
-        return None
+        return []
     try:
-        scope_list = ast.literal_eval(scopes)
+        return [str(s) for s in ast.literal_eval(scopes)]
     except (ValueError, SyntaxError):
-        return None
-    return next((g for s in reversed(scope_list) if (g := group_of(str(s))) is not None), None)
+        return []
 
 
-def _nodes_in_groups(path: Path, groups: set[str]) -> list[str]:
-    """Names of the ONNX nodes that the dynamo exporter traced inside any of these layer groups."""
-    if not groups:
+def _node_group(node: Any) -> str | None:
+    """The layer group of an ONNX node, from its torch name scopes."""
+    from segformer_edge.calibration.spec import group_of
+
+    return next((g for s in reversed(_node_scopes(node)) if (g := group_of(s)) is not None), None)
+
+
+def _float_nodes(path: Path, quant: QuantSpec) -> list[str]:
+    """Names of the ONNX nodes that the dynamo exporter traced inside the spec's float-kept groups or layers."""
+    if not quant.float_groups:
         return []
     import onnx
 
-    names = [node.name for node in onnx.load(str(path)).graph.node if _node_group(node) in groups]
+    names = [node.name for node in onnx.load(str(path)).graph.node if any(map(quant.keeps_float, _node_scopes(node)))]
+    wanted = ", ".join(quant.float_groups)
     if not names:
-        raise ExportError(f"onnx: no node found in the float-kept groups {', '.join(sorted(groups))} (no torch name scopes)")
-    logger.info("onnx: %d nodes kept in float for %s", len(names), ", ".join(sorted(groups)))
+        raise ExportError(f"onnx: no node found in the float-kept {wanted} (no torch name scopes)")
+    logger.info("onnx: %d nodes kept in float for %s", len(names), wanted)
     return names
 
 

@@ -213,7 +213,7 @@ def quantize(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan) -
         return plan.target.quantize(module, example, plan.quant, inputs, target_options=plan.target_options)
     except SegformerEdgeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a quantizer failure becomes one clear error
+    except Exception as exc:
         raise conversion_error(f"{plan.target.name} int8 quantization", exc) from exc
 
 
@@ -236,7 +236,7 @@ def lower(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan, path
             return plan.target.convert(module, example, path, plan)
     except SegformerEdgeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - every converter failure becomes one clear error
+    except Exception as exc:
         raise conversion_error(plan.target.name, exc) from exc
 
 
@@ -718,17 +718,23 @@ def calibration_for(
 
 
 def budget_spec(model: Any, target_name: str, options: ExportOptions, quant: QuantSpec, budget: float,
-                workdir: Path, progress: Callable[[int], None] | None = None) -> QuantSpec:  # fmt: skip
-    """``quant`` with the fewest layer groups in float that bring ``target_name``'s int8 mIoU drop within
-    ``budget`` points, measured with that target's own quantizer on held-out calibration images."""
-    from segformer_edge.calibration.sensitivity import analyse, budget_policy
+                workdir: Path, progress: Callable[[int], None] | None = None, granularity: str = "layer") -> QuantSpec:  # fmt: skip
+    """``quant`` with the fewest layers in float that bring ``target_name``'s int8 mIoU drop within ``budget``
+    points, measured with that target's own quantizer on held-out calibration images: whole layer groups
+    first, then (``granularity="layer"``) their blocks and single layers (see :func:`budget_policy`)."""
+    from segformer_edge.calibration.recipes import reuse_exports
+    from segformer_edge.calibration.sensitivity import GRANULARITIES, analyse, budget_policy, children
 
+    if granularity not in GRANULARITIES:
+        raise ExportError(f"--budget-granularity {granularity}: choose {' or '.join(GRANULARITIES)}")
     calib = quant.require_calibration(target_name)
     k = model.config.num_classes
     resolved = plan_export(model, target_name, replace(options, precision="int8"), workdir, quant).quant or quant
-    make = lambda spec: quantized_predictor(model, target_name, options, spec, workdir)  # noqa: E731
+    make = lambda spec: quantized_predictor(model, target_name, options, spec, workdir)
     labeler = float_labeler(model, calib.size)
-    float_predict = lambda images: np.stack([labeler(im) for im in images])  # noqa: E731
-    report = analyse(calib, resolved, make, float_predict, k, target=target_name, progress=progress)
-    policy = budget_policy(calib, resolved, make, budget, report, k)
+    float_predict = lambda images: np.stack([labeler(im) for im in images])
+    split = (lambda entry: children(model, entry)) if granularity == "layer" else None
+    with reuse_exports():
+        report = analyse(calib, resolved, make, float_predict, k, target=target_name, progress=progress)
+        policy = budget_policy(calib, resolved, make, budget, report, k, split=split, progress=progress)
     return resolved.with_(float_groups=tuple(policy["float_groups"]), policy={**policy, "sensitivity": report.rows})

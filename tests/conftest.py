@@ -40,6 +40,11 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, out, err
 
 
+def flat(text: str) -> str:
+    """CLI output as one line of words (rich wraps long messages in a box)."""
+    return " ".join(text.replace("│", " ").split())
+
+
 def folder_snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` with its bytes: to assert that a failed command changed nothing."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, is_heat_map, make_photo_folder, run_cli
+from conftest import TINY, flat, is_heat_map, make_photo_folder, run_cli
 from PIL import Image
-
-from segformer_edge import save_checkpoint
 from segformer_edge.calibration.spec import LAYER_GROUPS
 from segformer_edge.converters.base import ExportOptions, read_manifest
 from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact
+
+from segformer_edge import save_checkpoint
 from segformer_edge.data import open_source, synthetic_labels
 from segformer_edge.model import SegFormer, SegFormerConfig
 
@@ -76,17 +76,33 @@ def test_calibrate_then_export_with_that_set(tiny, tmp_path: Path, capsys) -> No
 
 
 def test_calibrate_sensitivity_with_the_executorch_quantizer(tiny, tmp_path: Path, capsys) -> None:
+    """--sensitivity --granularity layer --groups: each decoder Linear/Conv2d kept float alone, measured with
+    executorch's quantizer, ranked by the mIoU it gives back."""
+    from segformer_edge.calibration.sensitivity import quantizable_layers
+
+    from segformer_edge.weights import load_pretrained
+
     out = tmp_path / "calib"
     code, stdout, err = run_cli(["calibrate", tiny["ckpt"], "--data", "synthetic:24", "--num-images", "4", *SIZE,
-                                 "--sensitivity", "--target", "executorch", "--out", out], capsys)  # fmt: skip
+                                 "--sensitivity", "--granularity", "layer", "--groups", "decoder.mlp,decoder.head",
+                                 "--target", "executorch", "--out", out], capsys)  # fmt: skip
     assert code == 0, err
     report = json.loads((out / "sensitivity.json").read_text())
     assert report["target"] == "executorch" and report["method"] == "mse" and report["held_out"] == 1
-    assert sorted(r["group"] for r in report["groups"]) == sorted(LAYER_GROUPS)
-    drops = [r["miou_drop_points"] for r in report["groups"]]
-    assert drops == sorted(drops, reverse=True)
-    assert "executorch quantizer" in (out / "sensitivity.md").read_text() and "| 1 |" in stdout
+    assert report["granularity"] == "layer"
+    layers = [n for n in quantizable_layers(load_pretrained(tiny["ckpt"])) if n.startswith("decoder.")]
+    assert sorted(r["unit"] for r in report["units"]) == sorted(layers) and len(layers) == 6
+    recovered = [r["miou_recovered_points"] for r in report["units"]]
+    assert recovered == sorted(recovered, reverse=True)
+    for r in report["units"]:  # recovered = (drop with every layer int8) - (drop with this one float)
+        assert abs(r["miou_recovered_points"] - (report["all_int8"]["miou_drop_points"] - r["miou_drop_points"])) < 1e-9
+    assert "executorch quantizer" in (out / "sensitivity.md").read_text() and "mIoU recovered" in stdout
     assert (out / "sensitivity.png").stat().st_size > 1000 and (out / "calibration.json").is_file()
+    for args, message in ((["--granularity", "layer"], "--granularity applies to --sensitivity"),
+                          (["--sensitivity", "--groups", "stage9", "--granularity", "layer"], "stage9: choose from stage1"),
+                          (["--sensitivity", "--groups", "stage1"], "--groups applies to --granularity layer")):  # fmt: skip
+        code, _, err = run_cli(["calibrate", tiny["ckpt"], *args, "--out", tmp_path / "c2"], capsys)
+        assert code == 2 and message in flat(err) and not (tmp_path / "c2").exists(), err
 
 
 # -------------------------------------------------------------------------------------------------
@@ -96,6 +112,7 @@ def test_calibrate_sensitivity_with_the_executorch_quantizer(tiny, tmp_path: Pat
 def test_export_mask_nhwc_dynamic_onnx(tiny, tmp_path: Path, capsys) -> None:
     from segformer_edge.converters.onnx import OnnxRunner
     from segformer_edge.converters.pipeline import upsampled_argmax
+
     from segformer_edge.inputs import InputSpec
 
     code, stdout, err = run_cli(["export", tiny["ckpt"], "--target", "onnx", "--output", "mask", "--layout", "nhwc",
@@ -154,9 +171,12 @@ def test_export_int8_method_budget_calibration_images(tiny, tmp_path: Path, caps
     assert quant["applied"]["calibration_images_used"] == 4
     policy = quant["policy"]
     assert policy["budget_points"] == 100 and policy["float_groups"] == [] == quant["float_groups"]
-    assert sorted(r["group"] for r in policy["sensitivity"]) == sorted(LAYER_GROUPS)
+    assert sorted(r["unit"] for r in policy["sensitivity"]) == sorted(LAYER_GROUPS)
     assert policy["steps"][0]["float_groups"] == [] and "onnx quantizer (percentile)" in policy["measured_with"]
+    assert policy["granularity"] == "layer"  # the default; nothing to split when no group stays float
     assert all(quant["applied"]["ops_by_group"][g]["quantized"] > 0 for g in LAYER_GROUPS)
+    code, _, err = run_cli(["export", tiny["ckpt"], "--target", "onnx", "--budget-granularity", "group", "--out", tmp_path / "e2"], capsys)
+    assert code == 2 and "--budget-granularity applies to --budget" in flat(err) and not (tmp_path / "e2").exists()
 
 
 # -------------------------------------------------------------------------------------------------

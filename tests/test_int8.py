@@ -69,17 +69,23 @@ def test_int8_parity_per_target(trained, calib: CalibrationSet, tmp_path: Path, 
 
 @pytest.mark.parametrize("target", INT8_TARGETS)
 def test_float_groups_are_honoured_inside_each_artifact(trained, calib: CalibrationSet, tmp_path: Path, target: str) -> None:
-    """Issue 17, point 4: a float-kept group has no quantized compute op in the artifact, the others do."""
+    """Issue 17, point 4, and issue 14, item 2: a float-kept group has no quantized compute op in the artifact, the
+    others do; a single float-kept layer is exactly one float op (the decoder's 4 linear_c convs: 3 int8 + 1)."""
     model, ckpt = trained
-    quant = QuantSpec(calibration=calib, float_groups=("stage1", "decoder.head"))
+    kept = ("stage3", "decoder.head", "decoder.linear_c.2", "encoder.stages.0.blocks.0.attn.q")
+    quant = QuantSpec(calibration=calib, float_groups=kept)
     artifact, report = export_artifact(model, target, ExportOptions(size=SIZE, precision="int8"), tmp_path,
                                        checkpoint=ckpt, quant=quant)  # fmt: skip
     groups = artifact.manifest["quantization"]["applied"]["ops_by_group"]
-    for group in ("stage1", "decoder.head"):
+    for group in ("stage3", "decoder.head"):
         assert groups[group]["quantized"] == 0 and groups[group]["float"] > 0, (group, groups)
-    for group in ("stage2", "stage3", "stage4", "decoder.mlp"):
+    for group in ("stage1", "stage2", "stage4"):
         assert groups[group]["quantized"] > 0, (group, groups)
-    assert artifact.manifest["quantization"]["float_groups"] == ["stage1", "decoder.head"]
+    assert groups["decoder.mlp"] == {"quantized": 3, "float": 1}, groups
+    # Stages 1 and 2 have the same ops; stage 1 keeps its q float (its single-head attention is rewritten for
+    # tflite, RowSplitAttention, and q keeps its path through that).
+    assert groups["stage1"] == {"quantized": groups["stage2"]["quantized"] - 1, "float": groups["stage2"]["float"] + 1}, groups
+    assert artifact.manifest["quantization"]["float_groups"] == list(kept)
     if target == "tflite":  # read from the flatbuffer: the float-kept layers' weights stay float32 beside int8
         weights = artifact.manifest["tflite"]["weights"]
         assert weights.get("float32", 0) > 0 and weights.get("int8", 0) > 0, weights
@@ -105,29 +111,49 @@ def test_calibration_is_deterministic(trained, calib: CalibrationSet, tmp_path: 
 
 
 def test_sensitivity_and_budget(trained, calib: CalibrationSet, tmp_path: Path) -> None:
-    from segformer_edge.calibration.sensitivity import analyse, budget_policy, write_report
+    """Issue 14, item 2: the ranking and the budget are measured with the target's quantizer, and the budget goes
+    down from layer groups to single layers: fewer layers in float than whole groups, within the budget."""
+    from segformer_edge.calibration.outliers import inject_outliers
+    from segformer_edge.calibration.recipes import reuse_exports
+    from segformer_edge.calibration.sensitivity import (
+        analyse,
+        budget_policy,
+        children,
+        quantizable_layers,
+        write_report,
+    )
     from segformer_edge.converters.pipeline import float_labeler
 
-    model, _ = trained
+    # Outliers without their handling: an int8 drop of several points, so the budget has to keep layers float.
+    model = inject_outliers(trained[0], (100.0, 60.0, 30.0))
     labeler = float_labeler(model, SIZE)
-    quant = QuantSpec(method="mse", calibration=calib)
-    make = lambda q: quantized_predictor(model, "executorch", ExportOptions(size=SIZE), q, tmp_path)  # noqa: E731
-    report = analyse(calib, quant, make, lambda ims: np.stack([labeler(im) for im in ims]), 8, target="executorch")
-    assert sorted(report.ranked()) == sorted(LAYER_GROUPS)
-    drops = [r["miou_drop_points"] for r in report.rows]
-    assert drops == sorted(drops, reverse=True)
-    # The ranking is the measurement: quantizing the top group alone costs at least what the last one does, and
-    # differs from the float model somewhere (the rows are not copies of one number).
-    assert report.rows[0]["miou_drop_points"] >= report.rows[-1]["miou_drop_points"]
-    assert min(r["pixel_agreement"] for r in report.rows) < 1.0
-    write_report(report, tmp_path)
-    assert (tmp_path / "sensitivity.png").stat().st_size > 1000 and "executorch" in (tmp_path / "sensitivity.md").read_text()
-    # A negative budget can never be met by quantizing: every group ends in float, most sensitive first.
-    strict = budget_policy(calib, quant, make, -100.0, report, 8)
-    assert strict["float_groups"] == report.ranked()[: len(strict["float_groups"])]
-    assert len(strict["steps"]) >= 2 and "executorch quantizer" in strict["measured_with"]
+    quant = QuantSpec(method="mse", calibration=calib, outliers="none")
+    make = lambda q: quantized_predictor(model, "executorch", ExportOptions(size=SIZE), q, tmp_path)
+    with reuse_exports():
+        report = analyse(calib, quant, make, lambda ims: np.stack([labeler(im) for im in ims]), 8, target="executorch")
+        assert sorted(report.ranked()) == sorted(LAYER_GROUPS)
+        drops = [r["miou_drop_points"] for r in report.rows]
+        assert drops == sorted(drops, reverse=True) and drops[0] > drops[-1]
+        assert min(r["pixel_agreement"] for r in report.rows) < 1.0
+        write_report(report, tmp_path)
+        assert (tmp_path / "sensitivity.png").stat().st_size > 1000 and "executorch" in (tmp_path / "sensitivity.md").read_text()
+
+        budget = 1.0
+        policy = budget_policy(calib, quant, make, budget, report, 8, split=lambda e: children(model, e))
+    steps = policy["steps"]
+    assert steps[0]["step"] == "all int8" and steps[0]["miou_drop_points"] > budget, steps[0]  # the budget needs float layers
+    groups = [s["float_groups"] for s in steps if s["step"] == "group"]
+    assert groups and all(g == report.ranked()[: len(g)] for g in groups)  # most sensitive group first
+    assert any(s["step"].startswith("split") for s in steps) and any(s["step"].startswith("quantize") for s in steps)
+    final = policy["float_groups"]
+    assert policy["miou_drop_points"] <= budget and 0 < len(final)
+    # Counted in layers, what stays float is less than the whole groups the group search kept.
+    covered = lambda entries: sum(QuantSpec(float_groups=tuple(entries)).keeps_float("model." + name)
+                                  for name in quantizable_layers(model))  # fmt: skip
+    assert covered(final) < covered(groups[-1]), (final, groups[-1])
+    assert not set(final) & set(LAYER_GROUPS)  # every kept group was split further
     loose = budget_policy(calib, quant, make, 100.0, report, 8)
-    assert loose["float_groups"] == []
+    assert loose["float_groups"] == [] and loose["granularity"] == "group"
 
 
 def test_int8_errors(trained, calib: CalibrationSet, tmp_path: Path, capsys) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import flat, run_cli
 from segformer_edge.calibration.calibset import CalibrationSet, select_calibration_set
 from segformer_edge.calibration.outliers import (
     OutlierError,
@@ -77,11 +77,6 @@ def _inputs(model: SegFormer, calib: CalibrationSet) -> torch.Tensor:
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _flat(text: str) -> str:
-    """CLI output as one line of words (rich wraps long messages in a box)."""
-    return " ".join(text.replace("│", " ").split())
 
 
 def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -180,12 +175,12 @@ def test_cli_default_int8_survives_outliers_onnx(stressed, calib: CalibrationSet
             "--verify-images", str(VERIFY_IMAGES)]  # fmt: skip
     code, out, err = run_cli([*args, "--out", tmp_path / "auto"], capsys)
     assert code == 0, out + err
-    assert "int8 outlier handling: onnx smoothquant (a=" in _flat(out)
+    assert "int8 outlier handling: onnx smoothquant (a=" in flat(out)
     (artifact,) = (tmp_path / "auto").iterdir()
     report = verify_artifact(artifact, checkpoint=ckpt, num_images=VERIFY_IMAGES, thresholds=STRICT)
     assert report["passed"] and report["pixel_agreement"] >= 0.99 and report["miou_drop_points"] <= 1.0, report
     code, out, err = run_cli([*args, "--outliers", "none", "--out", tmp_path / "none"], capsys)
-    assert code == 1 and "parity failed" in _flat(out), out + err
+    assert code == 1 and "parity failed" in flat(out), out + err
 
 
 def test_outlier_options_are_checked(trained: SegFormer, tmp_path: Path, capsys) -> None:
@@ -198,12 +193,12 @@ def test_outlier_options_are_checked(trained: SegFormer, tmp_path: Path, capsys)
     assert model is trained and record == {"mode": "none", "applied": []}
     ckpt = save_checkpoint(trained, tmp_path / "m.safetensors")
     code, _, err = run_cli(["export", ckpt, "--target", "onnx", "--outliers", "none", "--out", tmp_path / "o"], capsys)
-    assert code == 2 and "apply to --precision int8" in _flat(err)
+    assert code == 2 and "apply to --precision int8" in flat(err)
     code, _, err = run_cli(["export", ckpt, "--target", "onnx", "--precision", "int8", "--outliers", "bogus",
                             "--out", tmp_path / "o"], capsys)  # fmt: skip
-    assert code == 2 and "--outliers bogus: choose one of" in _flat(err)
+    assert code == 2 and "--outliers bogus: choose one of" in flat(err)
     code, _, err = run_cli(["calibrate", ckpt, "--outliers", "bogus", "--out", tmp_path / "c"], capsys)
-    assert code == 2 and "--outliers bogus" in _flat(err) and not (tmp_path / "c").exists()
+    assert code == 2 and "--outliers bogus" in flat(err) and not (tmp_path / "c").exists()
     code, _, err = run_cli(["calibrate", ckpt, "--outliers", "none", "--out", tmp_path / "c"], capsys)
-    assert code == 2 and "--outliers applies to --sensitivity" in _flat(err) and not (tmp_path / "c").exists()
+    assert code == 2 and "--outliers applies to --sensitivity" in flat(err) and not (tmp_path / "c").exists()
     assert not (tmp_path / "o").exists()

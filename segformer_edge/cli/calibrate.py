@@ -18,13 +18,16 @@ folder (train split) or synthetic[:N]; without masks the float model's predictio
 export --precision int8 --calibration OUT uses the set for every target, and refuses it for another
 checkpoint. With --sensitivity it quantizes one layer group at a time with the quantizer of --target and
 ranks the groups by the mIoU they cost on held-out calibration images (sensitivity.md, .json, .png), with
-the activation-outlier handling of --outliers applied first, as export applies it.
+the activation-outlier handling of --outliers applied first, as export applies it; --granularity layer
+keeps each Linear and Conv2d in float alone instead and ranks the layers by the mIoU that gives back.
 
 Examples:
 
   segformer-edge calibrate --num-images 64 --method percentile --out calib/
 
   segformer-edge calibrate nvidia/segformer-b0-finetuned-ade-512-512 --data photos/ --sensitivity --out calib-ade/
+
+  segformer-edge calibrate --sensitivity --granularity layer --target tflite --out calib-layers/
 """
 
 
@@ -38,17 +41,31 @@ def calibrate(
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Rank layer groups by INT8 sensitivity.")] = False,
     target: Annotated[str | None, typer.Option("--target", "-t", help="Whose quantizer --sensitivity measures with (default: the first registered target with int8).")] = None,
     outliers: Annotated[str, typer.Option(help="--sensitivity: the activation-outlier handling to measure with (as export --outliers): auto, none, smoothquant, bias_correction or smoothquant+bias_correction.")] = "auto",
+    granularity: Annotated[str, typer.Option(help="--sensitivity: group (each layer group quantized alone, 6 measurements) or layer (each Linear and Conv2d kept float alone with the rest int8: one measurement per layer, 75 for b0).")] = "group",
+    groups: Annotated[str | None, typer.Option(help="--granularity layer: only the layers of these layer groups, comma-separated (stage1..stage4, decoder.mlp, decoder.head): drill into the groups a group-level run showed sensitive.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration folder.")] = Path("calibration"),
 ) -> None:
     import numpy as np
 
-    from segformer_edge.calibration.spec import QuantSpec
+    from segformer_edge.calibration.sensitivity import GRANULARITIES
+    from segformer_edge.calibration.spec import LAYER_GROUPS, QuantSpec
     from segformer_edge.converters.pipeline import calibration_for
     from segformer_edge.weights import load_pretrained
 
     quant = QuantSpec(method=method, outliers=outliers)  # validates the method and outlier mode before any work
     if outliers != "auto" and not sensitivity:
         raise typer.BadParameter("--outliers applies to --sensitivity (export takes its own --outliers)", param_hint="--outliers")
+    if granularity not in GRANULARITIES:
+        raise typer.BadParameter(f"{granularity}: choose {' or '.join(GRANULARITIES)}", param_hint="--granularity")
+    if granularity != "group" and not sensitivity:
+        raise typer.BadParameter("--granularity applies to --sensitivity", param_hint="--granularity")
+    chosen = None if groups is None else [g.strip() for g in groups.split(",") if g.strip()]
+    if chosen is not None:
+        if granularity != "layer":
+            raise typer.BadParameter("--groups applies to --granularity layer", param_hint="--groups")
+        unknown = [g for g in chosen if g not in LAYER_GROUPS]
+        if unknown or not chosen:
+            raise typer.BadParameter(f"{', '.join(unknown) or '(none)'}: choose from {', '.join(LAYER_GROUPS)}", param_hint="--groups")
     path = resolve_checkpoint(checkpoint)
     model = load_pretrained(path)
     h, w = check_size(size, model.meta.input_size)
@@ -69,8 +86,9 @@ def calibrate(
     if sensitivity:
         import tempfile
 
-        from segformer_edge.calibration.sensitivity import analyse, write_report
-        from segformer_edge.calibration.spec import LAYER_GROUPS
+        from segformer_edge.calibration.recipes import reuse_exports
+        from segformer_edge.calibration.sensitivity import analyse, quantizable_layers, write_report
+        from segformer_edge.calibration.spec import WRAPPER, group_of
         from segformer_edge.converters.base import ExportOptions
         from segformer_edge.converters.pipeline import float_labeler, plan_export, quantized_predictor
 
@@ -78,10 +96,14 @@ def calibrate(
         with tempfile.TemporaryDirectory() as tmp, progress_bar(f"sensitivity ({target})") as bar:
             spec = plan_export(model, target, options, tmp, quant.with_(calibration=calib)).quant or quant
             labeler = float_labeler(model, (h, w))
-            task = bar.add_task("sensitivity", total=len(LAYER_GROUPS))
-            report = analyse(calib, spec, lambda q: quantized_predictor(model, target, options, q, Path(tmp)),
-                             lambda images: np.stack([labeler(im) for im in images]), model.config.num_classes,
-                             target=target, progress=lambda k: bar.advance(task, k))  # fmt: skip
+            layers = quantizable_layers(model) if granularity == "layer" else None
+            if layers is not None and chosen is not None:
+                layers = [name for name in layers if group_of(WRAPPER + name) in chosen]
+            task = bar.add_task("sensitivity", total=len(LAYER_GROUPS) if layers is None else len(layers) + 1)
+            with reuse_exports():
+                report = analyse(calib, spec, lambda q: quantized_predictor(model, target, options, q, Path(tmp)),
+                                 lambda images: np.stack([labeler(im) for im in images]), model.config.num_classes,
+                                 target=target, layers=layers, progress=lambda k: bar.advance(task, k))  # fmt: skip
         write_report(report, out)
         console.print((out / "sensitivity.md").read_text(), markup=False)
 

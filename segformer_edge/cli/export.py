@@ -134,7 +134,8 @@ def export(
     calibration_images: Annotated[int, typer.Option(min=1, help="int8 without --calibration: images to calibrate on.")] = 32,
     method: Annotated[str, typer.Option(help="int8 activation ranges: auto, minmax, moving_average, percentile, mse or entropy (ONNX).")] = "auto",
     scheme: Annotated[str, typer.Option(help="int8: static (weights and activations, calibrated ranges), dynamic (activation ranges per inference: executorch) or weight_only (float activations: coreml).")] = "static",
-    budget: Annotated[float | None, typer.Option(help="int8: keep the most sensitive layer groups in float until the mIoU drop, measured with each target's quantizer, is within POINTS.")] = None,
+    budget: Annotated[float | None, typer.Option(help="int8: keep the fewest layers in float that bring the mIoU drop, measured with each target's own quantizer on held-out calibration images, within POINTS.")] = None,
+    budget_granularity: Annotated[str, typer.Option(help="--budget: layer (whole layer groups first, then split into blocks and single layers, quantizing back every part the budget allows: ~20 measurements per float group) or group (the 4 stages and 2 decoder parts only: at most 7 measurements).")] = "layer",
     layers: Annotated[bool, typer.Option("--layers", help="Parity per stage too (verify --layers), recorded in the manifest.")] = False,
     outliers: Annotated[str, typer.Option(help="int8: activation-outlier handling before every target's quantizer: auto (what measurably lowers the int8 error on the calibration images), none, smoothquant, bias_correction or smoothquant+bias_correction.")] = "auto",
     as_json: JsonFlag = False,
@@ -143,6 +144,10 @@ def export(
     from segformer_edge.errors import SegformerEdgeError
     from segformer_edge.weights import load_pretrained
 
+    if budget_granularity not in ("layer", "group"):
+        raise typer.BadParameter(f"{budget_granularity}: choose layer or group", param_hint="--budget-granularity")
+    if budget_granularity != "layer" and budget is None:
+        raise typer.BadParameter("--budget-granularity applies to --budget", param_hint="--budget-granularity")
     names = _targets(target)
     path = resolve_checkpoint(checkpoint)
     model = load_pretrained(path)
@@ -151,11 +156,12 @@ def export(
                             layout=layout, dynamic=dynamic, image_input=image_input, target_options=_target_options(target_option))  # fmt: skip
     _plan_all(model, names, options, out, method, outliers, scheme)  # every target refuses what it cannot honour before any work
     quant = _quant_spec(model, path, options, data, calibration, calibration_images, method, budget, outliers, scheme)
+    search = None if budget is None else (budget, budget_granularity)
     rows = []
     with step_progress() as progress:
         for name in names:
             try:
-                rows.append(_export_one(model, path, name, options, quant, budget, out, data, verify, verify_images, progress,
+                rows.append(_export_one(model, path, name, options, quant, search, out, data, verify, verify_images, progress,
                                         layers))  # fmt: skip
             except SegformerEdgeError as exc:
                 if len(names) == 1:
@@ -181,7 +187,7 @@ def _plan_all(model: Any, names: list[str], options: Any, out: Path, method: str
         plan_export(model, name, options, out, quant, check_calibration=False)
 
 
-def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, budget: float | None, out: Path,
+def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, budget: tuple[float, str] | None, out: Path,
                 data: str | None, verify: bool, verify_images: int, progress: Any, layers: bool) -> dict[str, Any]:  # fmt: skip
     """Export one target and return its row (a failed parity is a row with exit code 1)."""
     import tempfile
@@ -191,9 +197,15 @@ def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, bud
 
     line = progress.line(f"{name} {options.precision}")
     if quant is not None and budget is not None:
-        line("sensitivity")
+        measured = [0]
+
+        def count(k: int) -> None:
+            measured[0] += k
+            line(f"budget search: {measured[0]} quantized models measured")
+
+        count(0)
         with tempfile.TemporaryDirectory() as tmp:
-            quant = budget_spec(model, name, options, quant, budget, Path(tmp))
+            quant = budget_spec(model, name, options, quant, budget[0], Path(tmp), progress=count, granularity=budget[1])
     try:
         artifact, report = export_artifact(model, name, replace(options), out, checkpoint=path, quant=quant,
                                            verify=verify, verify_data=data, verify_images=verify_images, on_step=line,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import flat, run_cli
@@ -140,7 +141,7 @@ def test_bias_correction_cancels_the_mean_weight_error(trained: SegFormer, calib
     assert float(after.abs().max()) < float(plain.abs().max()) / 100
 
 
-INT8_TARGETS = ["executorch", "tflite", "coreml"]  # onnx goes through the CLI below
+INT8_TARGETS = ["executorch", "tflite", "coreml", "openvino"]  # onnx goes through the CLI below; ethos-u apart
 
 
 @pytest.mark.parametrize("target", INT8_TARGETS)
@@ -165,6 +166,37 @@ def test_default_int8_survives_outliers_and_fails_without_handling(stressed, cal
                         verify_images=VERIFY_IMAGES, thresholds=STRICT)  # fmt: skip
     off = failed.value.report
     assert off["pixel_agreement"] < 0.99 or off["miou_drop_points"] > 1.0, off
+
+
+def test_ethos_u_quantizer_survives_outliers_and_fails_without_handling(stressed, calib: CalibrationSet, tmp_path: Path) -> None:
+    """The Ethos-U default int8 (its EthosUQuantizer graph, the numbers the Arm lowering takes) on verify's own
+    images and thresholds. The lowering itself (1-2 CPU minutes per export) is checked for parity in the TOSA
+    reference model by tests/test_ethos_u.py; here both outlier modes run the quantized graph in torch."""
+    from segformer_edge.converters.pipeline import float_labeler, open_verify_data, quantized_predictor
+    from segformer_edge.evaluate import ConfusionMatrix
+
+    model, _ = stressed
+    source, _, has_masks = open_verify_data(None, model)
+    assert has_masks
+    pairs = [source.load(i) for i in range(VERIFY_IMAGES)]
+    spec = InputSpec.for_model(model.meta, SIZE)
+    images, masks = map(np.stack, zip(*(spec.resize(image, mask) for image, mask in pairs), strict=True))  # (N, H, W, 3), (N, H, W)
+    labeler = float_labeler(model, SIZE)
+    reference = np.stack([labeler(image) for image in images])  # (N, H, W)
+
+    def figures(mode: str) -> tuple[float, float]:
+        pred = quantized_predictor(model, "ethos-u", ExportOptions(size=SIZE), QuantSpec(calibration=calib, outliers=mode), tmp_path)(images)
+        miou = []
+        for labels in (reference, pred):
+            cm = ConfusionMatrix(8)
+            cm.update(labels, masks)
+            miou.append(cm.metrics()["miou"])
+        return float((pred == reference).mean()), 100 * (miou[0] - miou[1])
+
+    agreement, drop = figures("auto")
+    assert agreement >= STRICT.pixel_agreement and drop <= STRICT.miou_drop, (agreement, drop)
+    agreement, drop = figures("none")
+    assert agreement < STRICT.pixel_agreement or drop > STRICT.miou_drop, (agreement, drop)
 
 
 def test_cli_default_int8_survives_outliers_onnx(stressed, calib: CalibrationSet, tmp_path: Path, capsys) -> None:

@@ -17,8 +17,13 @@ if TYPE_CHECKING:
 
 __all__ = ["LAYER_GROUPS", "METHODS", "OUTLIER_MODES", "SCHEMES", "WRAPPER", "QuantSpec", "group_of", "module_names", "within"]
 
-METHODS = ("auto", "minmax", "moving_average", "percentile", "mse", "entropy")
+METHODS = ("auto", "minmax", "moving_average", "percentile", "mse")
 SCHEMES = ("static", "dynamic", "weight_only")
+# ORT's quantize_static cannot set its Entropy calibrator's bins, and their defaults leave the KL search one
+# candidate (tests/test_int8.py showed its scales equal to MinMax's on every tensor): refused, not mislabelled.
+ENTROPY_REFUSED = ("--method entropy: ONNX Runtime's quantize_static searches KL thresholds on 128 histogram bins for 128 "
+                   "levels, which leaves one candidate, the full range: it is minmax. Use minmax, percentile (clips "
+                   "outliers) or mse (PT2E targets, OpenVINO)")  # fmt: skip
 # Outlier handling before any target's quantizer (see .outliers; kept here so that the spec needs no torch).
 OUTLIER_MODES = ("auto", "none", "smoothquant", "bias_correction", "smoothquant+bias_correction")
 
@@ -71,8 +76,8 @@ class QuantSpec:
             (int8 weights; activations quantized with each inference's own min/max) or ``weight_only`` (int8 or
             palettized weights, float activations). Each target lists the schemes it has (``quant_schemes``).
         method: Activation range estimator: ``minmax``, ``moving_average``, ``percentile`` (99.99%),
-            ``mse`` (histogram search for the least L2 error), ``entropy`` (KL, ONNX Runtime's) or ``auto``
-            (each target's best: ``mse`` for PT2E quantizers, ``entropy`` for ONNX Runtime). The manifest
+            ``mse`` (histogram search for the least L2 error) or ``auto`` (each target's default: ``mse`` for PT2E
+            quantizers and NNCF, ``minmax`` for ONNX Runtime). No ``entropy``: see :data:`ENTROPY_REFUSED`. The manifest
             records the method a target used.
         weights: Weight granularity, ``per_channel`` or ``per_tensor`` (symmetric int8).
         float_groups: What stays float: layer groups (see :data:`LAYER_GROUPS`) or single modules by their path in
@@ -97,6 +102,8 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ExportError(f"quantization scheme {self.scheme!r}: choose one of {', '.join(SCHEMES)}")
+        if self.method == "entropy":
+            raise ExportError(ENTROPY_REFUSED)
         if self.method not in METHODS:
             raise ExportError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
         if self.weights not in ("per_channel", "per_tensor"):

@@ -49,10 +49,10 @@ class OnnxTarget(Target):
     summary = "ONNX (dynamo exporter), run by ONNX Runtime (x86 and Arm CPUs, any ORT provider)"
     precisions = ("fp32", "fp16", "int8")
     features = EDGE_FEATURES | {"dynamic", "taps"}
-    quant_methods = ("minmax", "moving_average", "percentile", "entropy")  # ONNX Runtime's calibrators
+    quant_methods = ("minmax", "moving_average", "percentile")  # ONNX Runtime's calibrators (entropy: see QuantSpec)
     # S8S8 (int8 activations and weights, ORT's default for QDQ) or U8S8 (uint8 activations, int8 weights).
     options: ClassVar[dict[str, tuple[str, ...]]] = {"activations": ("int8", "uint8")}
-    default_method = "entropy"
+    default_method = "minmax"
     tools = ("onnx", "onnxruntime", "onnxscript")
     runtime_modules = ("onnxruntime",)
     extra = "runtime"
@@ -116,7 +116,6 @@ class OnnxTarget(Target):
             "minmax": (CalibrationMethod.MinMax, {}),
             "moving_average": (CalibrationMethod.MinMax, {"CalibMovingAverage": True}),
             "percentile": (CalibrationMethod.Percentile, {"CalibPercentile": 99.99}),
-            "entropy": (CalibrationMethod.Entropy, {}),
         }
         method, extra = methods[quant.method]
         used_method = method.name + (" (moving average)" if extra.get("CalibMovingAverage") else "")

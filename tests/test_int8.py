@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, folder_snapshot, run_cli
+from conftest import TINY, flat, folder_snapshot, run_cli
 from segformer_edge.calibration.calibset import CalibrationSet, select_calibration_set
 from segformer_edge.calibration.spec import LAYER_GROUPS, QuantSpec
 from segformer_edge.converters.base import ExportOptions
 from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, quantized_predictor
 
 from segformer_edge import save_checkpoint
-from segformer_edge.errors import DataError
+from segformer_edge.errors import DataError, ExportError
 from segformer_edge.model import SegFormer, SegFormerConfig
 
 SIZE = (64, 64)
@@ -40,11 +40,11 @@ def test_int8_parity_per_target(trained, calib: CalibrationSet, tmp_path: Path, 
     q = artifact.manifest["quantization"]
     assert q["calibration"]["sha256"] == calib.sha256 and q["calibration"]["images"] == 16
     # "auto" is resolved to what the target's quantizer really used, and the manifest says which.
-    assert q["method"] == ("entropy" if target == "onnx" else "mse")
+    assert q["method"] == ("minmax" if target == "onnx" else "mse")
     # ... and what ran says the same: ONNX Runtime's calibrator, NNCF's range estimator, or the observers found in
     # the prepared PT2E graph.
     if target == "onnx":
-        assert q["applied"]["calibrate_method"] == "Entropy", q["applied"]
+        assert q["applied"]["calibrate_method"] == "MinMax", q["applied"]
     elif target == "openvino":
         assert q["applied"]["nncf"]["range_estimator"].startswith("HISTOGRAM"), q["applied"]
     else:
@@ -90,6 +90,17 @@ def test_float_groups_are_honoured_inside_each_artifact(trained, calib: Calibrat
         weights = artifact.manifest["tflite"]["weights"]
         assert weights.get("float32", 0) > 0 and weights.get("int8", 0) > 0, weights
     assert report["passed"]
+
+
+def test_method_entropy_is_refused_with_the_reason(trained, tmp_path: Path, capsys) -> None:
+    """ORT's Entropy through quantize_static (128 bins for 128 levels: one candidate range) gave MinMax's scales on
+    every tensor, while the manifest said Entropy: the method is refused, with why, instead of mislabelled."""
+    _, ckpt = trained
+    with pytest.raises(ExportError, match="it is minmax"):
+        QuantSpec(method="entropy")
+    code, _, err = run_cli(["export", ckpt, "--target", "onnx", "--precision", "int8", "--method", "entropy", "--size", "64", "64",
+                            "--out", tmp_path / "e"], capsys)  # fmt: skip
+    assert code == 2 and "it is minmax" in flat(err) and not (tmp_path / "e").exists(), err
 
 
 def test_calibration_covers_classes_and_round_trips(calib: CalibrationSet, tmp_path: Path) -> None:

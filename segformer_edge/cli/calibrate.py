@@ -35,7 +35,7 @@ def calibrate(
     checkpoint: CheckpointArgument = None,
     data: Annotated[str | None, typer.Option(help="A photo folder or glob, a dataset folder, or synthetic[:N] (default: synthetic, for the built-in model only).")] = None,
     num_images: Annotated[int, typer.Option(min=1, help="Calibration images.")] = 32,
-    method: Annotated[str, typer.Option(help="Recorded activation method: auto, minmax, moving_average, percentile, mse or entropy.")] = "auto",
+    method: Annotated[str, typer.Option(help="Recorded activation method: auto, minmax, moving_average, percentile or mse.")] = "auto",
     size: SizeOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the candidate pool.")] = 0,
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Rank layer groups by INT8 sensitivity.")] = False,

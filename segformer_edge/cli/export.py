@@ -132,7 +132,7 @@ def export(
     verify_images: Annotated[int, typer.Option(min=1, help="Images for the parity check.")] = 4,
     calibration: Annotated[Path | None, typer.Option(help="int8: a folder from segformer-edge calibrate (default: calibrate now on --data).")] = None,
     calibration_images: Annotated[int, typer.Option(min=1, help="int8 without --calibration: images to calibrate on.")] = 32,
-    method: Annotated[str, typer.Option(help="int8 activation ranges: auto, minmax, moving_average, percentile, mse or entropy (ONNX).")] = "auto",
+    method: Annotated[str, typer.Option(help="int8 activation ranges: auto (each target's default), minmax, moving_average, percentile or mse (PT2E targets, OpenVINO).")] = "auto",
     scheme: Annotated[str, typer.Option(help="int8: static (weights and activations, calibrated ranges), dynamic (activation ranges per inference: executorch) or weight_only (float activations: coreml).")] = "static",
     budget: Annotated[float | None, typer.Option(help="int8: keep the fewest layers in float that bring the mIoU drop, measured with each target's own quantizer on held-out calibration images, within POINTS.")] = None,
     budget_granularity: Annotated[str, typer.Option(help="--budget: layer (whole layer groups first, then split into blocks and single layers, quantizing back every part the budget allows: ~20 measurements per float group) or group (the 4 stages and 2 decoder parts only: at most 7 measurements).")] = "layer",

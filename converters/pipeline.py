@@ -663,7 +663,12 @@ def quantized_predictor(model: Any, target_name: str, options: ExportOptions, qu
         return predict
     artifact, _ = export_artifact(model, target_name, options, workdir, quant=quant, verify=False)
     runner = plan.target.load(artifact)
-    return lambda images: upsampled_argmax(np.asarray(runner(plan.input(images)), np.float32), (h, w))
+
+    def run(images: np.ndarray) -> np.ndarray:  # the artifact takes one image at a time (static batch 1)
+        logits = [np.asarray(runner(plan.input(images[i : i + 1])), np.float32) for i in range(len(images))]
+        return upsampled_argmax(np.concatenate(logits), (h, w))
+
+    return run
 
 
 # -------------------------------------------------------------------------------------------------

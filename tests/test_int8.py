@@ -138,7 +138,7 @@ def test_sensitivity_and_budget(trained, calib: CalibrationSet, tmp_path: Path) 
     # Outliers without their handling: an int8 drop of several points, so the budget has to keep layers float.
     model = inject_outliers(trained[0], (100.0, 60.0, 30.0))
     labeler = float_labeler(model, SIZE)
-    quant = QuantSpec(method="mse", calibration=calib, outliers="none")
+    quant = QuantSpec(method="minmax", calibration=calib, outliers="none")
     make = lambda q: quantized_predictor(model, "executorch", ExportOptions(size=SIZE), q, tmp_path)
     with reuse_exports():
         report = analyse(calib, quant, make, lambda ims: np.stack([labeler(im) for im in ims]), 8, target="executorch")

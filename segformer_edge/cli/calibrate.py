@@ -41,7 +41,7 @@ def calibrate(
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Rank layer groups by INT8 sensitivity.")] = False,
     target: Annotated[str | None, typer.Option("--target", "-t", help="Whose quantizer --sensitivity measures with (default: the first registered target with int8).")] = None,
     outliers: Annotated[str, typer.Option(help="--sensitivity: the activation-outlier handling to measure with (as export --outliers): auto, none, smoothquant, bias_correction or smoothquant+bias_correction.")] = "auto",
-    granularity: Annotated[str, typer.Option(help="--sensitivity: group (each layer group quantized alone, 6 measurements) or layer (each Linear and Conv2d kept float alone with the rest int8: one measurement per layer, 75 for b0).")] = "group",
+    granularity: Annotated[str, typer.Option(help="--sensitivity: group (each layer group quantized alone, 6 measurements) or layer (each Linear and Conv2d kept float alone with the rest int8: one measurement per layer (72 for b0) and one with every layer int8).")] = "group",
     groups: Annotated[str | None, typer.Option(help="--granularity layer: only the layers of these layer groups, comma-separated (stage1..stage4, decoder.mlp, decoder.head): drill into the groups a group-level run showed sensitive.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration folder.")] = Path("calibration"),
 ) -> None:

@@ -135,7 +135,7 @@ def export(
     method: Annotated[str, typer.Option(help="int8 activation ranges: auto (each target's default), minmax, moving_average, percentile or mse (PT2E targets, OpenVINO).")] = "auto",
     scheme: Annotated[str, typer.Option(help="int8: static (weights and activations, calibrated ranges), dynamic (activation ranges per inference: executorch) or weight_only (float activations: coreml).")] = "static",
     budget: Annotated[float | None, typer.Option(help="int8: keep the fewest layers in float that bring the mIoU drop, measured with each target's own quantizer on held-out calibration images, within POINTS.")] = None,
-    budget_granularity: Annotated[str, typer.Option(help="--budget: layer (whole layer groups first, then split into blocks and single layers, quantizing back every part the budget allows: ~20 measurements per float group) or group (the 4 stages and 2 decoder parts only: at most 7 measurements).")] = "layer",
+    budget_granularity: Annotated[str, typer.Option(help="--budget: layer (whole layer groups first, then split into blocks and single layers, quantizing back every part the budget allows: more measurements, see benchmarks/BUDGET.md) or group (the 4 stages and 2 decoder parts only: at most 12 quantized models measured).")] = "layer",
     layers: Annotated[bool, typer.Option("--layers", help="Parity per stage too (verify --layers), recorded in the manifest.")] = False,
     outliers: Annotated[str, typer.Option(help="int8: activation-outlier handling before every target's quantizer: auto (what measurably lowers the int8 error on the calibration images), none, smoothquant, bias_correction or smoothquant+bias_correction.")] = "auto",
     as_json: JsonFlag = False,

@@ -138,27 +138,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     return trainer.model.eval(), root / "run" / "final.safetensors"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_thread_per_worker():  # type: ignore[no-untyped-def]
-    """Under pytest-xdist (README's `-n 2`, one worker per core): one torch thread per worker, and one OpenMP
-    thread for the processes tests start: two workers with a thread per core each spin-wait on each other's
-    cores, and tiny models gain nothing from a second thread."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        yield
-        return
-    import torch
-
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if omp is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = omp
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread():  # type: ignore[no-untyped-def]
     """One torch intra-op thread for a module of tiny models (64x64): they gain nothing from more, and on the

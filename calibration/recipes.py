@@ -199,7 +199,7 @@ _EXPORTS: dict[tuple[Any, ...], torch.fx.GraphModule] | None = None  # see reuse
 def reuse_exports() -> Iterator[None]:
     """Within this block, :func:`pt2e_quantize` traces each distinct float module once: a sensitivity analysis
     or ``--budget`` search quantizes the same model dozens of times with different float-kept layers, and
-    torch.export is 60% of each (b0 at 64x64: 2.5 of 4.2 s)."""
+    torch.export is 60% of each (the tiny test model at 64x64: 2.5 of 4.2 s)."""
     global _EXPORTS
     outer, _EXPORTS = _EXPORTS, {}
     try:

@@ -12,7 +12,7 @@ mask is also compared pixel for pixel with the exact mask on the same images.
 Writes benchmarks/mask.json, benchmarks/MASK.md (from the JSON alone) and segformer_edge/assets/mask_outputs.json
 (the figures ``export --help`` quotes).
 
-    python benchmarks/mask.py [--size 512] [--targets executorch,tflite,onnx,openvino] [--rounds 2] [--runs 10]
+    python benchmarks/mask.py [--size 512] [--targets executorch,tflite,onnx,openvino] [--rounds 2] [--runs 10] [--models 1]
     python benchmarks/mask.py --render
 """
 
@@ -69,6 +69,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     work = Path(args.work)
     size = (args.size, args.size)
+    stored = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else None
     record: dict[str, Any] = {"date": str(datetime.date.today()), "machine": machine_info(), "size": list(size),
                               "threads": args.threads, "rounds": args.rounds, "runs": args.runs,
                               "versions": {"torch": torch.__version__}, "models": []}  # fmt: skip
@@ -107,7 +108,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for row in rows:
             t = by_path.get(row["artifact"], {})
             row["p50_ms"], row["speedup_vs_torch"] = t.get("p50_ms"), t.get("speedup_vs_torch")
-        record["models"].append({"name": m["name"], "torch_p50_ms": eager.get("p50_ms"), "rows": rows})
+        record["models"].append({"name": m["name"], "date": record["date"], "torch_p50_ms": eager.get("p50_ms"), "rows": rows})
+        JSON_PATH.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    # --models 1 re-measures the first model only: the stored sections of the others stay, each with its own date.
+    if args.models < 2 and stored:
+        kept = [dict(m, date=m.get("date", stored["date"])) for m in stored["models"][args.models :]]
+        record["models"] += kept
         JSON_PATH.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
 
@@ -125,7 +131,8 @@ def render(record: dict[str, Any]) -> None:
              "logits artifact's p50, minus one.", ""]  # fmt: skip
     summary = []
     for m in record["models"]:
-        lines += [f"## {m['name']}", "", f"torch eager fp32 (logits): {m['torch_p50_ms']:.1f} ms p50." if m["torch_p50_ms"] else "", "",
+        when = f" Measured {m['date']}." if m.get("date", record["date"]) != record["date"] else ""
+        lines += [f"## {m['name']}", "", (f"torch eager fp32 (logits): {m['torch_p50_ms']:.1f} ms p50." if m["torch_p50_ms"] else "") + when, "",
                   "| target | output | p50 ms | vs torch | cost over logits | agreement | vs exact | passed |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in m["rows"]:

@@ -15,7 +15,7 @@ from segformer_edge.errors import ExportError
 if TYPE_CHECKING:
     from .calibset import CalibrationSet
 
-__all__ = ["LAYER_GROUPS", "METHODS", "OUTLIER_MODES", "SCHEMES", "WRAPPER", "QuantSpec", "group_of", "module_names", "within"]
+__all__ = ["FLOAT_EDGES", "LAYER_GROUPS", "METHODS", "OUTLIER_MODES", "SCHEMES", "WRAPPER", "QuantSpec", "group_of", "module_names", "within"]
 
 METHODS = ("auto", "minmax", "moving_average", "percentile", "mse")
 SCHEMES = ("static", "dynamic", "weight_only")
@@ -39,6 +39,9 @@ LAYER_GROUPS: dict[str, tuple[str, ...]] = {
 
 
 WRAPPER = "model."  # the SegFormer's module paths inside the export wrapper start with this
+# Graph edges after the network that every quantizer leaves float: the candidate mask's blend and its labels
+# (converters/graph.py, CandidateMask) compute on the dequantized logits, as the float model's mask does.
+FLOAT_EDGES = ("mask_head",)
 
 
 def module_names(entries: tuple[str, ...] | list[str]) -> list[str]:
@@ -126,7 +129,7 @@ class QuantSpec:
     def keeps_float(self, module_path: str) -> bool:
         """Whether an op traced in ``module_path`` (inside the export wrapper) stays float: the one test every
         target's quantizer applies, so that a group, a block or a single layer is honoured alike."""
-        return bool(self.float_groups) and within(module_path, self.float_modules)
+        return within(module_path, FLOAT_EDGES) or (bool(self.float_groups) and within(module_path, self.float_modules))
 
     def only(self, groups: list[str] | tuple[str, ...]) -> QuantSpec:
         """The same recipe with only ``groups`` quantized (every other group in float)."""

@@ -20,19 +20,21 @@ from .base import TAPS
 __all__ = [
     "MASK_CANDIDATES",
     "TAPS",
+    "CandidateMask",
     "DecomposedLayerNorm",
     "EdgeModule",
-    "candidate_argmax",
-    "candidate_mix",
-    "mask_method",
     "RowSplitAttention",
+    "candidate_argmax",
+    "candidate_base",
+    "candidate_mix",
     "decompose_layer_norms",
     "fold_batch_norm",
+    "mask_method",
     "split_single_head_attention",
 ]
 
 
-MASK_CANDIDATES = 2  # classes taken from each of a pixel's four low-resolution neighbours
+MASK_CANDIDATES = 2  # classes taken from each of a pixel's four low-resolution neighbours (its top two)
 
 
 def mask_method(output: str, mask_size: str, size: tuple[int, int], dynamic: bool) -> str | None:
@@ -47,9 +49,9 @@ def mask_method(output: str, mask_size: str, size: tuple[int, int], dynamic: boo
     return "candidates" if not dynamic and h % 4 == 0 and w % 4 == 0 else "exact"
 
 
-def candidate_mix(topk: int = MASK_CANDIDATES) -> Tensor:
-    """The fixed 1x1-convolution weights of :func:`candidate_argmax` for ``topk`` classes per neighbour:
-    (16 sub-pixels x 4t candidates, 4 corners x 4t candidates, 1, 1), candidate-major on both sides.
+def candidate_mix() -> Tensor:
+    """The bilinear weights of a 4x upsampling inside one cell between four low-resolution pixels:
+    (4 corners, 16 sub-pixels), corners (0,0), (0,1), (1,0), (1,1), sub-pixels row-major.
 
     Output row ``4c - 2 + r`` (r = 0..3) lies in cell c (between padded rows c and c+1) at the fraction
     ``(r + 0.5) / 4`` of it (``align_corners=False``); the same holds for columns. Made once, outside the
@@ -58,56 +60,114 @@ def candidate_mix(topk: int = MASK_CANDIDATES) -> Tensor:
     frac = (torch.arange(4, dtype=torch.float64) + 0.5) / 4  # (4,)
     along = torch.stack([1 - frac, frac], dim=1)  # (4 sub-rows, 2 corner rows)
     weights = torch.einsum("ya,xc->yxac", along, along).reshape(16, 4)  # (16 sub-pixels, 4 corners)
-    n = 4 * topk
-    mix = torch.einsum("pi,jl->jpil", weights, torch.eye(n, dtype=torch.float64))  # (n, 16, 4, n)
-    return mix.reshape(n * 16, 4 * n, 1, 1).float()
+    return weights.t().contiguous().float()  # (4 corners, 16 sub-pixels)
 
 
-def _replicate_pad(x: Tensor) -> Tensor:
-    """(B, K, h, w) -> (B, K, h+2, w+2), edges repeated once (concatenation: every runtime has it)."""
-    x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], dim=2)  # (B, K, h+2, w)
-    return torch.cat([x[:, :, :, :1], x, x[:, :, :, -1:]], dim=3)  # (B, K, h+2, w+2)
+def candidate_base(num_classes: int, h: int, w: int, batch: int = 1) -> Tensor:
+    """(B, h, w, 1) int64: where each low-resolution pixel's K logits start in the flattened (B, h, w, K) logits,
+    the offsets :func:`candidate_argmax`'s lookup adds to class indices. A constant made outside the graph, for
+    the same reason as :func:`candidate_mix`."""
+    return (torch.arange(batch * h * w, dtype=torch.int64) * num_classes).reshape(batch, h, w, 1)
 
 
-def candidate_argmax(logits: Tensor, mix: Tensor) -> Tensor:
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
+_OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # a pixel's 3x3 neighbourhood, row-major
+
+
+def _replicate_pad(x: Tensor, dims: tuple[int, int]) -> Tensor:
+    """Edges repeated once along the two spatial ``dims`` (concatenation: every runtime has it)."""
+    for d in dims:
+        n = x.shape[d]
+        x = torch.cat([x.narrow(d, 0, 1), x, x.narrow(d, n - 1, 1)], dim=d)
+    return x
+
+
+def _shift_offsets(g: Tensor, axis: int, shift: int, topk: int) -> Tensor:
+    """(B, n, m, 9t) -> the same with each neighbour offset moved by ``shift`` (-1 or +1) along ``axis`` (0: rows,
+    1: columns): the value a replicate-padded border pixel holds for offset o is its inner twin's for o + shift
+    (an offset pushed out of range holds any value: no cell reads it)."""
+    b, n, m, _ = (int(d) for d in g.shape)
+    v = g.reshape(b, n * m, 3, 3 * topk) if axis == 0 else g.reshape(b, n * m * 3, 3, topk)  # offsets along dim 2
+    v = torch.cat([v[:, :, :1], v[:, :, :2]], dim=2) if shift < 0 else torch.cat([v[:, :, 1:], v[:, :, 2:]], dim=2)
+    return v.reshape(b, n, m, 9 * topk)
+
+
+def candidate_argmax(logits: Tensor, mix: Tensor, base: Tensor, topk: int = MASK_CANDIDATES) -> Tensor:
     """``argmax(interpolate(logits, scale_factor=4, mode="bilinear"))`` without upsampling the K class maps.
 
-    Bilinear upsampling blends each output pixel from its four low-resolution neighbours, and the blend's
-    argmax lies (almost always) among the neighbours' own top classes. So each cell between four neighbours
-    takes their top classes as candidates, gathers those classes' logits at the four corners (at low
-    resolution), blends them with the 16 fixed bilinear weights of a 4x upsampling (``mix``, from
-    :func:`candidate_mix`), and picks the best candidate per output pixel. The work is a few gathers and a
-    small 1x1 mix at 1/4 resolution, against K full-resolution maps: the cost no longer grows with K.
+    Bilinear upsampling blends each output pixel from its four low-resolution neighbours. Where the four share
+    their top class the blend's argmax is that class, exactly (weights >= 0); elsewhere it lies almost always
+    among the neighbours' top classes. So each cell between four neighbours takes their ``topk`` classes as
+    candidates, blends the candidates' logits at the four corners with the 16 fixed bilinear weights of a 4x
+    upsampling (``mix``), and keeps the best candidate per output pixel.
 
-    Border pixels follow ``align_corners=False`` exactly: replicate padding by one low-resolution pixel
-    gives the clamped source indices. Where the blend's winner is not a candidate the label differs from
-    the exact argmax; benchmarks/MASK.md measures how often (verify measures it on the user's images).
+    Laid out for the runtimes' fast paths: the classes on the last (contiguous) axis, one top-class pass and one
+    lookup over the K classes at 1/4 resolution (each pixel's logits at its 3x3 neighbours' top classes, as an
+    embedding lookup in the flattened logits: LiteRT's EMBEDDING_LOOKUP, where torch.gather becomes a GATHER_ND
+    three times slower), and
+    every full-resolution step (the blend, the pairwise pick of the best candidate as max/clamp arithmetic, the
+    pixel shuffle) an op XNNPACK and LiteRT delegate. The tail always computes in float32 (an fp16 graph's
+    half-precision logits are widened first). Borders follow ``align_corners=False`` exactly: replicate padding
+    by one pixel gives the clamped source indices. Where the blend's winner is no candidate the label differs
+    from the exact argmax; benchmarks/MASK.md measures how often (verify measures it on the user's images).
 
     Args:
         logits: (B, K, h, w) float.
-        mix: ``candidate_mix(topk)``; topk = ``mix.shape[1] // 16``.
+        mix: :func:`candidate_mix`, (4, 16).
+        base: :func:`candidate_base` for these logits' shape.
+        topk: candidate classes per neighbour (K: every class, the exact argmax).
 
     Returns:
         (B, 4h, 4w) int32 labels.
     """
     b, k, h, w = (int(d) for d in logits.shape)  # static (the candidate mask is made for static sizes only)
-    n = mix.shape[1] // 4  # 4 * topk candidates per cell
-    topk = n // 4
-    padded = _replicate_pad(logits)  # (B, K, h+2, w+2)
-    top = padded.topk(topk, dim=1).indices if topk > 1 else padded.argmax(dim=1, keepdim=True)  # (B, t, h+2, w+2)
-    corners = [(0, 0), (0, 1), (1, 0), (1, 1)]
-    # The 4t candidate classes of each of the (h+1) x (w+1) cells: its corners' top classes.
-    cand = torch.cat([top[:, :, a : a + h + 1, c : c + w + 1] for a, c in corners], dim=1)  # (B, 4t, h+1, w+1)
-    # Each candidate's logit at each corner of its cell.
-    # The index is placed at each corner's offset in the padded grid and the result sliced: a gather whose
-    # data is itself a slice is mis-read by OpenVINO's TorchScript frontend (it gathers from the whole tensor).
-    gathered = torch.cat([torch.gather(padded, 1, F.pad(cand.float(), (c, 1 - c, a, 1 - a)).long())[:, :, a : a + h + 1, c : c + w + 1]
-                          for a, c in corners], dim=1)  # (B, 4 corners x 4t, h+1, w+1)  # fmt: skip
-    scores = F.conv2d(gathered, mix)  # (B, 4t x 16 sub-pixels, h+1, w+1), candidate-major
-    best = scores.reshape(b, n, 16, h + 1, w + 1).argmax(dim=1)  # (B, 16, h+1, w+1): the winning candidate
-    labels = torch.gather(cand, 1, best).float()  # (B, 16, h+1, w+1)
-    full = F.pixel_shuffle(labels, 4)[:, 0]  # (B, 4h+4, 4w+4): cell c's sub-pixels at rows 4c..4c+3
+    t = topk
+    x = logits.float().permute(0, 2, 3, 1)  # (B, h, w, K): classes contiguous
+    top = x.topk(t, dim=-1).indices if t > 1 else x.argmax(dim=-1, keepdim=True)  # (B, h, w, t)
+    top_pad = _replicate_pad(top, (1, 2))  # (B, h+2, w+2, t)
+    # Each pixel's logits at the top classes of its 3x3 neighbourhood (in the padded grid): one gather.
+    around = torch.cat([top_pad[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in _OFFSETS], dim=-1)  # (B, h, w, 9t)
+    g = F.embedding(around + base, x.reshape(b * h * w * k, 1))[..., 0]  # (B, h, w, 9t): g[q, o, s] = L(q, top(q + o)[s])
+    # The padded grid: a border pixel repeats its inner twin, whose neighbour offsets lie one step further in.
+    g = torch.cat([_shift_offsets(g[:, :1], 0, -1, t), g, _shift_offsets(g[:, -1:], 0, 1, t)], dim=1)  # (B, h+2, w, 9t)
+    g = torch.cat([_shift_offsets(g[:, :, :1], 1, -1, t), g, _shift_offsets(g[:, :, -1:], 1, 1, t)], dim=2)  # (B, h+2, w+2, 9t)
+    labels_pad = top_pad.float()  # (B, h+2, w+2, t): class indices as exact small floats
+    scores, labels = [], []
+    for aj, cj in _CORNERS:  # the candidates: corner j's top classes
+        for s in range(t):
+            # Candidate (j, s)'s logit at each corner i of every cell: corner i's gather at offset j - i.
+            at = [g[:, ai : ai + h + 1, ci : ci + w + 1, (c := _OFFSETS.index((aj - ai, cj - ci)) * t + s) : c + 1] for ai, ci in _CORNERS]
+            scores.append(torch.cat(at, dim=-1) @ mix.float())  # (B, h+1, w+1, 4 corners) @ (4, 16) -> (B, h+1, w+1, 16)
+            labels.append(labels_pad[:, aj : aj + h + 1, cj : cj + w + 1, s : s + 1])  # (B, h+1, w+1, 1)
+    # Pairwise knock-out: the first of two equal scores wins, as argmax's first index does.
+    while len(scores) > 1:
+        next_scores, next_labels = [], []
+        for i in range(0, len(scores) - 1, 2):
+            a, c = scores[i], scores[i + 1]
+            first = ((a - c) * 1e30 + 1.0).clamp(0.0, 1.0)  # 1 where a >= c, else 0 (a - c is never below 1e-30 yet nonzero)
+            next_scores.append(torch.maximum(a, c))
+            next_labels.append(labels[i + 1] + first * (labels[i] - labels[i + 1]))  # (B, h+1, w+1, 16)
+        if len(scores) % 2:
+            next_scores.append(scores[-1])
+            next_labels.append(labels[-1])
+        scores, labels = next_scores, next_labels
+    full = labels[0].reshape(b, h + 1, w + 1, 4, 4).permute(0, 1, 3, 2, 4).reshape(b, 4 * h + 4, 4 * w + 4)  # cell c: rows 4c..4c+3
     return full[:, 2 : 2 + 4 * h, 2 : 2 + 4 * w].to(torch.int32)  # (B, 4h, 4w)
+
+
+class CandidateMask(nn.Module):
+    """The full-size mask of :func:`candidate_argmax` as a module of its own (``EdgeModule.mask_head``): its
+    constants travel as buffers, and its ops carry the module path the quantizers keep float
+    (:data:`segformer_edge.calibration.spec.FLOAT_EDGES`): labels and the blend are not numbers to quantize."""
+
+    def __init__(self, num_classes: int, size: tuple[int, int]) -> None:
+        super().__init__()
+        h, w = size[0] // 4, size[1] // 4  # the logits' size (static wherever the candidate mask is made)
+        self.register_buffer("mix", candidate_mix(), persistent=False)
+        self.register_buffer("base", candidate_base(num_classes, h, w), persistent=False)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return candidate_argmax(logits, self.mix, self.base)  # (B, K, h, w) -> (B, 4h, 4w)
 
 
 class EdgeModule(nn.Module):
@@ -132,7 +192,7 @@ class EdgeModule(nn.Module):
         # (x - mean) / std as one multiply-add: x * (1 / std) + (-mean / std).
         self.register_buffer("in_scale", 1.0 / std, persistent=False)
         self.register_buffer("in_shift", -mean / std, persistent=False)
-        self.register_buffer("mask_mix", candidate_mix() if self.mask == "candidates" else None, persistent=False)
+        self.mask_head = CandidateMask(model.config.num_classes, spec.size) if self.mask == "candidates" else None
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         if self.nhwc:
@@ -151,7 +211,7 @@ class EdgeModule(nn.Module):
         elif self.mask == "quarter":
             out = logits.argmax(dim=1).to(torch.int32)  # (B, H/4, W/4)
         elif self.mask == "candidates":
-            out = candidate_argmax(logits, self.mask_mix)  # (B, H, W)
+            out = self.mask_head(logits)  # (B, H, W)
         elif self.mask == "exact":
             up = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
             out = up.argmax(dim=1).to(torch.int32)  # (B, H, W)

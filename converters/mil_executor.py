@@ -66,7 +66,7 @@ class MilProgram:
         spec = model_pb2.Model()
         try:
             spec.ParseFromString((data / "model.mlmodel").read_bytes())
-        except Exception as exc:  # noqa: BLE001 - any parse failure is a damaged package
+        except Exception as exc:
             raise SegformerEdgeError(f"{self.package}: not a readable Core ML package ({exc})") from exc
         if spec.WhichOneof("Type") != "mlProgram":
             raise SegformerEdgeError(f"{self.package}: not an ML program (neural-network models are not supported)")
@@ -120,7 +120,7 @@ class MilProgram:
     def io_dtypes(self) -> dict[str, list[str]]:
         """The dtypes of the program's inputs and outputs."""
         produced = {out.name: out.type for op in self.block.operations for out in op.outputs}
-        name = lambda value_type: self._mil.DataType.Name(value_type.tensorType.dataType).lower()  # noqa: E731
+        name = lambda value_type: self._mil.DataType.Name(value_type.tensorType.dataType).lower()
         function = self.spec.mlProgram.functions["main"]
         return {"inputs": [name(i.type) for i in function.inputs], "outputs": [name(produced[o]) for o in self.outputs if o in produced]}
 
@@ -235,6 +235,13 @@ def _erf(x: np.ndarray) -> np.ndarray:
     t = 1.0 / (1.0 + 0.3275911 * np.abs(x64))
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
     return (np.sign(x64) * (1.0 - poly * np.exp(-x64 * x64))).astype(np.float32)
+
+
+def _gather(x: Any, indices: Any, axis: int = 0, batch_dims: int = 0, validate_indices: bool = False) -> np.ndarray:
+    """MIL gather: ``x``'s slices at ``indices`` along ``axis`` (an embedding lookup)."""
+    if int(batch_dims) != 0:
+        raise UnsupportedOpError(f"gather with batch_dims={batch_dims}")
+    return np.take(np.asarray(x), np.asarray(indices).astype(np.int64), axis=int(axis))
 
 
 def _conv(x, weight, bias=None, strides=(1, 1), pad_type="valid", pad=(0, 0, 0, 0), dilations=(1, 1), groups=1):  # type: ignore[no-untyped-def]
@@ -448,6 +455,17 @@ _KERNELS: dict[str, Callable[..., Any]] = {
     "topk": _topk,
     "pad": _pad,
     "pixel_shuffle": _pixel_shuffle,
+    "gather": _gather,
+    "greater_equal": lambda x, y: np.greater_equal(x, y),
+    "greater": lambda x, y: np.greater(x, y),
+    "less_equal": lambda x, y: np.less_equal(x, y),
+    "less": lambda x, y: np.less(x, y),
+    "equal": lambda x, y: np.equal(x, y),
+    "not_equal": lambda x, y: np.not_equal(x, y),
+    "logical_and": lambda x, y: np.logical_and(x, y),
+    "logical_or": lambda x, y: np.logical_or(x, y),
+    "logical_not": lambda x: np.logical_not(x),
+    "select": lambda cond, a, b: np.where(cond, a, b),
     "gather_along_axis": lambda x, indices, axis=0, validate_indices=False: np.take_along_axis(
         np.asarray(x), np.asarray(indices).astype(np.int64), axis=int(axis)
     ),

@@ -189,8 +189,8 @@ def read_back(path: Path) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(path))
-    elem = lambda t: onnx.helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type).name  # noqa: E731
-    dims = lambda t: [d.dim_param or d.dim_value for d in t.tensor_type.shape.dim]  # noqa: E731
+    elem = lambda t: onnx.helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type).name
+    dims = lambda t: [d.dim_param or d.dim_value for d in t.tensor_type.shape.dim]
     initializers: dict[str, int] = {}
     for init in model.graph.initializer:
         name = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
@@ -256,16 +256,18 @@ def _node_group(node: Any) -> str | None:
 
 
 def _float_nodes(path: Path, quant: QuantSpec) -> list[str]:
-    """Names of the ONNX nodes that the dynamo exporter traced inside the spec's float-kept groups or layers."""
-    if not quant.float_groups:
-        return []
+    """Names of the ONNX nodes that the dynamo exporter traced inside the spec's float-kept groups or layers, or
+    inside a graph edge every quantizer keeps float (:data:`FLOAT_EDGES`)."""
     import onnx
+    from segformer_edge.calibration.spec import within
 
-    names = [node.name for node in onnx.load(str(path)).graph.node if any(map(quant.keeps_float, _node_scopes(node)))]
-    wanted = ", ".join(quant.float_groups)
-    if not names:
-        raise ExportError(f"onnx: no node found in the float-kept {wanted} (no torch name scopes)")
-    logger.info("onnx: %d nodes kept in float for %s", len(names), wanted)
+    nodes = onnx.load(str(path)).graph.node
+    names = [node.name for node in nodes if any(map(quant.keeps_float, _node_scopes(node)))]
+    if quant.float_groups:
+        wanted = ", ".join(quant.float_groups)
+        if not any(within(s, quant.float_modules) for node in nodes for s in _node_scopes(node)):
+            raise ExportError(f"onnx: no node found in the float-kept {wanted} (no torch name scopes)")
+        logger.info("onnx: %d nodes kept in float for %s (and the float graph edges)", len(names), wanted)
     return names
 
 

@@ -173,6 +173,9 @@ def _quantize(model: Any, quant: QuantSpec, plan: ExportPlan) -> tuple[Any, dict
         AdvancedSmoothQuantParameters,
         QuantizationParameters,
     )
+    from segformer_edge.calibration.spec import FLOAT_EDGES
+
+    from .graph import mask_method
 
     _route_nncf_logging()
     calib = quant.require_calibration("openvino")
@@ -187,6 +190,8 @@ def _quantize(model: Any, quant: QuantSpec, plan: ExportPlan) -> tuple[Any, dict
     # The float-kept layer groups by op name (NNCF applies the patterns with re.match; validate: a pattern that
     # matches nothing raises), and every depthwise conv by type (see _FLOAT_TYPES).
     patterns = [rf"__module\.{re.escape(name)}[./]" for name in quant.float_modules]
+    if mask_method(plan.options.output, plan.options.mask_size, plan.options.size, plan.options.dynamic) == "candidates":
+        patterns += [rf"__module\.{re.escape(name)}[./]" for name in FLOAT_EDGES]  # the candidate mask (CandidateMask)
     ignored = nncf.IgnoredScope(patterns=patterns, types=list(_FLOAT_TYPES), validate=True)
     with _no_telemetry():
         quantized = nncf.quantize(
@@ -300,7 +305,7 @@ def read_back(model: Any) -> dict[str, Any]:
     ops = Counter(op.get_type_name() for op in model.get_ordered_ops())
     constants = Counter(op.get_element_type().get_type_name() for op in model.get_ordered_ops()
                         if op.get_type_name() == "Constant")  # fmt: skip
-    io = lambda port: {"name": port.get_any_name(), "type": port.get_element_type().get_type_name(),  # noqa: E731
+    io = lambda port: {"name": port.get_any_name(), "type": port.get_element_type().get_type_name(),
                        "shape": str(port.get_partial_shape())}  # fmt: skip
     return {
         "files": [XML, "model.bin"],

@@ -26,7 +26,8 @@ from segformer_edge.errors import SegformerEdgeError
 
 from .base import ArtifactError, read_manifest
 
-__all__ = ["bench_artifact", "bench_paired", "bench_torch", "machine_info", "merge_rounds", "summarize", "top_ops"]
+__all__ = ["FLOOR_GEMM", "add_floor", "bench_artifact", "bench_paired", "bench_torch", "gemm_floor", "machine_info", "merge_rounds",
+           "summarize", "top_ops"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,70 @@ def _measure_torch(checkpoint: str | None, size: list[int], threads: int, warmup
             "peak_rss_mb": _peak_rss_mb(), "size_mb": None}  # fmt: skip
 
 
+# The floor probe's GEMM: b0's stage-1 token count at 512x512 (128 x 128) through a 256 x 256 linear.
+FLOOR_GEMM = (16384, 256, 256)
+
+
+def _measure_gemm(precision: str, threads: int, warmup: int, runs: int) -> dict[str, Any]:
+    """This machine's GEMM rate as XNNPACK runs it (ExecuTorch and LiteRT's CPU delegate): one linear of
+    :data:`FLOOR_GEMM`, fp32 or static int8 (per-channel weights, the activation quantized in the delegate)."""
+    import tempfile
+
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from .executorch import set_threads
+
+    m, k, n = FLOOR_GEMM
+    torch.manual_seed(0)
+    module: Any = torch.nn.Linear(k, n, bias=False).eval()
+    x = torch.randn(m, k)
+    if precision == "int8":
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        module = prepare_pt2e(torch.export.export(module, (x,)).module(), quantizer)
+        module(x)  # calibration
+        module = convert_pt2e(module)
+    program = to_edge_transform_and_lower(torch.export.export(module, (x,)), partitioner=[XnnpackPartitioner()]).to_executorch()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gemm.pte"
+        path.write_bytes(program.buffer)
+        set_threads(threads)
+        method = Runtime.get().load_program(path).load_method("forward")
+        timing = _time_runs(lambda a: method.execute([a]), x, warmup, runs)
+    return {"precision": precision, "threads": threads, "shape": [m, k, n], "executor": "XNNPACK (executorch.runtime)",
+            "p50_ms": timing["p50_ms"], "gmac_per_s": m * k * n / 1e9 / (timing["p50_ms"] / 1000)}  # fmt: skip
+
+
+def gemm_floor(threads: int, precisions: tuple[str, ...] = ("fp32", "int8"), warmup: int = 5, runs: int = 30) -> dict[str, dict[str, Any]]:
+    """The GEMM rates (``fp32``, ``int8``) at ``threads``, each measured in a fresh process."""
+    return {p: _run_worker({"kind": "gemm", "precision": p, "threads": threads, "warmup": warmup, "runs": runs})
+            for p in precisions}  # fmt: skip
+
+
+def _floor_precision(precision: str) -> str:
+    return "int8" if precision == "int8" else "fp32"
+
+
+def add_floor(record: dict[str, Any], floor: dict[str, dict[str, Any]], macs: int | None) -> None:
+    """``record``'s distance from the floor: its network's MACs at the GEMM rate of its precision (int8 at the
+    int8 rate, fp32 and fp16 at the fp32 rate), against its p50. Graph edges (a mask, probabilities) and the
+    non-GEMM ops (softmax, LayerNorm, resizes) count as nothing in the floor: the ratio says what they cost."""
+    if record.get("status") != "ok" or not macs:
+        return
+    probe = floor[_floor_precision(record["precision"])]
+    floor_ms = 1000 * macs / 1e9 / probe["gmac_per_s"]
+    record.update({"network_gmacs": macs / 1e9, "floor_ms": floor_ms, "x_floor": record["p50_ms"] / floor_ms,
+                   "floor_gemm": {"precision": probe["precision"], "gmac_per_s": probe["gmac_per_s"], "shape": probe["shape"]}})  # fmt: skip
+
+
 def _run_worker(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     env = dict(os.environ)
     threads = str(job["threads"])
@@ -207,6 +272,7 @@ def bench_paired(
     size: tuple[int, int] | None = None,
     compute_units: str = "all",
     profile: bool = False,
+    floor: bool = False,
     on_step: Any = None,
 ) -> list[dict[str, Any]]:
     """Bench every artifact at every thread count, ``rounds`` times; with ``compare_torch``, pair each one.
@@ -215,15 +281,21 @@ def bench_paired(
     does not belong to an artifact measured ten minutes later. Each artifact measurement is therefore
     followed at once by a torch eager measurement at the same thread count, and ``speedup_vs_torch`` is
     the median over rounds of those adjacent ratios. Records pool the timed runs of all rounds; the torch
-    record (one per thread count) pools all of its measurements.
+    record (one per thread count) pools all of its measurements. With ``floor`` each round also probes the
+    GEMM rates (:func:`gemm_floor`) at each thread count, and each record gets its distance from the floor
+    (:func:`add_floor`; median rates over rounds; the MACs come from the manifest).
     """
     if compare_torch and size is None:
         raise ValueError("compare_torch needs the input size")
     measured: dict[tuple[str, int], list[dict[str, Any]]] = {}
     eager: dict[int, list[dict[str, Any]]] = {}
     ratios: dict[tuple[str, int], list[float]] = {}
+    probes: dict[int, list[dict[str, dict[str, Any]]]] = {}
+    needed = tuple(sorted({_floor_precision(read_manifest(p, check_hash=False).precision) for p in paths})) if floor else ()
     for round_index in range(rounds):
         for t in threads:
+            if floor:
+                probes.setdefault(t, []).append(gemm_floor(t, needed, warmup, runs))
             for path in paths:
                 record = bench_artifact(path, t, warmup, runs, compute_units, profile and round_index == 0)
                 measured.setdefault((str(path), t), []).append(record)
@@ -241,6 +313,10 @@ def bench_paired(
         if (path, t) in ratios:
             record["speedup_vs_torch"] = float(np.median(ratios[path, t]))
             record["speedup_vs_torch_rounds"] = ratios[path, t]
+        if floor:
+            rates = {p: {**probes[t][0][p], "gmac_per_s": float(np.median([r[p]["gmac_per_s"] for r in probes[t]]))}
+                     for p in needed}  # fmt: skip
+            add_floor(record, rates, read_manifest(path, check_hash=False).manifest.get("network_macs"))
         records.append(record)
     return records
 
@@ -263,6 +339,8 @@ def _worker_main(raw: str) -> int:
     try:
         if job["kind"] == "torch":
             record = _measure_torch(job["checkpoint"], job["size"], job["threads"], job["warmup"], job["runs"])
+        elif job["kind"] == "gemm":
+            record = _measure_gemm(job["precision"], job["threads"], job["warmup"], job["runs"])
         else:
             record = _measure_artifact(job["path"], job["threads"], job["warmup"], job["runs"], job.get("compute_units", "all"),
                                        job.get("profile", False))  # fmt: skip

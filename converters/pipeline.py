@@ -290,6 +290,7 @@ def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowere
         "output": {"kind": options.output, "shape": out_shape, "dtype": "int32" if options.output == "mask" else "float32",
                    **mask_record, **({"taps": list(TAPS)} if options.taps else {})},
         "target_options": plan.target_options,
+        "network_macs": _network_macs(model, options.size),
         "quantization": None,
         "checkpoint": {"name": checkpoint.name if checkpoint else None,
                        "sha256": checkpoint_digest(checkpoint) if checkpoint else None},  # fmt: skip
@@ -304,6 +305,17 @@ def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowere
     manifest["size_bytes"] = sum(p.stat().st_size for p in file.rglob("*") if p.is_file()) if file.is_dir() else file.stat().st_size
     manifest["export_seconds"] = round(seconds, 2)
     return manifest
+
+
+def _network_macs(model: Any, size: tuple[int, int]) -> int | None:
+    """The float network's multiply-accumulates (convs, linears, attention matmuls) for one image at ``size``:
+    bench's floor (``--floor``) is these at this machine's GEMM rate. Counted on the meta device."""
+    from segformer_edge.profile import model_stats
+
+    try:
+        return int(model_stats(model.config, size)["macs"])
+    except ValueError:  # smaller than SegFormer's 32x32 minimum: not a size an artifact is made at
+        return None
 
 
 def _keep_failed(tmp: Path, folder: Path) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, run_cli
-from segformer_edge.converters.base import ExportOptions
+from segformer_edge.converters.base import ExportOptions, read_manifest
 from segformer_edge.converters.pipeline import export_artifact
 
 from segformer_edge import save_checkpoint
@@ -165,3 +165,24 @@ def test_executorch_profile_of_a_large_output(tmp_path: Path, capsys) -> None:
                             "--json", str(tmp_path / "p.json")], capsys)  # fmt: skip
     assert code == 0, err
     assert json.loads((tmp_path / "p.json").read_text())[0]["profile"]
+
+
+def test_floor_probes_the_gemm_rates_and_places_each_artifact(small, tmp_path: Path, capsys) -> None:
+    """bench --floor: fp32 and int8 GEMM rates measured in the run (XNNPACK), and each artifact's p50 over its
+    network's MACs (from the manifest, counted from the model) at the rate of its precision."""
+    from segformer_edge.profile import model_stats
+
+    _, folders = small
+    out = tmp_path / "floor.json"
+    code, stdout, err = run_cli(["bench", folders["executorch"], "--runs", "3", "--warmup", "1", "--threads", "1", "--floor",
+                                 "--json", out], capsys)  # fmt: skip
+    assert code == 0, err
+    (record,) = json.loads(out.read_text())
+    macs = read_manifest(folders["executorch"]).manifest["network_macs"]
+    assert macs == model_stats(SegFormer(SegFormerConfig(**TINY, num_classes=8)).config, (64, 64))["macs"] > 0
+    probe = record["floor_gemm"]
+    assert probe["precision"] == "fp32" and probe["shape"] == [16384, 256, 256] and probe["gmac_per_s"] > 1
+    assert record["floor_ms"] == pytest.approx(1000 * macs / 1e9 / probe["gmac_per_s"])
+    assert record["x_floor"] == pytest.approx(record["p50_ms"] / record["floor_ms"]) and record["x_floor"] > 1
+    assert "x floor" in stdout and f"{record['x_floor']:.2f}x" in stdout
+    assert "floor: int8 GEMM" not in stdout and "floor: fp32 GEMM" in stdout  # the rate the artifact is placed at

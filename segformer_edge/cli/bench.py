@@ -22,6 +22,9 @@ without torch (pip install 'segformer-edge\\[runtime]'). An artifact whose runti
 (Core ML and the ExecuTorch Core ML delegate off macOS) gets a row that says so.
 load ms is the runtime's load of the model file after its pages were dropped from the page cache; the
 runtime's import is reported apart (import_ms in the JSON).
+--floor probes this machine's fp32 and int8 GEMM rates as XNNPACK runs them (a 16384x256x256 linear, in
+the same run, per thread count) and adds "x floor": each artifact's p50 over its network's MACs at the rate of
+its precision (what the graph edges, the non-GEMM ops and the runtime cost on top of the GEMMs).
 
 Examples:
 
@@ -54,6 +57,7 @@ def bench(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG bar chart of p50 latency.")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="Top ops by time: ETDump + Inspector (ExecuTorch), ORT profiler (ONNX).")] = False,
     rounds: Annotated[int, typer.Option(min=1, help="Measure everything this many times; records pool the runs.")] = 1,
+    floor: Annotated[bool, typer.Option("--floor", help="Probe the GEMM rates; add each artifact's distance from its floor.")] = False,
 ) -> None:
     from segformer_edge.converters.base import read_manifest
     from segformer_edge.converters.bench import bench_paired
@@ -72,15 +76,23 @@ def bench(
         if size is None:
             raise typer.BadParameter("--compare-torch needs artifacts of one static input size", param_hint="--compare-torch")
     steps = rounds * len(artifacts) * len(counts) * (2 if compare_torch else 1)
+    if floor and any(m.manifest.get("network_macs") is None for m in manifests):
+        old = next(m for m in manifests if m.manifest.get("network_macs") is None)
+        raise typer.BadParameter(f"{old.folder}: its manifest has no network_macs (exported before --floor existed): export it again",
+                                 param_hint="--floor")  # fmt: skip
     with progress_bar("bench") as bar:
         task = bar.add_task("bench", total=steps)
         records = bench_paired(
             list(artifacts), counts, warmup=warmup, runs=runs, rounds=rounds, compare_torch=compare_torch,
-            checkpoint=checkpoint, size=size, compute_units=compute_units, profile=profile,
+            checkpoint=checkpoint, size=size, compute_units=compute_units, profile=profile, floor=floor,
             on_step=lambda: bar.advance(task),
         )  # fmt: skip
     table = _markdown(records)
     console.print(table, markup=False, soft_wrap=True)
+    probes = {(r["threads"], r["floor_gemm"]["precision"]): r["floor_gemm"] for r in records if "floor_gemm" in r}
+    for (t, precision), probe in sorted(probes.items()):
+        m, k, n = probe["shape"]
+        console.print(f"floor: {precision} GEMM {probe['gmac_per_s']:.0f} GMAC/s at {t} thread(s) (XNNPACK, {m}x{k}x{n})", markup=False)
     for r in records:
         if r.get("profile"):
             console.print(f"\ntop ops: {r['target']} {r['precision']} {r['threads']} thread(s)", markup=False)
@@ -95,11 +107,13 @@ def bench(
 
 
 def _markdown(records: list[dict]) -> str:  # type: ignore[type-arg]
+    floor = any("x_floor" in r for r in records)
     head = "| target | precision | threads | load ms | first ms | p50 ms | p90 ms | p99 ms | mean ± std ms | img/s | peak RSS MB | size MB | vs torch |"
-    lines = [head, "|" + "|".join(["---"] * 13) + "|"]
+    head += " x floor |" if floor else ""
+    lines = [head, "|" + "|".join(["---"] * (14 if floor else 13)) + "|"]
     for r in records:
         if r.get("status") != "ok":
-            lines.append(f"| {r['target']} | {r['precision']} | {r['threads']} | {r.get('status')} |" + " |" * 9)
+            lines.append(f"| {r['target']} | {r['precision']} | {r['threads']} | {r.get('status')} |" + " |" * (10 if floor else 9))
             continue
         size = "-" if r.get("size_mb") is None else f"{r['size_mb']:.2f}"
         speed = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
@@ -107,6 +121,7 @@ def _markdown(records: list[dict]) -> str:  # type: ignore[type-arg]
             f"| {r['target']} | {r['precision']} | {r['threads']} | {r['load_ms']:.0f} | {r['first_ms']:.1f} | "
             f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_ms']:.1f} ± {r['std_ms']:.1f} | "
             f"{r['throughput_ips']:.1f} | {r['peak_rss_mb']:.0f} | {size} | {speed} |"
+            + ((f" {r['x_floor']:.2f}x |" if "x_floor" in r else " - |") if floor else "")
         )
     return "\n".join(lines)
 

@@ -222,6 +222,9 @@ class Target:
     integer_input: ClassVar[bool] = True  # whether a uint8 input stays uint8 (Core ML multi-arrays have no uint8)
     in_all: ClassVar[bool] = True  # exported by --target all
     fold_quantize: ClassVar[bool] = True  # False keeps weight quantize ops (what litert-torch's lowering expects)
+    # How the candidate mask finds each pixel's second class (graph.candidate_argmax): "topk", or "rescan" (argmax
+    # again with the top class pushed down), for runtimes whose top-k kernel is a slow sort.
+    mask_runner_up: ClassVar[str] = "topk"
     not_here: ClassVar[str] = "cannot run on this machine"  # the bench/verify status where runs_here() is False
 
     # -- the host ------------------------------------------------------------------------------------

@@ -152,13 +152,15 @@ def _measure_torch(checkpoint: str | None, size: list[int], threads: int, warmup
             "peak_rss_mb": _peak_rss_mb(), "size_mb": None}  # fmt: skip
 
 
-# The floor probe's GEMM: b0's stage-1 token count at 512x512 (128 x 128) through a 256 x 256 linear.
-FLOOR_GEMM = (16384, 256, 256)
+# The floor probe: FLOOR_DEPTH chained linears of FLOOR_GEMM (M tokens x K -> N), int8 between them in the int8
+# probe, so that the GEMMs, not the edges' quantize/dequantize, set the rate (as inside a network).
+FLOOR_GEMM = (4096, 1024, 1024)
+FLOOR_DEPTH = 4
 
 
 def _measure_gemm(precision: str, threads: int, warmup: int, runs: int) -> dict[str, Any]:
-    """This machine's GEMM rate as XNNPACK runs it (ExecuTorch and LiteRT's CPU delegate): one linear of
-    :data:`FLOOR_GEMM`, fp32 or static int8 (per-channel weights, the activation quantized in the delegate)."""
+    """This machine's GEMM rate as XNNPACK runs it (ExecuTorch and LiteRT's CPU delegate): a chain of
+    :data:`FLOOR_DEPTH` linears of :data:`FLOOR_GEMM`, fp32 or static int8 (per-channel weights)."""
     import tempfile
 
     import torch
@@ -170,13 +172,10 @@ def _measure_gemm(precision: str, threads: int, warmup: int, runs: int) -> dict[
 
     m, k, n = FLOOR_GEMM
     torch.manual_seed(0)
-    module: Any = torch.nn.Linear(k, n, bias=False).eval()
+    module: Any = torch.nn.Sequential(*[torch.nn.Linear(k if i == 0 else n, n, bias=False) for i in range(FLOOR_DEPTH)]).eval()
     x = torch.randn(m, k)
     if precision == "int8":
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-            XNNPACKQuantizer,
-            get_symmetric_quantization_config,
-        )
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
@@ -190,8 +189,9 @@ def _measure_gemm(precision: str, threads: int, warmup: int, runs: int) -> dict[
         set_threads(threads)
         method = Runtime.get().load_program(path).load_method("forward")
         timing = _time_runs(lambda a: method.execute([a]), x, warmup, runs)
-    return {"precision": precision, "threads": threads, "shape": [m, k, n], "executor": "XNNPACK (executorch.runtime)",
-            "p50_ms": timing["p50_ms"], "gmac_per_s": m * k * n / 1e9 / (timing["p50_ms"] / 1000)}  # fmt: skip
+    gmac = FLOOR_DEPTH * m * k * n / 1e9
+    return {"precision": precision, "threads": threads, "shape": [m, k, n], "depth": FLOOR_DEPTH, "executor": "XNNPACK (executorch.runtime)",
+            "p50_ms": timing["p50_ms"], "gmac_per_s": gmac / (timing["p50_ms"] / 1000)}  # fmt: skip
 
 
 def gemm_floor(threads: int, precisions: tuple[str, ...] = ("fp32", "int8"), warmup: int = 5, runs: int = 30) -> dict[str, dict[str, Any]]:
@@ -213,7 +213,8 @@ def add_floor(record: dict[str, Any], floor: dict[str, dict[str, Any]], macs: in
     probe = floor[_floor_precision(record["precision"])]
     floor_ms = 1000 * macs / 1e9 / probe["gmac_per_s"]
     record.update({"network_gmacs": macs / 1e9, "floor_ms": floor_ms, "x_floor": record["p50_ms"] / floor_ms,
-                   "floor_gemm": {"precision": probe["precision"], "gmac_per_s": probe["gmac_per_s"], "shape": probe["shape"]}})  # fmt: skip
+                   "floor_gemm": {"precision": probe["precision"], "gmac_per_s": probe["gmac_per_s"], "shape": probe["shape"],
+                                  "depth": probe["depth"]}})  # fmt: skip
 
 
 def _run_worker(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:

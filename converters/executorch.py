@@ -92,6 +92,9 @@ class ExecuTorchTarget(Target):
     quant_schemes = ("static", "dynamic")
     tools = ("executorch",)
     runtime_modules = ("executorch.runtime",)
+    # The portable topk kernel sorts: 7.9 ms for the top 2 of 150 classes at 128x128, against 3.5 ms for two
+    # argmax passes and a scatter (measured in isolation, 2 threads); LiteRT's TOPK_V2 is the faster there.
+    mask_runner_up = "rescan"
 
     def prepare(self, module):  # type: ignore[no-untyped-def]
         from .graph import decompose_layer_norms

@@ -92,7 +92,7 @@ def _shift_offsets(g: Tensor, axis: int, shift: int, topk: int) -> Tensor:
     return v.reshape(b, n, m, 9 * topk)
 
 
-def candidate_argmax(logits: Tensor, mix: Tensor, base: Tensor, topk: int = MASK_CANDIDATES) -> Tensor:
+def candidate_argmax(logits: Tensor, mix: Tensor, base: Tensor, topk: int = MASK_CANDIDATES, runner_up: str = "topk") -> Tensor:
     """``argmax(interpolate(logits, scale_factor=4, mode="bilinear"))`` without upsampling the K class maps.
 
     Bilinear upsampling blends each output pixel from its four low-resolution neighbours. Where the four share
@@ -116,6 +116,8 @@ def candidate_argmax(logits: Tensor, mix: Tensor, base: Tensor, topk: int = MASK
         mix: :func:`candidate_mix`, (4, 16).
         base: :func:`candidate_base` for these logits' shape.
         topk: candidate classes per neighbour (K: every class, the exact argmax).
+        runner_up: ``topk``, or ``rescan`` (two classes: argmax, then argmax again with the first pushed to -inf;
+            the same classes where the top two differ, for runtimes whose top-k kernel is slow).
 
     Returns:
         (B, 4h, 4w) int32 labels.
@@ -123,7 +125,11 @@ def candidate_argmax(logits: Tensor, mix: Tensor, base: Tensor, topk: int = MASK
     b, k, h, w = (int(d) for d in logits.shape)  # static (the candidate mask is made for static sizes only)
     t = topk
     x = logits.float().permute(0, 2, 3, 1)  # (B, h, w, K): classes contiguous
-    top = x.topk(t, dim=-1).indices if t > 1 else x.argmax(dim=-1, keepdim=True)  # (B, h, w, t)
+    if t == 2 and runner_up == "rescan":  # argmax, then argmax again with the top class pushed to -inf
+        first = x.argmax(dim=-1, keepdim=True)  # (B, h, w, 1)
+        top = torch.cat([first, x.scatter(-1, first, float("-inf")).argmax(dim=-1, keepdim=True)], dim=-1)  # (B, h, w, 2)
+    else:
+        top = x.topk(t, dim=-1).indices if t > 1 else x.argmax(dim=-1, keepdim=True)  # (B, h, w, t)
     top_pad = _replicate_pad(top, (1, 2))  # (B, h+2, w+2, t)
     # Each pixel's logits at the top classes of its 3x3 neighbourhood (in the padded grid): one gather.
     around = torch.cat([top_pad[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in _OFFSETS], dim=-1)  # (B, h, w, 9t)
@@ -160,14 +166,15 @@ class CandidateMask(nn.Module):
     constants travel as buffers, and its ops carry the module path the quantizers keep float
     (:data:`segformer_edge.calibration.spec.FLOAT_EDGES`): labels and the blend are not numbers to quantize."""
 
-    def __init__(self, num_classes: int, size: tuple[int, int]) -> None:
+    def __init__(self, num_classes: int, size: tuple[int, int], runner_up: str = "topk") -> None:
         super().__init__()
+        self.runner_up = runner_up
         h, w = size[0] // 4, size[1] // 4  # the logits' size (static wherever the candidate mask is made)
         self.register_buffer("mix", candidate_mix(), persistent=False)
         self.register_buffer("base", candidate_base(num_classes, h, w), persistent=False)
 
     def forward(self, logits: Tensor) -> Tensor:
-        return candidate_argmax(logits, self.mix, self.base)  # (B, K, h, w) -> (B, 4h, 4w)
+        return candidate_argmax(logits, self.mix, self.base, runner_up=self.runner_up)  # (B, K, h, w) -> (B, 4h, 4w)
 
 
 class EdgeModule(nn.Module):
@@ -179,7 +186,7 @@ class EdgeModule(nn.Module):
     """
 
     def __init__(self, model: SegFormer, spec: InputSpec, output: str = "logits", taps: bool = False,
-                 mask_size: str = "full") -> None:  # fmt: skip
+                 mask_size: str = "full", runner_up: str = "topk") -> None:  # fmt: skip
         super().__init__()
         self.model = model
         self.input_kind = spec.kind
@@ -192,7 +199,7 @@ class EdgeModule(nn.Module):
         # (x - mean) / std as one multiply-add: x * (1 / std) + (-mean / std).
         self.register_buffer("in_scale", 1.0 / std, persistent=False)
         self.register_buffer("in_shift", -mean / std, persistent=False)
-        self.mask_head = CandidateMask(model.config.num_classes, spec.size) if self.mask == "candidates" else None
+        self.mask_head = CandidateMask(model.config.num_classes, spec.size, runner_up) if self.mask == "candidates" else None
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         if self.nhwc:

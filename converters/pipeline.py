@@ -158,7 +158,8 @@ def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor
     if plan.quant is not None:
         model = fold_batch_norm(model)  # the quantizers see conv + bias, not conv + BatchNorm
         model, outliers = rewrite_outliers(model, plan)
-    edge = EdgeModule(model, plan.graph_input, plan.options.output, plan.options.taps, plan.options.mask_size)
+    edge = EdgeModule(model, plan.graph_input, plan.options.output, plan.options.taps, plan.options.mask_size,
+                      runner_up=plan.target.mask_runner_up)  # fmt: skip
     module = plan.target.prepare(edge.eval()).eval()
     shape = plan.graph_input.shape
     example = torch.randint(0, 256, shape, dtype=torch.uint8) if plan.graph_input.kind == "uint8" else torch.rand(shape)

@@ -46,6 +46,8 @@ def test_two_candidates_per_neighbour_on_smooth_logits() -> None:
     top1 = candidate_argmax(logits, candidate_mix(), base, topk=1)
     two, one = ((m == exact).float().mean().item() for m in (default, top1))
     assert MASK_CANDIDATES == 2 and two >= 0.999 and one < two, (one, two)
+    # ExecuTorch's runner-up by a second argmax (its portable topk sorts) gives the same labels.
+    assert torch.equal(candidate_argmax(logits, candidate_mix(), base, runner_up="rescan"), default)
     # Where the four neighbours of an output pixel share their top class, that class is the exact label.
     top = F.pad(logits.argmax(1, keepdim=True).float(), (1, 1, 1, 1), mode="replicate")  # (4, 1, 34, 34)
     spread = F.max_pool2d(top, 2, 1) + F.max_pool2d(-top, 2, 1)  # (4, 1, 33, 33): max - min over each cell

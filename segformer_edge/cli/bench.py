@@ -22,8 +22,8 @@ without torch (pip install 'segformer-edge\\[runtime]'). An artifact whose runti
 (Core ML and the ExecuTorch Core ML delegate off macOS) gets a row that says so.
 load ms is the runtime's load of the model file after its pages were dropped from the page cache; the
 runtime's import is reported apart (import_ms in the JSON).
---floor probes this machine's fp32 and int8 GEMM rates as XNNPACK runs them (a 16384x256x256 linear, in
-the same run, per thread count) and adds "x floor": each artifact's p50 over its network's MACs at the rate of
+--floor probes this machine's fp32 and int8 GEMM rates as XNNPACK runs them (four chained 4096x1024x1024
+linears, in the same run, per thread count) and adds "x floor": each artifact's p50 over its network's MACs at the rate of
 its precision (what the graph edges, the non-GEMM ops and the runtime cost on top of the GEMMs).
 
 Examples:

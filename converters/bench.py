@@ -175,7 +175,10 @@ def _measure_gemm(precision: str, threads: int, warmup: int, runs: int) -> dict[
     module: Any = torch.nn.Sequential(*[torch.nn.Linear(k if i == 0 else n, n, bias=False) for i in range(FLOOR_DEPTH)]).eval()
     x = torch.randn(m, k)
     if precision == "int8":
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))

@@ -104,9 +104,8 @@ def candidate_argmax(logits: Tensor, mix: Tensor, base: Tensor, topk: int = MASK
     Laid out for the runtimes' fast paths: the classes on the last (contiguous) axis, one top-class pass and one
     lookup over the K classes at 1/4 resolution (each pixel's logits at its 3x3 neighbours' top classes, as an
     embedding lookup in the flattened logits: LiteRT's EMBEDDING_LOOKUP, where torch.gather becomes a GATHER_ND
-    three times slower), and
-    every full-resolution step (the blend, the pairwise pick of the best candidate as max/clamp arithmetic, the
-    pixel shuffle) an op XNNPACK and LiteRT delegate. The tail always computes in float32 (an fp16 graph's
+    three times slower), and every full-resolution step (the blend, the pairwise pick of the best candidate as
+    max/clamp arithmetic, the pixel shuffle) an op XNNPACK and LiteRT delegate. The tail always computes in float32 (an fp16 graph's
     half-precision logits are widened first). Borders follow ``align_corners=False`` exactly: replicate padding
     by one pixel gives the clamped source indices. Where the blend's winner is no candidate the label differs
     from the exact argmax; benchmarks/MASK.md measures how often (verify measures it on the user's images).
@@ -116,8 +115,8 @@ def candidate_argmax(logits: Tensor, mix: Tensor, base: Tensor, topk: int = MASK
         mix: :func:`candidate_mix`, (4, 16).
         base: :func:`candidate_base` for these logits' shape.
         topk: candidate classes per neighbour (K: every class, the exact argmax).
-        runner_up: ``topk``, or ``rescan`` (two classes: argmax, then argmax again with the first pushed to -inf;
-            the same classes where the top two differ, for runtimes whose top-k kernel is slow).
+        runner_up: ``topk``, or ``rescan`` (two classes: argmax, then argmax again with the first pushed to -inf:
+            the same two classes as topk, for runtimes whose top-k kernel is slow).
 
     Returns:
         (B, 4h, 4w) int32 labels.
@@ -131,7 +130,7 @@ def candidate_argmax(logits: Tensor, mix: Tensor, base: Tensor, topk: int = MASK
     else:
         top = x.topk(t, dim=-1).indices if t > 1 else x.argmax(dim=-1, keepdim=True)  # (B, h, w, t)
     top_pad = _replicate_pad(top, (1, 2))  # (B, h+2, w+2, t)
-    # Each pixel's logits at the top classes of its 3x3 neighbourhood (in the padded grid): one gather.
+    # Each pixel's logits at the top classes of its 3x3 neighbourhood (in the padded grid): one lookup.
     around = torch.cat([top_pad[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in _OFFSETS], dim=-1)  # (B, h, w, 9t)
     g = F.embedding(around + base, x.reshape(b * h * w * k, 1))[..., 0]  # (B, h, w, 9t): g[q, o, s] = L(q, top(q + o)[s])
     # The padded grid: a border pixel repeats its inner twin, whose neighbour offsets lie one step further in.
@@ -150,9 +149,11 @@ def candidate_argmax(logits: Tensor, mix: Tensor, base: Tensor, topk: int = MASK
         next_scores, next_labels = [], []
         for i in range(0, len(scores) - 1, 2):
             a, c = scores[i], scores[i + 1]
-            first = ((a - c) * 1e30 + 1.0).clamp(0.0, 1.0)  # 1 where a >= c, else 0 (a - c is never below 1e-30 yet nonzero)
+            # 1 where a >= c, else 0; a fraction only where 0 < c - a < 1e-30, below any logit difference float32 holds
+            # as a normal number.
+            keep_a = ((a - c) * 1e30 + 1.0).clamp(0.0, 1.0)
             next_scores.append(torch.maximum(a, c))
-            next_labels.append(labels[i + 1] + first * (labels[i] - labels[i + 1]))  # (B, h+1, w+1, 16)
+            next_labels.append(labels[i + 1] + keep_a * (labels[i] - labels[i + 1]))  # (B, h+1, w+1, 16)
         if len(scores) % 2:
             next_scores.append(scores[-1])
             next_labels.append(labels[-1])

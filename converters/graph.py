@@ -149,8 +149,7 @@ def candidate_argmax(logits: Tensor, mix: Tensor, base: Tensor, topk: int = MASK
         next_scores, next_labels = [], []
         for i in range(0, len(scores) - 1, 2):
             a, c = scores[i], scores[i + 1]
-            # 1 where a >= c, else 0; a fraction only where 0 < c - a < 1e-30, below any logit difference float32 holds
-            # as a normal number.
+            # 1 where a >= c, else 0; a fraction only for two logits closer than 1e-30 (0 < c - a < 1e-30).
             keep_a = ((a - c) * 1e30 + 1.0).clamp(0.0, 1.0)
             next_scores.append(torch.maximum(a, c))
             next_labels.append(labels[i + 1] + keep_a * (labels[i] - labels[i + 1]))  # (B, h+1, w+1, 16)

@@ -186,3 +186,17 @@ def test_floor_probes_the_gemm_rates_and_places_each_artifact(small, tmp_path: P
     assert record["x_floor"] == pytest.approx(record["p50_ms"] / record["floor_ms"]) and record["x_floor"] > 1
     assert "x floor" in stdout and f"{record['x_floor']:.2f}x" in stdout
     assert "floor: int8 GEMM" not in stdout and "floor: fp32 GEMM" in stdout  # the rate the artifact is placed at
+
+
+def test_floor_refuses_an_artifact_without_network_macs(small, tmp_path: Path, capsys) -> None:
+    """An artifact exported before --floor existed has no MACs to place: a clear error, not a row without a floor."""
+    import shutil
+
+    _, folders = small
+    old = tmp_path / "old"
+    shutil.copytree(folders["onnx"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["network_macs"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_cli(["bench", old, "--floor", "--runs", "1"], capsys)
+    assert code == 2 and f"{old}: its manifest has no network_macs" in " ".join(err.split()), err

@@ -59,7 +59,7 @@ def bench(
     rounds: Annotated[int, typer.Option(min=1, help="Measure everything this many times; records pool the runs.")] = 1,
     floor: Annotated[bool, typer.Option("--floor", help="Probe the GEMM rates; add each artifact's distance from its floor.")] = False,
 ) -> None:
-    from segformer_edge.converters.base import read_manifest
+    from segformer_edge.converters.base import ArtifactError, read_manifest
     from segformer_edge.converters.bench import bench_paired
     from segformer_edge.io import atomic_write_json, atomic_write_text
 
@@ -76,10 +76,9 @@ def bench(
         if size is None:
             raise typer.BadParameter("--compare-torch needs artifacts of one static input size", param_hint="--compare-torch")
     steps = rounds * len(artifacts) * len(counts) * (2 if compare_torch else 1)
-    if floor and any(m.manifest.get("network_macs") is None for m in manifests):
-        old = next(m for m in manifests if m.manifest.get("network_macs") is None)
-        raise typer.BadParameter(f"{old.folder}: its manifest has no network_macs (exported before --floor existed): export it again",
-                                 param_hint="--floor")  # fmt: skip
+    old = next((m for m in manifests if m.manifest.get("network_macs") is None), None) if floor else None
+    if old is not None:
+        raise ArtifactError(f"{old.folder}: its manifest has no network_macs (exported before --floor existed): export it again")
     with progress_bar("bench") as bar:
         task = bar.add_task("bench", total=steps)
         records = bench_paired(

@@ -6,6 +6,11 @@ import torch.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -33,3 +38,36 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'segformer_edge' has no attribute {name!r}")
+
+
+class _SourceTreeFinder(importlib.abc.MetaPathFinder):
+    """``segformer_edge.converters`` and ``segformer_edge.calibration`` for a checkout run as it is.
+
+    DESIGN.md's layout keeps converters/ and calibration/ at the repository's root, and an install maps them into
+    this package (pyproject's package-dir). A run from the source tree (``PYTHONPATH=.``, as on a training machine
+    that has its own torch and none of the edge stack) has no such mapping: this finder gives the two names their
+    folders, and nothing else. It sits after every other finder, so an installed package always wins.
+    """
+
+    def __init__(self, folders: dict[str, Path]) -> None:
+        self.folders = folders
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        folder = self.folders.get(fullname)
+        if folder is None:
+            return None
+        init = folder / "__init__.py"
+        return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[str(folder)])
+
+
+def _install_source_tree_finder() -> None:
+    root = Path(__file__).resolve().parent.parent
+    folders = {f"{__name__}.{name}": root / name for name in ("converters", "calibration")}
+    if not all((folder / "__init__.py").is_file() for folder in folders.values()):
+        return  # an installed copy: the subpackages live inside it
+    if any(isinstance(finder, _SourceTreeFinder) for finder in sys.meta_path):
+        return
+    sys.meta_path.append(_SourceTreeFinder(folders))
+
+
+_install_source_tree_finder()

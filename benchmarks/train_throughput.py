@@ -4,8 +4,9 @@ Both train on the same random batch in the same process (forward, cross-entropy 
 input, backward, AdamW step), with bf16 autocast and channels_last on CUDA and fp32 on the CPU. Like with
 like: with --compile both models are compiled, without it neither; the two are measured in interleaved
 repeats (A B A B ...) so that a drifting machine affects both alike, and the ratio is the median of the
-per-repeat ratios. Writes benchmarks/train_throughput.json and the table in benchmarks/TRAIN_THROUGHPUT.md
-from it (the text below the table survives a rerun).
+per-repeat ratios. Adds its record to benchmarks/train_throughput.json (one record per device, mode and configuration: a rerun
+replaces the record of the same kind, a GPU run sits beside the CPU one) and writes the tables in
+benchmarks/TRAIN_THROUGHPUT.md from it (the text from "## Distributed training" on survives a rerun).
 
     python benchmarks/train_throughput.py [--batch 16] [--size 512] [--steps 10] [--repeats 3] [--compile]
 """
@@ -60,7 +61,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--classes", type=int, default=150)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--tables", action="store_true", help="only rewrite TRAIN_THROUGHPUT.md from the stored JSON")
     args = parser.parse_args()
+    if args.tables:
+        write_markdown(_stored())
+        return
     import transformers
 
     from segformer_edge import create_model
@@ -98,20 +103,46 @@ def main() -> None:
         "ratio_ours_over_transformers": statistics.median(ratios), "ratio_repeats": ratios,
     }  # fmt: skip
     print(json.dumps(record))
-    (HERE / "train_throughput.json").write_text(json.dumps(record, indent=2) + "\n")
-    write_markdown(record)
+    records = [r for r in _stored() if _kind(r) != _kind(record)] + [record]
+    (HERE / "train_throughput.json").write_text(json.dumps({"records": records}, indent=2) + "\n")
+    write_markdown(records)
 
 
-def write_markdown(record: dict[str, Any]) -> None:
-    """The table of TRAIN_THROUGHPUT.md, from the JSON; what follows "## Distributed training" is kept."""
+def _kind(record: dict[str, Any]) -> tuple[Any, ...]:
+    return record["device"], record["compiled"], record["batch"], record["size"], record["classes"]
+
+
+def _stored() -> list[dict[str, Any]]:
+    path = HERE / "train_throughput.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    return data["records"] if "records" in data else [data]  # a single record: the file's first layout
+
+
+def write_markdown(records: list[dict[str, Any]]) -> None:
+    """TRAIN_THROUGHPUT.md's tables, one per record, from the JSON; what follows "## Distributed training" is kept."""
+    lines = [
+        "# Training throughput against transformers' SegFormer-B0", "",
+        "Both models train on the same batch in the same process (forward, cross-entropy on logits upsampled to the",
+        "input, backward, AdamW step), in interleaved repeats; the ratio is the median of the per-repeat ratios.",
+        "One table per machine and mode, each from its record in train_throughput.json.", "",
+    ]  # fmt: skip
+    for record in records:
+        lines += _table(record)
+    path = HERE / "TRAIN_THROUGHPUT.md"
+    previous = path.read_text() if path.exists() else ""
+    marker = "## Distributed training"
+    path.write_text("\n".join(lines) + "\n" + (previous[previous.index(marker) :] if marker in previous else ""))
+
+
+def _table(record: dict[str, Any]) -> list[str]:
     device = f"{record['device']} ({record['threads']} threads)"
     mode = ("bf16 autocast, channels_last" if record["amp_bf16"] else "fp32") + (", both compiled" if record["compiled"] else ", eager")
     command = (f"python benchmarks/train_throughput.py --batch {record['batch']} --size {record['size']} --steps {record['steps']} "
                f"--repeats {record['repeats']}" + (" --compile" if record["compiled"] else ""))  # fmt: skip
     lines = [
-        "# Training throughput against transformers' SegFormer-B0", "",
-        "Both models train on the same batch in the same process (forward, cross-entropy on logits upsampled to the",
-        "input, backward, AdamW step), in interleaved repeats; the ratio is the median of the per-repeat ratios.",
+        f"## {record['device']}, {mode}", "",
         f"Measured {record['date']} with `{command}`: {record['classes']} classes, torch {record['torch']},",
         f"transformers {record['transformers']}, {device}, {mode}.", "",
         "| model | batch | size | img/s (median) | img/s per repeat |", "|---|---|---|---|---|",
@@ -121,10 +152,7 @@ def write_markdown(record: dict[str, Any]) -> None:
         lines.append(f"| {name} | {record['batch']} | {record['size']} | {rate:.1f} | {each} |")
     lines += ["", f"Ratio segformer-edge / transformers: **{record['ratio_ours_over_transformers']:.2f}x** "
               f"(per repeat: {', '.join(f'{r:.2f}' for r in record['ratio_repeats'])}).", ""]  # fmt: skip
-    path = HERE / "TRAIN_THROUGHPUT.md"
-    previous = path.read_text() if path.exists() else ""
-    marker = "## Distributed training"
-    path.write_text("\n".join(lines) + "\n" + (previous[previous.index(marker) :] if marker in previous else ""))
+    return lines
 
 
 if __name__ == "__main__":

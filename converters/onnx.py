@@ -2,11 +2,15 @@
 
 INT8 is QDQ static quantization with onnxruntime.quantization (its own calibrators), calibrated on the
 same set as every target; float-kept layer groups are found by the torch name scopes the exporter records.
+The attention's softmax takes the float output of q @ k^T (no quantize/dequantize pair between them): ONNX
+Runtime then runs q @ k^T as an int8 MatMulIntegerToFloat and the softmax in float, where a DQ -> Softmax -> Q
+triple becomes its QLinearSoftmax, 9x slower than the float softmax at b0 512x512 (benchmarks/ONNX_INT8.md).
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -50,8 +54,11 @@ class OnnxTarget(Target):
     precisions = ("fp32", "fp16", "int8")
     features = EDGE_FEATURES | {"dynamic", "taps"}
     quant_methods = ("minmax", "moving_average", "percentile")  # ONNX Runtime's calibrators (entropy: see QuantSpec)
-    # S8S8 (int8 activations and weights, ORT's default for QDQ) or U8S8 (uint8 activations, int8 weights).
-    options: ClassVar[dict[str, tuple[str, ...]]] = {"activations": ("int8", "uint8")}
+    # U8S8 (uint8 activations, int8 weights) or S8S8 (int8 both, ORT's default for QDQ); auto: U8S8 where this
+    # machine's CPU has ORT's fast U8S8 kernels without their saturation (VNNI, Arm64), S8S8 elsewhere.
+    # softmax=float: the attention's softmax reads q @ k^T unquantized (ORT: MatMulIntegerToFloat + float Softmax);
+    # int8: the full QDQ graph, for execution providers that want every op quantized (QLinearSoftmax on the CPU).
+    options: ClassVar[dict[str, tuple[str, ...]]] = {"activations": ("auto", "uint8", "int8"), "softmax": ("float", "int8")}
     default_method = "minmax"
     tools = ("onnx", "onnxruntime", "onnxscript")
     runtime_modules = ("onnxruntime",)
@@ -77,19 +84,25 @@ class OnnxTarget(Target):
             model = _to_fp16(model)
         onnx.checker.check_model(model, full_check=True)
         if plan.quant is not None:
-            return self._quantize_static(model, path, plan.quant, plan.graph_input, plan.target_options["activations"])
+            return self._quantize_static(model, path, plan.quant, plan.graph_input, plan.target_options)
         onnx.save_model(model, str(path))
         return {"onnx": read_back(path)}
 
     def plan(self, options: ExportOptions, quant: QuantSpec | None) -> dict[str, str]:
         chosen = super().plan(options, quant)
-        if "activations" in options.target_options and options.precision != "int8":
-            raise ExportError("onnx: --target-option activations=... applies to --precision int8 only")
-        return chosen if options.precision == "int8" else {}  # the manifest lists only options that shaped the artifact
+        for key in ("activations", "softmax"):
+            if key in options.target_options and options.precision != "int8":
+                raise ExportError(f"onnx: --target-option {key}=... applies to --precision int8 only")
+        if options.precision != "int8":
+            return {}  # the manifest lists only options that shaped the artifact
+        if chosen["activations"] == "auto":
+            chosen["activations"] = "uint8" if u8s8_is_fast() else "int8"
+            logger.info("onnx: activations=auto -> %s (%s)", chosen["activations"], platform.machine())
+        return chosen
 
-    def _quantize_static(self, model: Any, path: Path, quant: QuantSpec, spec: InputSpec, activations: str) -> dict[str, Any]:
+    def _quantize_static(self, model: Any, path: Path, quant: QuantSpec, spec: InputSpec, options: dict[str, str]) -> dict[str, Any]:
         """QDQ static INT8 through onnxruntime.quantization, calibrated on the same set as every target; int8 weights
-        with int8 (S8S8) or uint8 (U8S8) activations."""
+        with int8 (S8S8) or uint8 (U8S8) activations; the attention softmax float or quantized."""
         import tempfile
 
         import onnx
@@ -139,14 +152,18 @@ class OnnxTarget(Target):
                 inputs = inputs[:used]
             quantize_static(
                 str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=quant.weights == "per_channel",
-                activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8, weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8 if options["activations"] == "uint8" else QuantType.QInt8,
+                weight_type=QuantType.QInt8,
                 calibrate_method=method,
                 nodes_to_exclude=excluded, extra_options=extra,
             )  # fmt: skip
+            if options["softmax"] == "float":
+                float_softmax(path)
         return {"onnx": {**read_back(path), "format": "QDQ"},
                 "quantization": {"quantizer": f"onnxruntime quantize_static ({used_method})", "calibrate_method": used_method,
                                  "qdq_types": qdq_types(path),
                                  "calibration_images_used": used,
+                                 "attention": attention_precision(path),
                                  "ops_by_group": ops_by_group(path)}}  # fmt: skip
 
     def load(self, artifact: Artifact, threads: int | None = None) -> OnnxRunner:
@@ -286,6 +303,108 @@ def ops_by_group(path: Path) -> dict[str, dict[str, int]]:
         quantized = len(sources) == 2 and all(src is not None and src.op_type == "DequantizeLinear" for src in sources)
         entry = counts.setdefault(_node_group(node) or "other", {"quantized": 0, "float": 0})
         entry["quantized" if quantized else "float"] += 1
+    return counts
+
+
+def u8s8_is_fast() -> bool:
+    """Whether ONNX Runtime's U8S8 kernels run here at full speed without saturating: x86 CPUs with VNNI
+    (AVX512-VNNI or AVX-VNNI, read from /proc/cpuinfo) and Arm64. Without VNNI, ORT's x86 U8S8 path
+    (VPMADDUBSW) adds pairs in 16 bits and can saturate; S8S8 is the safe choice there."""
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False  # not Linux: no cheap way to read the flags, take the safe choice
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def float_softmax(path: Path) -> int:
+    """Rewire every Softmax fed by a QuantizeLinear -> DequantizeLinear pair to the pair's float input, and drop
+    the pair where nothing else reads it; returns how many were rewired.
+
+    Without the pair ONNX Runtime cannot fuse DQ -> Softmax -> Q into QLinearSoftmax (9x slower than the float
+    softmax here); the int8 MatMul before it (q @ k^T) fuses into MatMulIntegerToFloat instead, so the attention
+    keeps both matmuls in int8 and its softmax gets unrounded scores."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    dropped: set[int] = set()
+    rewired = 0
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "Softmax" else None
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        node.input[0] = q.input[0]
+        rewired += 1
+        readers[dq.output[0]] -= 1
+        if readers[dq.output[0]] == 0:
+            dropped.add(id(dq))
+            readers[q.output[0]] -= 1
+            if readers[q.output[0]] == 0:
+                dropped.add(id(q))
+    if not rewired:
+        return 0
+    kept = [node for node in graph.node if id(node) not in dropped]
+    used = {name for node in kept for name in node.input}
+    initializers = [init for init in graph.initializer if init.name in used]  # the dropped pairs' scales and zero points
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+    return rewired
+
+
+def attention_precision(path: Path) -> dict[str, dict[str, int]]:
+    """Each attention's q @ k^T, softmax and attn @ v as int8 or float, read from the quantized model: a MatMul
+    is int8 when both its operands come out of a DequantizeLinear, the softmax when it sits between a
+    DequantizeLinear and a QuantizeLinear (which ONNX Runtime fuses to QLinearSoftmax)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def before(node: Any, op: str) -> Any:
+        src = producer.get(node.input[0])
+        return src if src is not None and src.op_type == op else None
+
+    def after(node: Any, op: str | None = None) -> Any:
+        nodes = readers.get(node.output[0], [])
+        return nodes[0] if len(nodes) == 1 and op in (None, nodes[0].op_type) else None
+
+    def int8_matmul(node: Any) -> bool:
+        return all((src := producer.get(name)) is not None and src.op_type == "DequantizeLinear" for name in node.input[:2])
+
+    counts = {part: {"int8": 0, "float": 0} for part in ("q_kT", "softmax", "attn_v")}
+    for node in graph.node:
+        if node.op_type != "Softmax":
+            continue
+        dq_in = before(node, "DequantizeLinear")
+        q_in = before(dq_in, "QuantizeLinear") if dq_in is not None else None
+        qk = producer.get(q_in.input[0]) if q_in is not None else producer.get(node.input[0])
+        if qk is None or qk.op_type != "MatMul":
+            continue  # not an attention's softmax (a probs output)
+        q_out = after(node, "QuantizeLinear")
+        dq_out = after(q_out, "DequantizeLinear") if q_out is not None else None
+        av = after(dq_out) if dq_out is not None else after(node)
+        counts["q_kT"]["int8" if int8_matmul(qk) else "float"] += 1
+        counts["softmax"]["int8" if dq_in is not None and q_out is not None else "float"] += 1
+        if av is not None and av.op_type == "MatMul":
+            counts["attn_v"]["int8" if int8_matmul(av) else "float"] += 1
     return counts
 
 

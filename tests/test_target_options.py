@@ -19,6 +19,7 @@ from segformer_edge.calibration.calibset import CalibrationSet, select_calibrati
 from segformer_edge.calibration.spec import QuantSpec
 from segformer_edge.converters import get_target
 from segformer_edge.converters.base import Artifact, ExportOptions
+from segformer_edge.converters.onnx import u8s8_is_fast
 from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, plan_export, verify_artifact
 
 from segformer_edge import save_checkpoint
@@ -41,12 +42,14 @@ OPTIONS: dict[str, tuple[str, str, dict[str, str], float, float]] = {
     "coreml-palettize4": ("coreml", "weight_only", {"weights": "palettize4"}, 0.95, 3.0),
     "executorch-dynamic": ("executorch", "dynamic", {}, 0.995, 0.5),
     "onnx-u8s8": ("onnx", "static", {"activations": "uint8"}, 0.98, 1.0),
+    "onnx-s8s8": ("onnx", "static", {"activations": "int8"}, 0.98, 1.0),
+    "onnx-softmax-int8": ("onnx", "static", {"activations": "uint8", "softmax": "int8"}, 0.98, 1.0),
 }
 
 
 # The target's own options an int8 export of that scheme records (defaults filled in).
 DEFAULTS = {"tflite": {"io": "float", "activations": "int8"}, "coreml": {"weights": "int8"}, "executorch": {},
-            "onnx": {"activations": "int8"}}  # fmt: skip
+            "onnx": {"activations": "uint8" if u8s8_is_fast() else "int8", "softmax": "float"}}  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: one torch thread per module
@@ -170,13 +173,30 @@ def _check_executorch(option: str, artifact: Artifact, applied: dict[str, Any]) 
 
 def _check_onnx(option: str, artifact: Artifact, applied: dict[str, Any]) -> None:
     import onnx
+    import onnxruntime as ort
 
+    activations = OPTIONS[option][2]["activations"]
     model = onnx.load(str(artifact.file))
     inits = {t.name: t for t in model.graph.initializer}
     zero_points = {onnx.helper.tensor_dtype_to_np_dtype(inits[n.input[2]].data_type).name
                    for n in model.graph.node if n.op_type == "QuantizeLinear"}  # fmt: skip
-    assert zero_points == {"uint8"} and set(applied["qdq_types"]["activations"]) == {"uint8"}
-    assert applied["qdq_types"]["weights"].keys() == {"int8"} and applied["qdq_types"]["format"] == "U8S8"
+    assert zero_points == {activations} and set(applied["qdq_types"]["activations"]) == {activations}
+    assert applied["qdq_types"]["weights"].keys() == {"int8"}
+    assert applied["qdq_types"]["format"] == {"uint8": "U8S8", "int8": "S8S8"}[activations]
+    # Every attention: both matmuls int8 and the softmax float (no Q/DQ pair into it) or int8, as the manifest
+    # says and as ONNX Runtime's own optimised graph runs it (softmax=float: q @ k^T as MatMulIntegerToFloat and a
+    # float Softmax; softmax=int8: QLinearMatMul into QLinearSoftmax).
+    blocks = sum(TINY["depths"])
+    softmax = OPTIONS[option][2].get("softmax", "float")
+    assert applied["attention"] == {"q_kT": {"int8": blocks, "float": 0}, "attn_v": {"int8": blocks, "float": 0},
+                                    "softmax": {"int8": blocks * (softmax == "int8"), "float": blocks * (softmax == "float")}}  # fmt: skip
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(artifact.folder.parent / f"{option}.ort-optimized.onnx")
+    ort.InferenceSession(str(artifact.file), options, providers=["CPUExecutionProvider"])
+    ran = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    fused = {"float": ("MatMulIntegerToFloat", "Softmax"), "int8": ("QLinearSoftmax", "QLinearSoftmax")}[softmax]
+    assert ran.count(fused[0]) == blocks and ran.count(fused[1]) == blocks, sorted(set(ran))
+    assert ("QLinearSoftmax" in ran) == (softmax == "int8")
 
 
 CHECKS = {"tflite": _check_tflite, "coreml": _check_coreml, "executorch": _check_executorch, "onnx": _check_onnx}
@@ -198,7 +218,8 @@ REFUSALS = [
     ("coreml", "int8", "dynamic", {}, {}, "scheme dynamic is not supported (choose static, weight_only)"),
     ("executorch", "int8", "weight_only", {}, {}, "scheme weight_only is not supported (choose static, dynamic)"),
     ("onnx", "fp32", "static", {"activations": "uint8"}, {}, "activations=... applies to --precision int8 only"),
-    ("onnx", "int8", "static", {"activations": "int16"}, {}, "activations=int16: choose one of int8, uint8"),
+    ("onnx", "fp16", "static", {"softmax": "int8"}, {}, "softmax=... applies to --precision int8 only"),
+    ("onnx", "int8", "static", {"activations": "int16"}, {}, "activations=int16: choose one of auto, uint8, int8"),
 ]
 
 

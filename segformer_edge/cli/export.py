@@ -43,7 +43,9 @@ int8 options of each runtime (--scheme is shared; -O KEY=VALUE is the target's o
 
   executorch --scheme dynamic: XNNPACK dynamically quantized linears (int8 weights, each input quantized with its own min/max per inference, no calibration); convolutions stay fp32
 
-  onnx -O activations=int8|uint8: S8S8 (default) or U8S8 QDQ. U8S8 suits x86 CPUs with VNNI (AVX512-VNNI, AVX-VNNI); without VNNI, ONNX Runtime's AVX2/AVX-512 U8S8 kernels (VPMADDUBSW) can saturate 16-bit sums and lose accuracy, and S8S8 is the safer choice
+  onnx -O activations=auto|uint8|int8: U8S8 or S8S8 QDQ. auto (default): U8S8 where the exporting CPU has VNNI (AVX512-VNNI, AVX-VNNI) or is Arm64, S8S8 elsewhere: without VNNI, ONNX Runtime's AVX2/AVX-512 U8S8 kernels (VPMADDUBSW) can saturate 16-bit sums and lose accuracy. The manifest records the choice
+
+  onnx -O softmax=float|int8: float (default) keeps the attention softmax's input unquantized, so ONNX Runtime runs q @ k^T as an int8 MatMulIntegerToFloat and the softmax in float (its QLinearSoftmax is several times slower on the CPU); int8 quantizes it too, for execution providers that want a fully quantized graph
 
 Examples:
 

@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
-from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer, SharedQuantizationSpec
+from torchao.quantization.pt2e.quantizer import (
+    QuantizationAnnotation,
+    QuantizationSpec,
+    QuantizationSpecBase,
+    Quantizer,
+    SharedQuantizationSpec,
+)
 
 from .spec import LAYER_GROUPS, QuantSpec, group_of
 
@@ -30,10 +36,12 @@ PT2E_METHODS = ("minmax", "moving_average", "percentile", "mse")  # what the PT2
 
 __all__ = [
     "PT2E_METHODS",
+    "IntegerAttention",
     "PercentileObserver",
     "SpecQuantizer",
     "activation_observer",
     "activation_observers",
+    "attention_precision",
     "count_quantized_ops",
     "pt2e_quantize",
     "reuse_exports",
@@ -129,6 +137,96 @@ class SpecQuantizer(Quantizer):
 
     def prepare_obs_or_fq_callback(self, model: torch.fx.GraphModule, edge_or_node_to_obs_or_fq: dict[Any, Any]) -> None:
         self.inner.prepare_obs_or_fq_callback(model, edge_or_node_to_obs_or_fq)
+
+
+_SOFTMAX = ("aten._softmax.default", "aten.softmax.int")
+_MATMUL = ("aten.bmm.default", "aten.matmul.default")
+
+
+def _attentions(model: torch.fx.GraphModule) -> Iterator[tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node | None]]:
+    """(q @ k^T, softmax, attn @ v) of every attention in a graph, looking through quantize/dequantize pairs:
+    each softmax fed by a matmul, with the matmul that takes its output first (None where there is none)."""
+
+    def source(node: Any) -> Any:
+        while isinstance(node, torch.fx.Node) and node.op == "call_function" and "quantize_per_tensor" in str(node.target):
+            node = node.args[0]  # a dequantize or quantize: the tensor it reads
+        return node
+
+    def consumer(node: torch.fx.Node) -> torch.fx.Node | None:
+        users = list(node.users)
+        while len(users) == 1 and "quantize_per_tensor" in str(users[0].target):
+            users = list(users[0].users)
+        matmuls = [u for u in users if str(u.target) in _MATMUL and source(u.args[0]) is node]
+        return matmuls[0] if len(matmuls) == 1 else None
+
+    for node in model.graph.nodes:
+        if node.op != "call_function" or str(node.target) not in _SOFTMAX:
+            continue
+        qk = source(node.args[0])
+        if isinstance(qk, torch.fx.Node) and str(qk.target) in _MATMUL:
+            yield qk, node, consumer(node)
+
+
+def attention_precision(model: torch.fx.GraphModule) -> dict[str, dict[str, int]]:
+    """Each attention's q @ k^T, softmax and attn @ v as int8 or float, read from a converted PT2E graph: an op is
+    int8 in PT2E's form of a quantized op, its tensor inputs out of dequantizes and its output into a quantize. (A
+    matmul of two dequantized operands whose output is not quantized computes in float, as XNNPACK's does.)"""
+
+    def dequantized(arg: Any) -> bool:
+        return isinstance(arg, torch.fx.Node) and "dequantize" in str(arg.target)
+
+    def integer(node: torch.fx.Node, operands: int) -> bool:
+        quantized_out = bool(node.users) and all("quantize_per_tensor" in str(u.target) and "dequantize" not in str(u.target)
+                                                 for u in node.users)  # fmt: skip
+        return quantized_out and all(map(dequantized, node.args[:operands]))
+
+    counts = {part: {"int8": 0, "float": 0} for part in ("q_kT", "softmax", "attn_v")}
+    for qk, softmax, av in _attentions(model):
+        counts["q_kT"]["int8" if integer(qk, 2) else "float"] += 1
+        counts["softmax"]["int8" if integer(softmax, 1) else "float"] += 1
+        if av is not None:
+            counts["attn_v"]["int8" if integer(av, 2) else "float"] += 1
+    return counts
+
+
+class IntegerAttention(Quantizer):
+    """A target's PT2E quantizer with the attention in integer: both matmuls of every attention take quantized
+    operands and give a quantized output, and the softmax between them runs on integers with the fixed output
+    range integer softmax kernels require (``softmax_output``; TFLite: scale 1/256, zero point -128).
+
+    The backends' own quantizers leave ``bmm`` and the softmax float. Everything else is the inner quantizer's;
+    attributes it has (a lowering may read ``global_config``) pass through.
+    """
+
+    def __init__(self, inner: Quantizer, activation: QuantizationSpec, softmax_output: QuantizationSpecBase) -> None:
+        super().__init__()
+        self.inner = inner
+        self.activation = activation
+        self.softmax_output = softmax_output
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+    def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return self.inner.transform_for_annotation(model)
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        for qk, softmax, av in list(_attentions(model)):
+            qk.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={arg: self.activation for arg in qk.args[:2]}, output_qspec=self.activation, _annotated=True
+            )
+            softmax.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={qk: SharedQuantizationSpec(qk)}, output_qspec=self.softmax_output, _annotated=True
+            )
+            if av is not None:  # its first operand is the softmax: the same (fixed) range, not a second observer
+                specs = {arg: SharedQuantizationSpec(softmax) if arg is softmax else self.activation for arg in av.args[:2]}
+                av.meta["quantization_annotation"] = QuantizationAnnotation(
+                    input_qspec_map=specs, output_qspec=self.activation, _annotated=True
+                )
+        return self.inner.annotate(model)
+
+    def validate(self, model: torch.fx.GraphModule) -> None:
+        self.inner.validate(model)
 
 
 def _drop_broken_sharing(model: torch.fx.GraphModule) -> None:

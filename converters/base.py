@@ -216,6 +216,8 @@ class Target:
     default_method: ClassVar[str] = "mse"  # what --method auto means for this target
     quant_weights: ClassVar[tuple[str, ...]] = ("per_channel", "per_tensor")
     options: ClassVar[dict[str, tuple[str, ...]]] = {}  # --target-option KEY -> allowed values (first: default)
+    # Another target's option this one cannot honour, and why: refused with the reason, not as an unknown option.
+    refused_options: ClassVar[dict[str, str]] = {}
     tools: ClassVar[tuple[str, ...]] = ()  # packages whose versions the manifest records
     runtime_modules: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str] = "export"  # the pip extra that installs what the runner needs
@@ -272,6 +274,8 @@ class Target:
                     raise ExportError(f"{self.name}: int8 {flag} {value} is not supported (choose {', '.join(allowed)})")
         chosen = {}
         for key, value in options.target_options.items():
+            if key in self.refused_options:
+                raise ExportError(f"{self.name}: --target-option {key} is not supported: {self.refused_options[key]}")
             if key not in self.options:
                 known = ", ".join(self.options) or "none"
                 raise ExportError(f"{self.name}: unknown --target-option {key} (this target's options: {known})")
@@ -311,12 +315,13 @@ class Target:
         quantizer = self.quantizer_for(quant, target_options)
         if quantizer is None:
             return module, {}
-        from segformer_edge.calibration.recipes import SpecQuantizer, count_quantized_ops, pt2e_quantize
+        from segformer_edge.calibration.recipes import SpecQuantizer, attention_precision, count_quantized_ops, pt2e_quantize
 
         wrapped = SpecQuantizer(quantizer, quant)
         quantized, observers = pt2e_quantize(module, example, wrapped, inputs, fold_quantize=self.fold_quantize)
         return quantized, {"quantizer": type(quantizer).__name__, "activation_observers": observers,
-                           "ops_by_group": count_quantized_ops(quantized)}  # fmt: skip
+                           "ops_by_group": count_quantized_ops(quantized),
+                           "attention": attention_precision(quantized)}  # fmt: skip
 
     def convert(self, module: torch.nn.Module, example: torch.Tensor, path: Path, plan: ExportPlan) -> dict[str, Any]:
         """Write the model file at ``path``; return manifest fields read back from what was written.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -95,6 +95,10 @@ class ExecuTorchTarget(Target):
     # The portable topk kernel sorts: 7.9 ms for the top 2 of 150 classes at 128x128, against 3.5 ms for two
     # argmax passes and a scatter (measured in isolation, 2 threads); LiteRT's TOPK_V2 is the faster there.
     mask_runner_up = "rescan"
+    refused_options: ClassVar[dict[str, str]] = {
+        "attention": "XNNPACK runs batch matmul in fp32 only (ExecuTorch 1.5.1's BMMConfig), so the attention's matmuls "
+        "and softmax stay float; quantization.applied.attention in the manifest says so",
+    }
 
     def prepare(self, module):  # type: ignore[no-untyped-def]
         from .graph import decompose_layer_norms

@@ -159,12 +159,15 @@ class TFLiteTarget(Target):
     fold_quantize = False  # litert-torch's lowering expects the weight quantize ops in the graph
     # int8: graph edges of a full-integer model (float: quantize/dequantize ops inside the model; int8 or uint8:
     # integer tensors, for NPUs and microcontrollers). activations: int8, or int16 with int8 weights (16x8).
-    options: ClassVar[dict[str, tuple[str, ...]]] = {"io": IO_TYPES, "activations": ("int8", "int16")}
+    # attention: float (the matmuls and softmax between the int8 layers stay float: XNNPACK delegates them, and
+    # has no int8 batch matmul or softmax) or int8 (a fully integer graph, for NPU delegates and microcontrollers;
+    # on a CPU those ops fall back to LiteRT's built-in kernels: benchmarks/ATTENTION.md).
+    options: ClassVar[dict[str, tuple[str, ...]]] = {"io": IO_TYPES, "activations": ("int8", "int16"), "attention": ("float", "int8")}
 
     def plan(self, options: ExportOptions, quant: QuantSpec | None) -> dict[str, str]:
         chosen = super().plan(options, quant)
         asked = options.target_options
-        for key in ("io", "activations"):
+        for key in ("io", "activations", "attention"):
             if key in asked and options.precision != "int8":
                 raise ExportError(f"tflite: --target-option {key}={asked[key]} applies to --precision int8 only")
         if chosen["io"] != "float":
@@ -181,6 +184,8 @@ class TFLiteTarget(Target):
                                   "groups (--budget) need activations=int8")  # fmt: skip
             if quant.weights != "per_channel":
                 raise ExportError("tflite: activations=int16 has per-channel int8 weights only (ai-edge-quantizer's static_wi8_ai16)")
+            if chosen["attention"] == "int8":
+                raise ExportError("tflite: attention=int8 needs activations=int8 (16x8 quantizes what ai-edge-quantizer supports)")
         return chosen if options.precision == "int8" else {}  # both options shape a quantized model only
 
     def prepare(self, module):  # type: ignore[no-untyped-def]
@@ -192,18 +197,25 @@ class TFLiteTarget(Target):
         return "minmax" if options.target_options.get("activations") == "int16" else self.default_method
 
     def quantizer_for(self, quant: QuantSpec, target_options: dict[str, str] | None = None) -> Any:
-        return self.pt2e_quantizer(quant, activations=(target_options or {}).get("activations", "int8"))
+        options = target_options or {}
+        return self.pt2e_quantizer(quant, activations=options.get("activations", "int8"), attention=options.get("attention", "float"))
 
-    def pt2e_quantizer(self, quant: QuantSpec, activations: str = "int8") -> Any:
-        """litert-torch PT2E full integer: int8 weights and activations. None for 16x8 (activations=int16): litert-torch
-        0.10's lowering has no 16-bit form of some ops (``tfl.concatenation`` refuses QI16 operands), so 16x8 is made
-        by ai-edge-quantizer's ``static_wi8_ai16`` recipe on the float model instead."""
+    def pt2e_quantizer(self, quant: QuantSpec, activations: str = "int8", attention: str = "float") -> Any:
+        """litert-torch PT2E full integer: int8 weights and activations (the attention's matmuls and softmax too with
+        ``attention="int8"``). None for 16x8 (activations=int16): litert-torch 0.10's lowering has no 16-bit form of
+        some ops (``tfl.concatenation`` refuses QI16 operands), so 16x8 is made by ai-edge-quantizer's
+        ``static_wi8_ai16`` recipe on the float model instead."""
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
         if activations == "int16":
             return None  # 16x8 is made by ai-edge-quantizer on the float model (see _quantize_16x8)
         config = get_symmetric_quantization_config(is_per_channel=quant.weights == "per_channel", is_dynamic=False)
-        return PT2EQuantizer().set_global(config)
+        quantizer = PT2EQuantizer().set_global(config)
+        if attention == "int8":
+            from segformer_edge.calibration.recipes import IntegerAttention
+
+            return IntegerAttention(quantizer, config.input_activation, config.fixed_qparams)
+        return quantizer
 
     def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import litert_torch
@@ -231,6 +243,7 @@ class TFLiteTarget(Target):
         back = read_back(path)
         if plan.quant is not None:
             lowered["quantization"]["activations"] = back["compute_inputs"]  # the dtypes conv/FC read, from the flatbuffer
+            lowered["quantization"]["attention_ops"] = attention_ops(path)
         return {"tflite": {"converter": "litert-torch", **back}, "delegation": delegation_report(path), "io": model_io(path),
                 **lowered}  # fmt: skip
 
@@ -390,3 +403,43 @@ def read_back(path: Path) -> dict[str, Any]:
             name = np.dtype(act["dtype"]).name
             activation_dtypes[name] = activation_dtypes.get(name, 0) + 1
     return {"weights": weight_dtypes, "compute_inputs": activation_dtypes}
+
+
+def attention_ops(path: Path) -> dict[str, dict[str, int]]:
+    """Each attention's q @ k^T, softmax and attn @ v by the dtype they compute in, read from the flatbuffer: the
+    BATCH_MATMUL feeding each SOFTMAX and the one it feeds (through QUANTIZE/DEQUANTIZE ops)."""
+    interpreter_cls, _ = _interpreter_class()
+    interpreter = interpreter_cls(model_path=str(path), num_threads=1)
+    ops = interpreter._get_ops_details()
+    dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
+    producer = {int(t): op for op in ops for t in op["outputs"]}
+    readers: dict[int, list[dict[str, Any]]] = {}
+    for op in ops:
+        for t in op["inputs"]:
+            readers.setdefault(int(t), []).append(op)
+    passthrough = ("QUANTIZE", "DEQUANTIZE")
+
+    def back(tensor: int) -> dict[str, Any] | None:
+        op = producer.get(tensor)
+        while op is not None and op["op_name"] in passthrough:
+            op = producer.get(int(op["inputs"][0]))
+        return op
+
+    def forward(tensor: int) -> dict[str, Any] | None:
+        users = readers.get(tensor, [])
+        while len(users) == 1 and users[0]["op_name"] in passthrough:
+            users = readers.get(int(users[0]["outputs"][0]), [])
+        return users[0] if len(users) == 1 else None
+
+    counts: dict[str, dict[str, int]] = {part: {} for part in ("q_kT", "softmax", "attn_v")}
+    for op in ops:
+        if op["op_name"] != "SOFTMAX":
+            continue
+        qk, av = back(int(op["inputs"][0])), forward(int(op["outputs"][0]))
+        if qk is None or qk["op_name"] != "BATCH_MATMUL":
+            continue
+        for part, node in (("q_kT", qk), ("softmax", op), ("attn_v", av)):
+            if node is not None and (part == "softmax" or node["op_name"] == "BATCH_MATMUL"):
+                dtype = dtypes[int(node["inputs"][0])]
+                counts[part][dtype] = counts[part].get(dtype, 0) + 1
+    return counts

@@ -36,6 +36,7 @@ OPTIONS: dict[str, tuple[str, str, dict[str, str], float, float]] = {
     "tflite-io-int8": ("tflite", "static", {"io": "int8"}, 0.98, 1.0),
     "tflite-io-uint8": ("tflite", "static", {"io": "uint8"}, 0.98, 1.0),
     "tflite-int16x8": ("tflite", "static", {"activations": "int16"}, 0.98, 1.0),
+    "tflite-attention-int8": ("tflite", "static", {"attention": "int8"}, 0.98, 1.0),
     "coreml-weight-int8": ("coreml", "weight_only", {}, 0.995, 0.5),
     "coreml-palettize8": ("coreml", "weight_only", {"weights": "palettize8"}, 0.995, 0.5),
     "coreml-palettize6": ("coreml", "weight_only", {"weights": "palettize6"}, 0.99, 1.0),
@@ -48,7 +49,7 @@ OPTIONS: dict[str, tuple[str, str, dict[str, str], float, float]] = {
 
 
 # The target's own options an int8 export of that scheme records (defaults filled in).
-DEFAULTS = {"tflite": {"io": "float", "activations": "int8"}, "coreml": {"weights": "int8"}, "executorch": {},
+DEFAULTS = {"tflite": {"io": "float", "activations": "int8", "attention": "float"}, "coreml": {"weights": "int8"}, "executorch": {},
             "onnx": {"activations": "uint8" if u8s8_is_fast() else "int8", "softmax": "float"}}  # fmt: skip
 
 
@@ -124,6 +125,20 @@ def _check_tflite(option: str, artifact: Artifact, applied: dict[str, Any]) -> N
     inputs = {np.dtype(tensors[int(op["inputs"][0])]["dtype"]).name for op in compute if int(op["inputs"][0]) in tensors}
     expected = "int16" if option == "tflite-int16x8" else "int8"
     assert inputs == {expected} and applied["activations"] == {expected: len(compute)}, (inputs, applied["activations"])
+    # The attention's BATCH_MATMULs and SOFTMAX, found in the interpreter's op list beside each other: int8 with
+    # attention=int8 (where XNNPACK delegates none of them), float otherwise; the manifest says the same.
+    ops = interpreter._get_ops_details()
+    dtype = lambda op: np.dtype(tensors[int(op["inputs"][0])]["dtype"]).name  # noqa: E731
+    found = {name: sorted({dtype(op) for op in ops if op["op_name"] == name}) for name in ("BATCH_MATMUL", "SOFTMAX")}
+    blocks = sum(TINY["depths"])
+    if option == "tflite-attention-int8":
+        assert found == {"BATCH_MATMUL": ["int8"], "SOFTMAX": ["int8"]}, found
+        assert applied["attention_ops"] == {"q_kT": {"int8": blocks}, "softmax": {"int8": blocks}, "attn_v": {"int8": blocks}}
+        assert applied["attention"] == {part: {"int8": blocks, "float": 0} for part in ("q_kT", "softmax", "attn_v")}
+        assert {"BATCH_MATMUL", "SOFTMAX"} <= set(artifact.manifest["delegation"]["portable_ops"])
+    elif option != "tflite-int16x8":
+        assert found == {"BATCH_MATMUL": ["float32"], "SOFTMAX": ["float32"]}, found
+        assert applied["attention_ops"] == {"q_kT": {"float32": blocks}, "softmax": {"float32": blocks}, "attn_v": {"float32": blocks}}
     if option == "tflite-int16x8":
         assert applied["quantizer"].startswith("ai-edge-quantizer static_wi8_ai16")
         assert artifact.manifest["quantization"]["method"] == "minmax"  # --method auto: the min/max ranges it has
@@ -169,6 +184,8 @@ def _check_executorch(option: str, artifact: Artifact, applied: dict[str, Any]) 
     assert all(groups[f"stage{i}"]["quantized"] > 0 for i in range(1, 5))
     assert groups["decoder.head"]["quantized"] == 0  # convolutions stay fp32
     assert artifact.manifest["io"] == {"inputs": ["float32"], "outputs": ["float32"]}
+    blocks = sum(TINY["depths"])  # XNNPACK's batch matmul is fp32-only: every attention stays float, and says so
+    assert applied["attention"] == {part: {"int8": 0, "float": blocks} for part in ("q_kT", "softmax", "attn_v")}
 
 
 def _check_onnx(option: str, artifact: Artifact, applied: dict[str, Any]) -> None:
@@ -217,6 +234,9 @@ REFUSALS = [
     ("coreml", "int8", "weight_only", {"weights": "palettize3"}, {}, "choose one of int8, palettize4, palettize6, palettize8"),
     ("coreml", "int8", "dynamic", {}, {}, "scheme dynamic is not supported (choose static, weight_only)"),
     ("executorch", "int8", "weight_only", {}, {}, "scheme weight_only is not supported (choose static, dynamic)"),
+    ("executorch", "int8", "static", {"attention": "int8"}, {}, "attention is not supported: XNNPACK runs batch matmul in fp32 only"),
+    ("tflite", "fp32", "static", {"attention": "int8"}, {}, "attention=int8 applies to --precision int8 only"),
+    ("tflite", "int8", "static", {"attention": "int8", "activations": "int16"}, {}, "attention=int8 needs activations=int8"),
     ("onnx", "fp32", "static", {"activations": "uint8"}, {}, "activations=... applies to --precision int8 only"),
     ("onnx", "fp16", "static", {"softmax": "int8"}, {}, "softmax=... applies to --precision int8 only"),
     ("onnx", "int8", "static", {"activations": "int16"}, {}, "activations=int16: choose one of auto, uint8, int8"),

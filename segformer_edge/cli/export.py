@@ -37,6 +37,8 @@ int8 options of each runtime (--scheme is shared; -O KEY=VALUE is the target's o
 
   tflite -O activations=int16: 16-bit activations with int8 weights (16x8, ai-edge-quantizer, min/max ranges) for NPUs and DSPs that run 16x8; XNNPACK has no int16 kernels, so on a CPU it runs in LiteRT's far slower reference kernels
 
+  tflite -O attention=float|int8: the attention's matmuls and softmax float (default; XNNPACK runs them) or int8 too, a fully integer graph for NPUs and microcontrollers (on a CPU they fall back to LiteRT's slower built-in kernels)
+
   coreml (default --scheme static): W8A8 (int8 weights, uint8 activations, iOS17)
 
   coreml --scheme weight_only [-O weights=int8|palettize4|palettize6|palettize8]: float activations, weights stored as int8 (default) or k-means palettized to 4, 6 or 8 bits (iOS16); 4-bit is held to looser parity (agreement 95%, drop 3 points)

@@ -286,8 +286,9 @@ class Target:
 
     # -- capture, quantize, lower --------------------------------------------------------------------
 
-    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Export-time module swaps this target needs (the checkpoint's modules are never changed)."""
+    def prepare(self, module: torch.nn.Module, plan: ExportPlan | None = None) -> torch.nn.Module:
+        """Export-time module swaps this target needs (the checkpoint's modules are never changed), for the
+        export ``plan`` (its precision, options and quantization spec)."""
         return module
 
     def pt2e_quantizer(self, quant: QuantSpec) -> Any:

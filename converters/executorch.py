@@ -100,10 +100,18 @@ class ExecuTorchTarget(Target):
         "and softmax stay float; quantization.applied.attention in the manifest says so",
     }
 
-    def prepare(self, module):  # type: ignore[no-untyped-def]
-        from .graph import decompose_layer_norms
+    def prepare(self, module, plan=None):  # type: ignore[no-untyped-def]
+        """LayerNorms decomposed (their statistics stay fp32 under the quantizer) and, for fp32 and static int8,
+        Mix-FFN's linears as 1x1 convolutions on the map (fewer NCHW/NHWC transposes in XNNPACK:
+        :class:`~.graph.ChannelsFirstMixFFN`). Not for ``--scheme dynamic``, whose dynamically quantized ops are
+        the linears, nor for fp16, where XNNPACK keeps 1x1 convolution weights in fp32 (the .pte grew from 0.5 to
+        0.9 of the fp32 weights' bytes)."""
+        from .graph import channels_first_mix_ffn, decompose_layer_norms
 
-        return decompose_layer_norms(module)
+        module = decompose_layer_norms(module)
+        if plan is None or plan.options.precision == "fp16" or (plan.quant is not None and plan.quant.scheme == "dynamic"):
+            return module
+        return channels_first_mix_ffn(module)
 
     def pt2e_quantizer(self, quant: QuantSpec) -> Any:
         """XNNPACKQuantizer, per-channel weights; LayerNorm statistics deliberately stay fp32.

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segformer_edge.inputs import InputSpec
-from segformer_edge.model import EfficientSelfAttention, SegFormer
+from segformer_edge.model import EfficientSelfAttention, MixFFN, SegFormer
 
 from .base import TAPS
 
@@ -255,6 +255,51 @@ def decompose_layer_norms(module: nn.Module) -> nn.Module:
         for attr, sub in list(child.named_children()):
             if isinstance(sub, nn.LayerNorm):
                 setattr(child, attr, DecomposedLayerNorm(sub))
+    return module
+
+
+class ChannelsFirstMixFFN(nn.Module):
+    """:class:`MixFFN` with ``fc1`` and ``fc2`` as 1x1 convolutions on the NCHW map: the same function, the same
+    weights, under the same module paths (float-kept layers and per-group counts find them).
+
+    ExecuTorch's XNNPACK delegate runs convolutions in NHWC and puts a transpose wherever a token view (B, N, C)
+    meets an NCHW map. MixFFN goes tokens -> map -> tokens around its depth-wise conv, on the hidden tensor, four
+    times as wide as the block (4 transposes of (B, 4C, H, W) per block; int8 Transpose was 18% of b0's INT8 time at
+    512x512). With fc1 and fc2 on the map, the round trip happens on the block's C channels instead, and
+    everything between fc1 and fc2 stays in NHWC.
+    """
+
+    def __init__(self, mlp: MixFFN) -> None:
+        super().__init__()
+        self.fc1 = _linear_as_conv(mlp.fc1)
+        self.dwconv = mlp.dwconv
+        self.act = mlp.act
+        self.fc2 = _linear_as_conv(mlp.fc2)
+
+    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        b, n, c = x.shape
+        x = x.transpose(1, 2).reshape(b, c, h, w)  # (B, N, C) -> (B, C, H, W)
+        x = self.fc2(self.act(self.dwconv(self.fc1(x))))  # (B, C, H, W) -> (B, Ch, H, W) -> (B, C, H, W)
+        return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, C)
+
+
+def _linear_as_conv(linear: nn.Linear) -> nn.Conv2d:
+    """A 1x1 convolution computing ``linear`` over the channels of an NCHW map."""
+    conv = nn.Conv2d(linear.in_features, linear.out_features, kernel_size=1, bias=linear.bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight[:, :, None, None])  # (out, in) -> (out, in, 1, 1)
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+    return conv
+
+
+def channels_first_mix_ffn(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every :class:`MixFFN` replaced by :class:`ChannelsFirstMixFFN`."""
+    module = copy.deepcopy(module)
+    for child in list(module.modules()):
+        for attr, sub in list(child.named_children()):
+            if type(sub) is MixFFN:
+                setattr(child, attr, ChannelsFirstMixFFN(sub))
     return module
 
 

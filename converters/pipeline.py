@@ -160,7 +160,8 @@ def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor
         model, outliers = rewrite_outliers(model, plan)
     edge = EdgeModule(model, plan.graph_input, plan.options.output, plan.options.taps, plan.options.mask_size,
                       runner_up=plan.target.mask_runner_up)  # fmt: skip
-    module = plan.target.prepare(edge.eval()).eval()
+    takes_plan = "plan" in inspect.signature(plan.target.prepare).parameters  # a plugin's older override may not
+    module = (plan.target.prepare(edge.eval(), plan=plan) if takes_plan else plan.target.prepare(edge.eval())).eval()
     shape = plan.graph_input.shape
     example = torch.randint(0, 256, shape, dtype=torch.uint8) if plan.graph_input.kind == "uint8" else torch.rand(shape)
     return module, example, outliers

@@ -185,6 +185,30 @@ def test_row_split_attention_is_the_same_attention(small_model: SegFormer, size:
         torch.testing.assert_close(split(x), small_model(x), rtol=0, atol=1e-5)
 
 
+def test_channels_first_mix_ffn_is_the_same_mix_ffn_without_its_wide_transposes(small_model: SegFormer) -> None:
+    """ExecuTorch's Mix-FFN swap: the same outputs and module paths, and no transpose of the 4x-wide hidden tensor
+    left in the exported graph (the ones XNNPACK runs around every depth-wise conv)."""
+    from segformer_edge.converters.graph import ChannelsFirstMixFFN, channels_first_mix_ffn
+
+    swapped = channels_first_mix_ffn(small_model).eval()
+    assert {n for n, _ in swapped.named_modules()} == {n for n, _ in small_model.named_modules()}
+    assert sum(isinstance(m, ChannelsFirstMixFFN) for m in swapped.modules()) == sum(small_model.config.depths)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x), small_model(x), rtol=0, atol=1e-5)
+    config = small_model.config
+    # Elements of each stage's hidden tensor (B, 4C, H/2^(i+2), W/2^(i+2)): no C-wide tensor has as many.
+    hidden = {dim * config.mlp_ratio * (64 >> (i + 2)) * (96 >> (i + 2)) for i, dim in enumerate(config.embed_dims)}
+
+    def wide_transposes(module: torch.nn.Module) -> int:
+        graph = torch.export.export(module, (x,)).graph
+        return sum(1 for n in graph.nodes if ("transpose" in str(n.target) or "permute" in str(n.target))
+                   and n.meta["val"].numel() in hidden)  # fmt: skip
+
+    assert wide_transposes(small_model) == 2 * sum(config.depths)  # into and out of every depth-wise conv
+    assert wide_transposes(swapped) == 0
+
+
 def test_onnx_runs_one_artifact_at_two_sizes(small_model: SegFormer, tmp_path: Path) -> None:
     from segformer_edge.converters.onnx import OnnxRunner
 

@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 JSON_PATH = HERE / "attention.json"
 MD_PATH = HERE / "ATTENTION.md"
 PARITY = [("tflite", {"attention": "float"}), ("tflite", {"attention": "int8"}),
@@ -36,24 +34,12 @@ PARITY = [("tflite", {"attention": "float"}), ("tflite", {"attention": "int8"}),
 
 
 def _parity(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
-    sys.path.insert(0, str(HERE))
-    from int8 import FACTORS
-    from segformer_edge.calibration.calibset import select_calibration_set
-    from segformer_edge.calibration.outliers import inject_outliers
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters.base import ExportOptions
-    from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, verify_artifact
+    from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+    from setups import reference_and_stressed
 
-    from segformer_edge import save_checkpoint
-    from segformer_edge.weights import builtin_checkpoint, load_pretrained
-
-    ckpt = builtin_checkpoint()
-    reference = load_pretrained(ckpt)
-    size = tuple(reference.meta.input_size)
-    calib = select_calibration_set("synthetic", 32, size, reference.config.num_classes, checkpoint_sha256=checkpoint_digest(ckpt))
-    stressed = inject_outliers(reference, FACTORS)
-    out.mkdir(parents=True, exist_ok=True)
-    models = {"reference": (reference, ckpt), "outlier-stressed": (stressed, save_checkpoint(stressed, out / "stressed.safetensors"))}
+    models, size, calib = reference_and_stressed(out)
     rows = []
     for label, (model, checkpoint) in models.items():
         for target, options in PARITY:
@@ -70,23 +56,14 @@ def _parity(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
 
 
 def _latency(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_photo_folder, save_hf_model
-    from segformer_edge.calibration.calibset import select_calibration_set
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters.base import ExportOptions
     from segformer_edge.converters.bench import bench_paired
-    from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, float_labeler
+    from segformer_edge.converters.pipeline import export_artifact
+    from setups import user_config
 
-    from segformer_edge.weights import load_pretrained
-
-    work = Path(args.work)
     size = (args.size, args.size)
-    checkpoint = save_hf_model(work / "b0-150", num_labels=150, tiny=False)
-    photos = make_photo_folder(work / "photos", n=8)
-    model = load_pretrained(checkpoint)
-    calib = select_calibration_set(str(photos), 8, size, model.config.num_classes,
-                                   checkpoint_sha256=checkpoint_digest(checkpoint), labeler=float_labeler(model, size))  # fmt: skip
+    checkpoint, model, calib = user_config(Path(args.work), size, args.calibration_images)
     rows = []
     for attention in ("float", "int8"):
         artifact, _ = export_artifact(model, "tflite", ExportOptions(size=size, precision="int8", target_options={"attention": attention}),
@@ -149,19 +126,13 @@ def render(record: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    from setups import add_user_config_options, measure_or_render
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=10)
+    add_user_config_options(parser, "only rewrite ATTENTION.md from the JSON")
+    parser.add_argument("--images", type=int, default=100, help="val images each parity row is verified on")
     parser.add_argument("--out", default="exports/attention-bench")
-    parser.add_argument("--work", default="exports/user-config-bench")
-    parser.add_argument("--render", action="store_true", help="only rewrite ATTENTION.md from the JSON")
-    args = parser.parse_args()
-    if not args.render:
-        JSON_PATH.write_text(json.dumps(measure(args), indent=2, default=str) + "\n")
-    render(json.loads(JSON_PATH.read_text()))
+    measure_or_render(parser.parse_args(), measure, render, JSON_PATH)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from setups import FACTORS  # the stressed copy's outliers (benchmarks/setups.py)
+
 HERE = Path(__file__).parent
 TARGETS = ("executorch", "tflite", "coreml", "onnx", "openvino")
 MODELS = ("outlier-stressed", "reference")
-FACTORS = (120.0, 60.0, 30.0)  # the stressed copy's outliers, on three channels of every LayerNorm site
 FORCED = ("smoothquant", "bias_correction", "smoothquant+bias_correction")  # at each target's default method
 
 logger = logging.getLogger("benchmarks.int8")
@@ -60,24 +61,16 @@ def measure(images: int, out: Path, targets: tuple[str, ...], done: list[dict[st
     Rows in ``done`` (from an interrupted run at the same settings) are kept, not measured again; ``save``
     gets the data after every row."""
     import torch
-    from segformer_edge.calibration.calibset import select_calibration_set
-    from segformer_edge.calibration.outliers import inject_outliers
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters.base import ExportOptions, tool_versions
     from segformer_edge.converters.bench import bench_artifact, bench_torch, machine_info
-    from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, verify_artifact
+    from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+    from setups import reference_and_stressed
 
-    from segformer_edge import save_checkpoint
-    from segformer_edge.weights import builtin_checkpoint, load_pretrained
-
-    ckpt = builtin_checkpoint()
-    reference = load_pretrained(ckpt)
-    size = tuple(reference.meta.input_size)
-    calib = select_calibration_set("synthetic", 32, size, reference.config.num_classes, checkpoint_sha256=checkpoint_digest(ckpt))
-    stressed = inject_outliers(reference, FACTORS)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoints = {"reference": ckpt, "outlier-stressed": save_checkpoint(stressed, out / "stressed.safetensors")}
-    models = {"reference": reference, "outlier-stressed": stressed}
+    pairs, size, calib = reference_and_stressed(out)
+    models = {label: model for label, (model, _) in pairs.items()}
+    checkpoints = {label: path for label, (_, path) in pairs.items()}
+    reference, stressed = models["reference"], models["outlier-stressed"]
     x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))  # (2, 3, H, W)
     with torch.no_grad():
         preserved = float((stressed(x) - reference(x)).abs().max())

@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 JSON_PATH = HERE / "onnx_int8.json"
 MD_PATH = HERE / "ONNX_INT8.md"
 VARIANTS: list[dict[str, str]] = [
@@ -36,24 +34,16 @@ VARIANTS: list[dict[str, str]] = [
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_photo_folder, save_hf_model
-    from segformer_edge.calibration.calibset import select_calibration_set
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters.base import ExportOptions
     from segformer_edge.converters.bench import bench_paired, machine_info
     from segformer_edge.converters.onnx import u8s8_is_fast
-    from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, float_labeler
-
-    from segformer_edge.weights import load_pretrained
+    from segformer_edge.converters.pipeline import export_artifact
+    from setups import user_config
 
     work = Path(args.work)
     size = (args.size, args.size)
-    checkpoint = save_hf_model(work / "b0-150", num_labels=150, tiny=False)
-    photos = make_photo_folder(work / "photos", n=args.calibration_images)
-    model = load_pretrained(checkpoint)
-    calib = select_calibration_set(str(photos), args.calibration_images, size, model.config.num_classes,
-                                   checkpoint_sha256=checkpoint_digest(checkpoint), labeler=float_labeler(model, size))  # fmt: skip
+    checkpoint, model, calib = user_config(work, size, args.calibration_images)
     rows: list[dict[str, Any]] = []
     for options in [None, *VARIANTS]:
         precision = "fp32" if options is None else "int8"
@@ -107,18 +97,11 @@ def render(record: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    from setups import add_user_config_options, measure_or_render
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--calibration-images", type=int, default=8)
-    parser.add_argument("--work", default="exports/user-config-bench")
-    parser.add_argument("--render", action="store_true", help="only rewrite ONNX_INT8.md from the JSON")
-    args = parser.parse_args()
-    if not args.render:
-        JSON_PATH.write_text(json.dumps(measure(args), indent=2, default=str) + "\n")
-    render(json.loads(JSON_PATH.read_text()))
+    add_user_config_options(parser, "only rewrite ONNX_INT8.md from the JSON")
+    measure_or_render(parser.parse_args(), measure, render, JSON_PATH)
 
 
 if __name__ == "__main__":

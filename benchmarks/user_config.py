@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 JSON_PATH = HERE / "user_config.json"
 MD_PATH = HERE / "USER_CONFIG.md"
 OUTPUTS = ("logits", "mask")
@@ -41,15 +39,11 @@ PRECISIONS = ("fp32", "int8")
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_photo_folder, save_hf_model
-    from segformer_edge.calibration.calibset import select_calibration_set
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters import get_target
     from segformer_edge.converters.base import ExportOptions
-    from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, float_labeler
-
-    from segformer_edge.weights import load_pretrained
+    from segformer_edge.converters.pipeline import export_artifact
+    from setups import user_config
 
     work = Path(args.work)
     size = (args.size, args.size)
@@ -57,11 +51,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         stored = json.loads(JSON_PATH.read_text())
         rows = [{k: r[k] for k in ("target", "precision", "output", "artifact")} for r in stored["rows"]]
         return _timed(args, rows, work / "b0-150", tuple(stored["size"]), stored["versions"], stored["calibration_images"])
-    checkpoint = save_hf_model(work / "b0-150", num_labels=150, tiny=False)
-    photos = make_photo_folder(work / "photos", n=args.calibration_images)
-    model = load_pretrained(checkpoint)
-    calib = select_calibration_set(str(photos), args.calibration_images, size, model.config.num_classes,
-                                   checkpoint_sha256=checkpoint_digest(checkpoint), labeler=float_labeler(model, size))  # fmt: skip
+    checkpoint, model, calib = user_config(work, size, args.calibration_images)
     rows: list[dict[str, Any]] = []
     versions: dict[str, str] = {"torch": torch.__version__}
     for target in args.targets.split(","):
@@ -136,15 +126,11 @@ def render(record: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=512)
+    from setups import add_user_config_options
+
+    add_user_config_options(parser, "rewrite USER_CONFIG.md from user_config.json")
     parser.add_argument("--targets", default="executorch,tflite,onnx,openvino")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--calibration-images", type=int, default=8)
-    parser.add_argument("--work", default="exports/user-config-bench")
     parser.add_argument("--retime", action="store_true", help="bench again the artifacts user_config.json names")
-    parser.add_argument("--render", action="store_true", help="rewrite USER_CONFIG.md from user_config.json")
     args = parser.parse_args()
     record = json.loads(JSON_PATH.read_text()) if args.render else measure(args)
     render(record)

@@ -27,6 +27,7 @@ ROWS: list[tuple[str, str, str, dict[str, str]]] = [
     ("-O io=int8", "tflite", "static", {"io": "int8"}),
     ("-O io=uint8", "tflite", "static", {"io": "uint8"}),
     ("-O activations=int16 (16x8)", "tflite", "static", {"activations": "int16"}),
+    ("-O attention=int8", "tflite", "static", {"attention": "int8"}),
     ("default (W8A8)", "coreml", "static", {}),
     ("--scheme weight_only (int8)", "coreml", "weight_only", {}),
     ("--scheme weight_only -O weights=palettize8", "coreml", "weight_only", {"weights": "palettize8"}),
@@ -34,8 +35,10 @@ ROWS: list[tuple[str, str, str, dict[str, str]]] = [
     ("--scheme weight_only -O weights=palettize4", "coreml", "weight_only", {"weights": "palettize4"}),
     ("default (static)", "executorch", "static", {}),
     ("--scheme dynamic", "executorch", "dynamic", {}),
-    ("default (S8S8)", "onnx", "static", {}),
+    ("default (activations=auto, softmax=float)", "onnx", "static", {}),
+    ("-O activations=int8 (S8S8)", "onnx", "static", {"activations": "int8"}),
     ("-O activations=uint8 (U8S8)", "onnx", "static", {"activations": "uint8"}),
+    ("-O softmax=int8", "onnx", "static", {"softmax": "int8"}),
 ]
 
 logger = logging.getLogger("benchmarks.target_options")
@@ -47,7 +50,8 @@ def _applied(manifest: dict[str, Any]) -> str:
     target = manifest["target"]
     if target == "tflite":
         io = q["io"]["inputs"][0]["dtype"] + " I/O"
-        return f"{', '.join(f'{n} {k}' for k, n in q['activations'].items())} conv/FC inputs; {io}"
+        attention = "/".join(sorted({k for part in q.get("attention_ops", {}).values() for k in part})) or "-"
+        return f"{', '.join(f'{n} {k}' for k, n in q['activations'].items())} conv/FC inputs; {io}; attention {attention}"
     if target == "coreml":
         storage = manifest["coreml"]["weight_storage"]
         return "weights: " + ", ".join(f"{n} {k}" for k, n in storage.items())
@@ -56,7 +60,8 @@ def _applied(manifest: dict[str, Any]) -> str:
         return f"{s['kind']}: {s['runtime_quantized_activations']} runtime-quantized inputs, {s['calibrated_quantize_ops']} calibrated quantize ops"
     if target == "onnx":
         t = q["qdq_types"]
-        return f"{t['format']} (activation zero points {', '.join(t['activations'])}; weights {', '.join(t['weights'])})"
+        softmax = "/".join(k for k, n in q.get("attention", {}).get("softmax", {}).items() if n) or "-"
+        return f"{t['format']} (activation zero points {', '.join(t['activations'])}; weights {', '.join(t['weights'])}); softmax {softmax}"
     return "-"
 
 

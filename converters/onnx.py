@@ -336,7 +336,7 @@ def float_softmax(path: Path) -> int:
     for node in graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
-    dropped: set[int] = set()
+    dropped: set[str] = set()  # by output name (protobuf hands out new wrapper objects per access)
     rewired = 0
     for node in graph.node:
         dq = producer.get(node.input[0]) if node.op_type == "Softmax" else None
@@ -347,13 +347,13 @@ def float_softmax(path: Path) -> int:
         rewired += 1
         readers[dq.output[0]] -= 1
         if readers[dq.output[0]] == 0:
-            dropped.add(id(dq))
+            dropped.add(dq.output[0])
             readers[q.output[0]] -= 1
             if readers[q.output[0]] == 0:
-                dropped.add(id(q))
+                dropped.add(q.output[0])
     if not rewired:
         return 0
-    kept = [node for node in graph.node if id(node) not in dropped]
+    kept = [node for node in graph.node if not (node.output and node.output[0] in dropped)]
     used = {name for node in kept for name in node.input}
     initializers = [init for init in graph.initializer if init.name in used]  # the dropped pairs' scales and zero points
     del graph.node[:]

@@ -207,6 +207,8 @@ def _check_onnx(option: str, artifact: Artifact, applied: dict[str, Any]) -> Non
     softmax = OPTIONS[option][2].get("softmax", "float")
     assert applied["attention"] == {"q_kT": {"int8": blocks, "float": 0}, "attn_v": {"int8": blocks, "float": 0},
                                     "softmax": {"int8": blocks * (softmax == "int8"), "float": blocks * (softmax == "float")}}  # fmt: skip
+    read = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+    assert all(any(o in read for o in n.output) for n in model.graph.node)  # the rewired pairs are gone, not left dangling
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(artifact.folder.parent / f"{option}.ort-optimized.onnx")
     ort.InferenceSession(str(artifact.file), options, providers=["CPUExecutionProvider"])

@@ -151,6 +151,9 @@ def test_small_model_odd_size_and_graph_edges(small_model: SegFormer, tmp_path: 
     expected_out = "int32" if options.output == "mask" else "float32"
     io = manifest.get("io") or manifest[target]["io"]
     assert io["inputs"] == [expected_in] and io["outputs"] == [expected_out], io
+    if target == "executorch":  # Mix-FFN's fc1/fc2 reach XNNPACK as 1x1 convolutions: only the attention's 4 linears per block
+        linears = manifest["delegation"]["by_op"]["aten_linear_default"]
+        assert linears == {"delegated": 4 * sum(small_model.config.depths), "portable": 0}, linears
 
 
 def _tflite_io(path: Path) -> dict[str, list[str]]:

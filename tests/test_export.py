@@ -196,9 +196,9 @@ def test_channels_first_mix_ffn_is_the_same_mix_ffn_without_its_wide_transposes(
     swapped = channels_first_mix_ffn(small_model).eval()
     assert {n for n, _ in swapped.named_modules()} == {n for n, _ in small_model.named_modules()}
     assert sum(isinstance(m, ChannelsFirstMixFFN) for m in swapped.modules()) == sum(small_model.config.depths)
-    x = torch.randn(1, 3, 64, 96)
-    with torch.no_grad():
-        torch.testing.assert_close(swapped(x), small_model(x), rtol=0, atol=1e-5)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a conv and a linear sum in different orders: equal to fp32 rounding, not bit for bit
+        torch.testing.assert_close(swapped(x), small_model(x), rtol=1e-5, atol=1e-5)
     config = small_model.config
     # Elements of each stage's hidden tensor (B, 4C, H/2^(i+2), W/2^(i+2)): no C-wide tensor has as many.
     hidden = {dim * config.mlp_ratio * (64 >> (i + 2)) * (96 >> (i + 2)) for i, dim in enumerate(config.embed_dims)}

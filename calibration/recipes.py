@@ -207,6 +207,11 @@ class IntegerAttention(Quantizer):
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["inner"], name)
 
+    @property
+    def label(self) -> str:
+        """What the manifest names as the quantizer: the inner one, and this wrapper."""
+        return f"{type(self.inner).__name__} + IntegerAttention"
+
     def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return self.inner.transform_for_annotation(model)
 

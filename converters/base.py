@@ -320,7 +320,7 @@ class Target:
 
         wrapped = SpecQuantizer(quantizer, quant)
         quantized, observers = pt2e_quantize(module, example, wrapped, inputs, fold_quantize=self.fold_quantize)
-        return quantized, {"quantizer": type(quantizer).__name__, "activation_observers": observers,
+        return quantized, {"quantizer": getattr(quantizer, "label", type(quantizer).__name__), "activation_observers": observers,
                            "ops_by_group": count_quantized_ops(quantized),
                            "attention": attention_precision(quantized)}  # fmt: skip
 

@@ -4,7 +4,7 @@ INT8 is QDQ static quantization with onnxruntime.quantization (its own calibrato
 same set as every target; float-kept layer groups are found by the torch name scopes the exporter records.
 The attention's softmax takes the float output of q @ k^T (no quantize/dequantize pair between them): ONNX
 Runtime then runs q @ k^T as an int8 MatMulIntegerToFloat and the softmax in float, where a DQ -> Softmax -> Q
-triple becomes its QLinearSoftmax, 9x slower than the float softmax at b0 512x512 (benchmarks/ONNX_INT8.md).
+triple becomes its QLinearSoftmax, several times slower than the float softmax (benchmarks/ONNX_INT8.md).
 """
 
 from __future__ import annotations
@@ -324,8 +324,8 @@ def float_softmax(path: Path) -> int:
     """Rewire every Softmax fed by a QuantizeLinear -> DequantizeLinear pair to the pair's float input, and drop
     the pair where nothing else reads it; returns how many were rewired.
 
-    Without the pair ONNX Runtime cannot fuse DQ -> Softmax -> Q into QLinearSoftmax (9x slower than the float
-    softmax here); the int8 MatMul before it (q @ k^T) fuses into MatMulIntegerToFloat instead, so the attention
+    Without the pair ONNX Runtime cannot fuse DQ -> Softmax -> Q into QLinearSoftmax (several times slower than
+    the float softmax: benchmarks/ONNX_INT8.md); the int8 MatMul before it (q @ k^T) fuses into MatMulIntegerToFloat instead, so the attention
     keeps both matmuls in int8 and its softmax gets unrounded scores."""
     import onnx
 

@@ -135,6 +135,7 @@ def _check_tflite(option: str, artifact: Artifact, applied: dict[str, Any]) -> N
         assert found == {"BATCH_MATMUL": ["int8"], "SOFTMAX": ["int8"]}, found
         assert applied["attention_ops"] == {"q_kT": {"int8": blocks}, "softmax": {"int8": blocks}, "attn_v": {"int8": blocks}}
         assert applied["attention"] == {part: {"int8": blocks, "float": 0} for part in ("q_kT", "softmax", "attn_v")}
+        assert applied["quantizer"] == "PT2EQuantizer + IntegerAttention"
         assert {"BATCH_MATMUL", "SOFTMAX"} <= set(artifact.manifest["delegation"]["portable_ops"])
     elif option != "tflite-int16x8":
         assert found == {"BATCH_MATMUL": ["float32"], "SOFTMAX": ["float32"]}, found

@@ -30,18 +30,38 @@ _PATTERN_GETTERS = ("get_conv_pattern", "get_conv_bn_pattern", "get_linear_patte
                     "get_binary_op_act_pattern")  # fmt: skip
 
 
-def reuse_pattern_graphs() -> None:
-    """Make Core ML's PT2E quantizer trace each of its pattern graphs once per process.
+def _trace_pattern(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool = False) -> Any:
+    """torchao's ``_get_aten_graph_module_for_pattern`` traced non-strict: the same aten graph, line for line of
+    its generated code (checked on all of the tiny model's ~400 patterns: tests/test_int8.py), in a fifth of the
+    time (no dynamo frame capture for a two-op pattern). Its guard check is left out as torchao's strict trace
+    has none; the copy_ nodes ``ep.module()`` adds for mutated inputs are dropped, as there."""
+    import torch
 
-    Its ``annotate`` traces every (op, activation, in-place) pattern it matches with torch.export, about 400 of
-    them, on every quantization: 72 of the 96 s of a tiny model's int8 export here, whatever the model. Each
-    pattern is a pure function of those hashable arguments; the matcher rewrites the graph it is given, so each
-    call gets a fresh copy of the traced one. Idempotent; the quantized graph is the same, op for op."""
+    if is_cuda:
+        example_inputs = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    graph_module = torch.export.export(pattern, example_inputs, strict=False).module(check_guards=False)
+    graph_module.graph.eliminate_dead_code()
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten.copy_.default and not node.users:
+            graph_module.graph.erase_node(node)
+    graph_module.recompile()
+    return graph_module
+
+
+def reuse_pattern_graphs() -> None:
+    """Make Core ML's PT2E quantizer trace each of its pattern graphs once per process, non-strict.
+
+    Its ``annotate`` traces every (op, activation, in-place) pattern it matches with a strict torch.export, about
+    400 of them, on every quantization: 72 of the 96 s of a tiny model's int8 export here, whatever the model.
+    Each pattern is a pure function of those hashable arguments, so each is traced once (the matcher rewrites the
+    graph it is given: each call gets a fresh copy of the traced one), and traced by :func:`_trace_pattern` (35 s
+    -> 6 s for the first quantization in a process). Idempotent; the quantized graph is the same, op for op."""
     import copy
     import functools
 
     import executorch.backends.apple.coreml.quantizer._coreml_quantizer_utils as utils
 
+    utils._get_aten_graph_module = _trace_pattern
     for name in _PATTERN_GETTERS:
         getter = getattr(utils, name)
         if getattr(getter, "_traced_once", False):

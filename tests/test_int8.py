@@ -228,13 +228,11 @@ def test_core_ml_pattern_graphs_traced_non_strict_are_the_same_graphs() -> None:
     """Core ML's quantizer matches ~400 pattern graphs; they are traced non-strict (5x faster). Each kind of
     pattern, with and without an (in-place) activation, must give the code torchao's strict trace gives."""
     pytest.importorskip("coremltools")
+    import executorch.backends.apple.coreml.quantizer._coreml_quantizer_utils as utils
     import torch
     import torch.nn.functional as F
-
-    import executorch.backends.apple.coreml.quantizer._coreml_quantizer_utils as utils
-    from torchao.quantization.pt2e.utils import _get_aten_graph_module_for_pattern as strict_trace
-
     from segformer_edge.converters.coreml import _trace_pattern, reuse_pattern_graphs
+    from torchao.quantization.pt2e.utils import _get_aten_graph_module_for_pattern as strict_trace
 
     reuse_pattern_graphs()  # the getters become cached wrappers; __wrapped__ is torchao's own getter
     cases = [("get_conv_pattern", (2, None)), ("get_conv_pattern", (2, F.relu, True)), ("get_conv_bn_pattern", (2, F.gelu)),

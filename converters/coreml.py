@@ -39,7 +39,7 @@ def _trace_pattern(pattern: Any, example_inputs: tuple[Any, ...], is_cuda: bool 
 
     if is_cuda:
         example_inputs = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in example_inputs)
-    graph_module = torch.export.export(pattern, example_inputs, strict=False).module(check_guards=False)
+    graph_module = torch.export.export(pattern, example_inputs).module(check_guards=False)  # non-strict (the default)
     graph_module.graph.eliminate_dead_code()
     for node in list(graph_module.graph.nodes):
         if node.op == "call_function" and node.target == torch.ops.aten.copy_.default and not node.users:

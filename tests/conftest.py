@@ -10,10 +10,10 @@ import pytest
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
-# The test files, heaviest first (seconds of one file on one xdist worker, `--durations=0`, 2026-11-26: Ethos-U 229,
-# int8 200, export 206, user flow 160, target options 156, ...). `-n 2 --dist loadfile` hands whole files to the
-# two workers in collection order; xdist's own order (most tests first) left one worker 160 s longer than the other
-# (886 s against 723 s). Longest first keeps them within a few seconds. Files not named keep their order, after these.
+# The test files, heaviest first (seconds of one file on one xdist worker by `--durations=0` on 2026-11-26: Ethos-U
+# 229, int8 227, export 206, user flow 160, target options 156, ...). `-n 2 --dist loadfile` hands whole files to the
+# two workers in collection order; xdist's own order (most tests first) sent heavy files last, and one worker ran
+# on for minutes after the other had finished. Files not named keep their order, after these.
 HEAVY_FIRST = ("test_ethos_u.py", "test_export.py", "test_int8.py", "test_user_flow.py", "test_target_options.py",
                "test_outliers.py", "test_bench.py", "test_reliability.py", "test_debugger.py", "test_cli_options.py",
                "test_mask_outputs.py", "test_openvino.py", "test_claims.py", "test_weights.py")  # fmt: skip

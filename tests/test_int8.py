@@ -225,8 +225,9 @@ def test_int8_mask_head_stays_float(trained, calib: CalibrationSet, tmp_path: Pa
 
 
 def test_core_ml_pattern_graphs_traced_non_strict_are_the_same_graphs() -> None:
-    """Core ML's quantizer matches ~400 pattern graphs; they are traced non-strict (5x faster). Each kind of
-    pattern, with and without an (in-place) activation, must give the code torchao's strict trace gives."""
+    """Core ML's quantizer matches some 400 pattern graphs; they are traced non-strict (export time:
+    benchmarks/EXPORT_TIME.md). Each kind of pattern, with and without an (in-place) activation, must give the code
+    and the ops torchao's strict trace gives."""
     pytest.importorskip("coremltools")
     import executorch.backends.apple.coreml.quantizer._coreml_quantizer_utils as utils
     import torch

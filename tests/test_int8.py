@@ -21,7 +21,7 @@ SIZE = (64, 64)
 
 @pytest.fixture(scope="session")
 def calib(trained) -> CalibrationSet:
-    model, ckpt = trained
+    _, ckpt = trained
     return select_calibration_set("synthetic:96", 16, SIZE, 8, checkpoint_sha256=checkpoint_digest(ckpt))
 
 
@@ -176,7 +176,7 @@ def test_sensitivity_and_budget(trained, calib: CalibrationSet, tmp_path: Path) 
 
 
 def test_int8_errors(trained, calib: CalibrationSet, tmp_path: Path, capsys) -> None:
-    model, ckpt = trained
+    _, ckpt = trained
     with pytest.raises(DataError, match="zero calibration images"):
         select_calibration_set("synthetic:96", 0, SIZE, 8)
     with pytest.raises(DataError, match=r"\(N, H, W, 3\) uint8"):

@@ -48,8 +48,11 @@ calib = select_calibration_set("synthetic:32", 8, size, model.config.num_classes
 start = time.perf_counter()
 artifact, _ = export_artifact(model, "coreml", ExportOptions(size=size, precision="int8"), Path(tempfile.mkdtemp()),
                               quant=QuantSpec(calibration=calib), verify=False)
-print(json.dumps({"seconds": time.perf_counter() - start, "patterns": len(calls), "versions": artifact.manifest["tool_versions"],
-                  "ops_by_group": artifact.manifest["quantization"]["applied"]["ops_by_group"]}))
+manifest = artifact.manifest
+print(json.dumps({"seconds": time.perf_counter() - start, "patterns": len(calls), "versions": manifest["tool_versions"],
+                  "model": f"{manifest['variant']}, {manifest['num_classes']} classes",
+                  "calibration": f"{manifest['quantization']['calibration']['images']} images of {manifest['quantization']['calibration']['data']}",
+                  "ops_by_group": manifest["quantization"]["applied"]["ops_by_group"]}))
 """
 
 
@@ -67,6 +70,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"date": str(datetime.date.today()), "machine": machine_info(), "size": args.size, "rounds": args.rounds,
             "versions": runs[MODES[0]][0]["versions"], "same_quantized_ops": same,
             "patterns_traced": sorted({r["patterns"] for m in MODES for r in runs[m]}),
+            "model": runs[MODES[0]][0]["model"], "calibration": runs[MODES[0]][0]["calibration"],
             "seconds": {m: [round(r["seconds"], 2) for r in runs[m]] for m in MODES}}  # fmt: skip
 
 
@@ -77,8 +81,8 @@ def render(record: dict[str, Any]) -> None:
              f"({record['machine'].get('cpu', '?')}, {record['machine']['cpus']} CPUs), {record['rounds']} interleaved "
              "rounds, each export in a fresh process. Versions: "
              + ", ".join(f"{k} {v}" for k, v in sorted(record["versions"].items())) + ".", "",
-             (f"The built-in reference model (b0, 8 classes) at {record['size']}x{record['size']}, int8, calibrated on 8 "
-             "synthetic scenes, no verify: the wall time of `export_artifact`. Core ML's PT2E quantizer traced "
+             (f"The built-in reference model ({record['model']}, from the manifest) at {record['size']}x{record['size']}, "
+             f"int8, calibrated on {record['calibration']}, no verify: the wall time of `export_artifact`. Core ML's PT2E quantizer traced "
              f"{' or '.join(map(str, record['patterns_traced']))} pattern graphs in each process (its first quantization); "
              "the export traces them non-strict (same graphs: "
              "tests/test_int8.py). Quantized and float ops per layer group, read from each artifact's manifest, "

@@ -325,8 +325,8 @@ def float_softmax(path: Path) -> int:
     the pair where nothing else reads it; returns how many were rewired.
 
     Without the pair ONNX Runtime cannot fuse DQ -> Softmax -> Q into QLinearSoftmax (several times slower than
-    the float softmax: benchmarks/ONNX_INT8.md); the int8 MatMul before it (q @ k^T) fuses into MatMulIntegerToFloat instead, so the attention
-    keeps both matmuls in int8 and its softmax gets unrounded scores."""
+    the float softmax: benchmarks/ONNX_INT8.md); the int8 MatMul before it (q @ k^T) fuses into
+    MatMulIntegerToFloat instead, so the attention keeps both matmuls in int8 and its softmax gets unrounded scores."""
     import onnx
 
     model = onnx.load(str(path))

@@ -36,7 +36,8 @@ PARITY = [("tflite", {"attention": "float"}), ("tflite", {"attention": "int8"}),
 def _parity(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters.base import ExportOptions
-    from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+    from segformer_edge.converters.parity import verify_artifact
+    from segformer_edge.converters.pipeline import export_artifact
     from setups import reference_and_stressed
 
     models, size, calib = reference_and_stressed(out)

@@ -40,7 +40,10 @@ def measure(targets: list[str], budgets: list[float], images: int, threads: int,
     from segformer_edge.calibration.spec import WRAPPER, QuantSpec
     from segformer_edge.converters.base import ExportOptions, tool_versions
     from segformer_edge.converters.bench import bench_artifact, machine_info
-    from segformer_edge.converters.pipeline import budget_spec, checkpoint_digest, export_artifact, verify_artifact
+    from segformer_edge.converters.int8 import budget_spec
+    from segformer_edge.converters.parity import verify_artifact
+    from segformer_edge.converters.pipeline import export_artifact
+    from segformer_edge.converters.reference import checkpoint_digest
 
     from segformer_edge import save_checkpoint
     from segformer_edge.weights import builtin_checkpoint, load_pretrained

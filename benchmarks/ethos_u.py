@@ -59,7 +59,9 @@ def measure_family(size: int, family: str, calibration_images: int, verify_image
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters.base import ExportOptions, read_manifest
     from segformer_edge.converters.ethos_u import estimate_for
-    from segformer_edge.converters.pipeline import ParityFailed, calibration_for, export_artifact
+    from segformer_edge.converters.int8 import calibration_for
+    from segformer_edge.converters.parity import ParityFailed
+    from segformer_edge.converters.pipeline import export_artifact
 
     from segformer_edge.weights import builtin_checkpoint, load_pretrained
 

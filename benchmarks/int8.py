@@ -64,7 +64,8 @@ def measure(images: int, out: Path, targets: tuple[str, ...], done: list[dict[st
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters.base import ExportOptions, tool_versions
     from segformer_edge.converters.bench import bench_artifact, bench_torch, machine_info
-    from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+    from segformer_edge.converters.parity import verify_artifact
+    from segformer_edge.converters.pipeline import export_artifact
     from setups import reference_and_stressed
 
     pairs, size, calib = reference_and_stressed(out)
@@ -133,6 +134,7 @@ def retime(data: dict[str, Any], out: Path, threads: int, runs: int) -> None:
     """Time every row's artifact again, and torch eager of each model, in one pass on a quiet machine: the rows'
     latency then comes from one run (export and verify of the rows, hours long, shared the machine)."""
     from segformer_edge.converters.bench import bench_artifact, bench_torch
+
     from segformer_edge.weights import builtin_checkpoint
 
     checkpoints = {"reference": builtin_checkpoint(), "outlier-stressed": out / "stressed.safetensors"}

@@ -28,7 +28,8 @@ from segformer_edge.calibration.spec import QuantSpec
 from segformer_edge.converters import get_target, target_names
 from segformer_edge.converters.base import ExportOptions, tool_versions
 from segformer_edge.converters.bench import bench_paired, machine_info
-from segformer_edge.converters.pipeline import calibration_for, export_artifact
+from segformer_edge.converters.int8 import calibration_for
+from segformer_edge.converters.pipeline import export_artifact
 
 from segformer_edge.cli.bench import _markdown, _plot
 from segformer_edge.weights import builtin_checkpoint, load_pretrained

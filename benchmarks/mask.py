@@ -58,11 +58,11 @@ def _models(work: Path, size: int) -> list[dict[str, Any]]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-
     from segformer_edge.converters import get_target
     from segformer_edge.converters.base import ExportOptions, read_manifest
     from segformer_edge.converters.bench import bench_paired, machine_info
-    from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+    from segformer_edge.converters.pipeline import export_artifact
+
     from segformer_edge.data import open_source
     from segformer_edge.inputs import InputSpec
     from segformer_edge.weights import load_pretrained

@@ -25,11 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-
 from segformer_edge.calibration import outliers as O
 from segformer_edge.calibration.calibset import select_calibration_set
 from segformer_edge.converters.graph import fold_batch_norm
+from torch import Tensor, nn
+
 from segformer_edge.inputs import InputSpec
 from segformer_edge.weights import builtin_checkpoint, load_pretrained
 

@@ -26,7 +26,7 @@ def user_config(work: Path, size: tuple[int, int], calibration_images: int = 8) 
     sys.path.insert(0, str(HERE.parent / "tests"))
     from conftest import make_photo_folder, save_hf_model
     from segformer_edge.calibration.calibset import select_calibration_set
-    from segformer_edge.converters.pipeline import checkpoint_digest, float_labeler
+    from segformer_edge.converters.reference import checkpoint_digest, float_labeler
 
     from segformer_edge.weights import load_pretrained
 
@@ -43,7 +43,7 @@ def reference_and_stressed(out: Path) -> tuple[dict[str, tuple[Any, Path]], tupl
     calibration set; the stressed copy's checkpoint is saved in ``out``."""
     from segformer_edge.calibration.calibset import select_calibration_set
     from segformer_edge.calibration.outliers import inject_outliers
-    from segformer_edge.converters.pipeline import checkpoint_digest
+    from segformer_edge.converters.reference import checkpoint_digest
 
     from segformer_edge import save_checkpoint
     from segformer_edge.weights import builtin_checkpoint, load_pretrained

@@ -71,7 +71,9 @@ def measure(images: int, threads: int, runs: int, out: Path) -> dict[str, Any]:
     from segformer_edge.converters import get_target
     from segformer_edge.converters.base import ExportOptions, tool_versions
     from segformer_edge.converters.bench import bench_artifact, machine_info
-    from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, verify_artifact
+    from segformer_edge.converters.parity import verify_artifact
+    from segformer_edge.converters.pipeline import export_artifact
+    from segformer_edge.converters.reference import checkpoint_digest
 
     from segformer_edge.weights import builtin_checkpoint, load_pretrained
 

@@ -38,7 +38,6 @@ PRECISIONS = ("fp32", "int8")
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-
     from segformer_edge.calibration.spec import QuantSpec
     from segformer_edge.converters import get_target
     from segformer_edge.converters.base import ExportOptions

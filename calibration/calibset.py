@@ -25,7 +25,8 @@ import numpy as np
 
 from segformer_edge.errors import DataError
 
-from .spec import METHODS
+# How activation ranges are calibrated; "auto" is each target's own choice (QuantSpec validates against these).
+METHODS = ("auto", "minmax", "moving_average", "percentile", "mse")
 
 __all__ = ["CALIBRATION_FORMAT", "METHODS", "CalibrationSet", "select_calibration_set"]
 

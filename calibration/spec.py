@@ -8,16 +8,14 @@ one function and raises a clear error for what it cannot honour. The manifest st
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from segformer_edge.errors import ExportError
 
-if TYPE_CHECKING:
-    from .calibset import CalibrationSet
+from .calibset import METHODS, CalibrationSet
 
 __all__ = ["FLOAT_EDGES", "LAYER_GROUPS", "METHODS", "OUTLIER_MODES", "SCHEMES", "WRAPPER", "QuantSpec", "group_of", "module_names", "within"]
 
-METHODS = ("auto", "minmax", "moving_average", "percentile", "mse")
 SCHEMES = ("static", "dynamic", "weight_only")
 # ORT's quantize_static cannot set its Entropy calibrator's bins, and their defaults leave the KL search one
 # candidate (tests/test_int8.py showed its scales equal to MinMax's on every tensor): refused, not mislabelled.

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
 
 __all__ = [
+    "top_ops",
     "FEATURES",
     "MANIFEST",
     "Artifact",
@@ -316,7 +317,12 @@ class Target:
         quantizer = self.quantizer_for(quant, target_options)
         if quantizer is None:
             return module, {}
-        from segformer_edge.calibration.recipes import SpecQuantizer, attention_precision, count_quantized_ops, pt2e_quantize
+        from segformer_edge.calibration.recipes import (
+            SpecQuantizer,
+            attention_precision,
+            count_quantized_ops,
+            pt2e_quantize,
+        )
 
         wrapped = SpecQuantizer(quantizer, quant)
         quantized, observers = pt2e_quantize(module, example, wrapped, inputs, fold_quantize=self.fold_quantize)
@@ -368,6 +374,13 @@ def _who_supports(feature: str) -> str:
 
     names = [n for n in target_names() if feature in get_target(n).features]
     return f"; targets that support it: {', '.join(names)}" if names else ""
+
+
+def top_ops(totals: dict[str, float], n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` ops that take the most time, with their share of the total."""
+    whole = sum(totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:n]
+    return [{"op": op, "ms": ms, "share": ms / whole} for op, ms in ranked]
 
 
 def file_sha256(path: Path) -> str:

@@ -27,7 +27,7 @@ from segformer_edge.errors import SegformerEdgeError
 from .base import ArtifactError, read_manifest
 
 __all__ = ["FLOOR_GEMM", "add_floor", "bench_artifact", "bench_paired", "bench_torch", "gemm_floor", "machine_info", "merge_rounds",
-           "summarize", "top_ops"]
+           "summarize"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +77,6 @@ def _time_runs(fn: Any, x: Any, warmup: int, runs: int) -> dict[str, Any]:
 
 def _input_images(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (1, h, w, 3), dtype=np.uint8)
-
-
-def top_ops(totals: dict[str, float], n: int = 10) -> list[dict[str, Any]]:
-    """The ``n`` ops that take the most time, with their share of the total."""
-    whole = sum(totals.values()) or 1.0
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:n]
-    return [{"op": op, "ms": ms, "share": ms / whole} for op, ms in ranked]
 
 
 def _evict(path: Path) -> bool:

@@ -68,7 +68,7 @@ def _quant_of(manifest: dict[str, Any], model: Any, calibration: Path | None) ->
     from segformer_edge.calibration.calibset import CalibrationSet, select_calibration_set
     from segformer_edge.calibration.spec import QuantSpec
 
-    from .pipeline import float_labeler
+    from .reference import float_labeler
 
     ref = q["calibration"] or {}
     size = tuple(manifest["input"]["size"])
@@ -116,7 +116,8 @@ def layer_report(
     Returns ``taps`` (network order: stage1..stage4, fused, then the output), ``first_divergent`` (the first
     tap below ``threshold_db``, or None) and ``conclusion`` (one sentence on what follows from it).
     """
-    from .pipeline import export_artifact, open_verify_data
+    from .build import build_artifact, plan_export, shared_provenance
+    from .reference import open_verify_data
 
     artifact = read_manifest(artifact_path)
     manifest = artifact.manifest
@@ -129,7 +130,11 @@ def layer_report(
     quant = _quant_of(manifest, model, calibration)
     threshold = SQNR_THRESHOLDS_DB[options.precision] if threshold_db is None else threshold_db
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        debug, _ = export_artifact(model, target.name, options, tmp, checkpoint=checkpoint, quant=quant, verify=False)
+        folder = Path(tmp) / "debug"
+        folder.mkdir()
+        with shared_provenance():
+            debug = build_artifact(model.eval(), plan_export(model, target.name, options, tmp, quant), folder, checkpoint)
+        debug.write_manifest()
         runner = target.load(debug)
         source, _, _ = open_verify_data(data, model)
         spec = debug.input_spec
@@ -144,12 +149,12 @@ def layer_report(
             out_main, *out_taps = runner.run(spec(image[None]))
             pairs = list(zip(TAPS, ref_taps, out_taps))
             if options.output != "mask":
-                from .pipeline import _softmax
+                from .reference import softmax
 
-                ref_out = _softmax(ref_main) if options.output == "probs" else ref_main
+                ref_out = softmax(ref_main) if options.output == "probs" else ref_main
                 pairs.append((options.output, ref_out, np.asarray(out_main, np.float32).reshape(ref_main.shape)))
             else:
-                from .pipeline import upsampled_argmax
+                from .reference import upsampled_argmax
 
                 quarter = options.mask_size == "quarter"
                 ref_mask = ref_main.argmax(1) if quarter else upsampled_argmax(ref_main, spec.size)

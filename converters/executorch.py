@@ -162,7 +162,7 @@ class ExecuTorchTarget(Target):
         return ExecuTorchRunner(artifact)
 
     def profile(self, artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> list[dict[str, Any]]:
-        from .bench import top_ops
+        from .base import top_ops
 
         return top_ops(profile_etdump(artifact, x, runs))
 

@@ -171,7 +171,7 @@ class OnnxTarget(Target):
         return OnnxRunner(artifact, threads=threads)
 
     def profile(self, artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> list[dict[str, Any]]:
-        from .bench import top_ops
+        from .base import top_ops
 
         return top_ops(profile_ort(artifact, x, runs, threads))
 

@@ -140,7 +140,7 @@ class OpenVINOTarget(Target):
 
     def profile(self, artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> list[dict[str, Any]]:
         """Per-layer-type time from the CPU plugin's own counters (PERF_COUNT), ms per run."""
-        from .bench import top_ops
+        from .base import top_ops
 
         runner = OpenVINORunner(artifact, threads=threads, profile=True)
         totals: dict[str, float] = {}

@@ -105,3 +105,87 @@ def test_the_cli_runs_from_a_checkout_without_an_install() -> None:
     assert files.split() == [str(ROOT / "converters" / "__init__.py"), str(ROOT / "calibration" / "spec.py")]
     assert "Usage" in rest and "--iters" in rest
     assert rest.strip().splitlines()[-1] == "[]", "building the CLI imported the edge stack"
+
+
+PACKAGE_FILES = [p for folder in PACKAGES.values() for p in _files(folder)]
+
+
+def _resolve(name: str, modules: set[str]) -> str | None:
+    """The package module an imported name lives in (``a.b.func`` -> ``a.b``), or None for a third-party one."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph(files: list[Path]) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (lazy imports included). A submodule's import of its own parent
+    packages is left out: Python imports a package before any of its submodules, so that edge is always there."""
+    modules = {_module_name(p): p for p in files}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = {_resolve(imported, set(modules)) for imported in imports_of(path)}
+        graph[name] = {t for t in targets if t and t != name and not name.startswith(t + ".")}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (its modules, the first repeated at the end), or None: a depth-first search."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def private_imports(path: Path, modules: set[str]) -> list[str]:
+    """``from <another of the package's modules> import _name``: a private name used across modules."""
+    own = _module_name(path)
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module or ""
+            if _resolve(module, modules) and module != own:
+                found += [f"{own} imports {module}.{a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_import_cycle_among_the_package_modules() -> None:
+    cycle = find_cycle(import_graph(PACKAGE_FILES))
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    modules = {_module_name(p) for p in PACKAGE_FILES}
+    found = [line for p in PACKAGE_FILES for line in private_imports(p, modules)]
+    assert not found, "\n".join(found)
+
+
+def test_the_cycle_and_private_name_checks_can_fail() -> None:
+    """The checks see a lazy two-module circle and a private name imported across modules."""
+    graph = {"segformer_edge.converters.a": {"segformer_edge.converters.b"}, "segformer_edge.converters.b": {"segformer_edge.converters.a"}}
+    assert find_cycle(graph) == ["segformer_edge.converters.a", "segformer_edge.converters.b", "segformer_edge.converters.a"]
+    probe = ROOT / "converters" / "_probe_private.py"
+    probe.write_text("def f():\n    from .pipeline import _keep_failed\n    from .build import import_graph as _ok\n")
+    try:
+        modules = {_module_name(p) for p in PACKAGE_FILES} | {"segformer_edge.converters._probe_private"}
+        assert private_imports(probe, modules) == ["segformer_edge.converters._probe_private imports segformer_edge.converters.pipeline._keep_failed"]
+        graph = import_graph([*PACKAGE_FILES, probe])
+        assert "segformer_edge.converters.pipeline" in graph["segformer_edge.converters._probe_private"]
+    finally:
+        probe.unlink()

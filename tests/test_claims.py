@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, folder_snapshot, run_cli
-
-from segformer_edge import save_checkpoint
 from segformer_edge.calibration.calibset import CalibrationSet
 from segformer_edge.calibration.spec import QuantSpec
 from segformer_edge.converters.base import ArtifactError, ExportOptions, read_manifest
-from segformer_edge.converters.pipeline import calibration_for, checkpoint_digest, export_artifact, verify_artifact
+from segformer_edge.converters.int8 import calibration_for
+from segformer_edge.converters.parity import verify_artifact
+from segformer_edge.converters.pipeline import export_artifact
+from segformer_edge.converters.reference import checkpoint_digest
+
+from segformer_edge import save_checkpoint
 from segformer_edge.data import synthetic_labels
 from segformer_edge.errors import DataError
 from segformer_edge.model import SegFormer, SegFormerConfig

@@ -18,7 +18,8 @@ from conftest import TINY, flat, is_heat_map, make_photo_folder, run_cli
 from PIL import Image
 from segformer_edge.calibration.spec import LAYER_GROUPS
 from segformer_edge.converters.base import ExportOptions, read_manifest
-from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact
+from segformer_edge.converters.pipeline import export_artifact
+from segformer_edge.converters.reference import checkpoint_digest
 
 from segformer_edge import save_checkpoint
 from segformer_edge.data import open_source, synthetic_labels
@@ -111,7 +112,7 @@ def test_calibrate_sensitivity_with_the_executorch_quantizer(tiny, tmp_path: Pat
 
 def test_export_mask_nhwc_dynamic_onnx(tiny, tmp_path: Path, capsys) -> None:
     from segformer_edge.converters.onnx import OnnxRunner
-    from segformer_edge.converters.pipeline import upsampled_argmax
+    from segformer_edge.converters.reference import upsampled_argmax
 
     from segformer_edge.inputs import InputSpec
 

@@ -14,7 +14,8 @@ from conftest import TINY, run_cli
 from PIL import Image
 from segformer_edge.converters import get_target, register, unregister
 from segformer_edge.converters.base import ExportOptions
-from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+from segformer_edge.converters.parity import verify_artifact
+from segformer_edge.converters.pipeline import export_artifact
 
 from segformer_edge import save_checkpoint
 from segformer_edge.model import SegFormer, SegFormerConfig

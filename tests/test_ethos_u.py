@@ -20,7 +20,7 @@ from conftest import run_cli
 from segformer_edge.calibration.spec import QuantSpec
 from segformer_edge.converters import get_target
 from segformer_edge.converters.base import ExportOptions, read_manifest
-from segformer_edge.converters.pipeline import DEFAULT_THRESHOLDS
+from segformer_edge.converters.parity import DEFAULT_THRESHOLDS
 
 from segformer_edge.errors import ExportError
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import folder_snapshot, run_cli
 from segformer_edge.converters.base import ExportOptions, file_sha256, read_manifest
-from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+from segformer_edge.converters.parity import verify_artifact
+from segformer_edge.converters.pipeline import export_artifact
 
 from segformer_edge import load_pretrained, save_checkpoint
 from segformer_edge.errors import ExportError
@@ -377,7 +378,7 @@ def test_shared_provenance_shares_the_chain_and_is_restored() -> None:
     of an ExecuTorch/Ethos-U lowering): the same records, the same objects; outside it torch's own behaviour."""
     import copy as copy_module
 
-    from segformer_edge.converters.pipeline import shared_provenance
+    from segformer_edge.converters.build import shared_provenance
     from torch.fx import symbolic_trace
     from torch.fx import traceback as fx_traceback
 

@@ -10,7 +10,9 @@ from conftest import TINY, flat, folder_snapshot, run_cli
 from segformer_edge.calibration.calibset import CalibrationSet, select_calibration_set
 from segformer_edge.calibration.spec import LAYER_GROUPS, QuantSpec
 from segformer_edge.converters.base import ExportOptions
-from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, quantized_predictor
+from segformer_edge.converters.int8 import quantized_predictor
+from segformer_edge.converters.pipeline import export_artifact
+from segformer_edge.converters.reference import checkpoint_digest
 
 from segformer_edge import save_checkpoint
 from segformer_edge.errors import DataError, ExportError
@@ -141,7 +143,7 @@ def test_sensitivity_and_budget(trained, calib: CalibrationSet, tmp_path: Path) 
         quantizable_layers,
         write_report,
     )
-    from segformer_edge.converters.pipeline import float_labeler
+    from segformer_edge.converters.reference import float_labeler
 
     # Outliers without their handling: an int8 drop of several points, so the budget has to keep layers float.
     model = inject_outliers(trained[0], (100.0, 60.0, 30.0))
@@ -205,7 +207,7 @@ def test_int8_mask_head_stays_float(trained, calib: CalibrationSet, tmp_path: Pa
     the network's logits at its entry."""
     import torch
     from segformer_edge.calibration.recipes import _module_path
-    from segformer_edge.converters.pipeline import capture, plan_export, quantize
+    from segformer_edge.converters.build import capture, plan_export, quantize
 
     model, _ = trained
     plan = plan_export(model, target, ExportOptions(size=SIZE, precision="int8", output="mask"), tmp_path, QuantSpec(calibration=calib))

@@ -16,7 +16,8 @@ from conftest import TINY, run_cli
 from segformer_edge.calibration.spec import LAYER_GROUPS, QuantSpec
 from segformer_edge.converters import get_target
 from segformer_edge.converters.base import ArtifactError, ExportOptions, file_sha256, read_manifest
-from segformer_edge.converters.pipeline import DEFAULT_THRESHOLDS, default_thresholds, export_artifact
+from segformer_edge.converters.parity import DEFAULT_THRESHOLDS, default_thresholds
+from segformer_edge.converters.pipeline import export_artifact
 
 from segformer_edge import save_checkpoint
 from segformer_edge.errors import ExportError

@@ -31,13 +31,9 @@ from segformer_edge.calibration.spec import QuantSpec
 from segformer_edge.converters import get_target
 from segformer_edge.converters.base import ExportOptions
 from segformer_edge.converters.graph import fold_batch_norm
-from segformer_edge.converters.pipeline import (
-    ParityFailed,
-    Thresholds,
-    checkpoint_digest,
-    export_artifact,
-    verify_artifact,
-)
+from segformer_edge.converters.parity import ParityFailed, Thresholds, verify_artifact
+from segformer_edge.converters.pipeline import export_artifact
+from segformer_edge.converters.reference import checkpoint_digest
 
 from segformer_edge import save_checkpoint
 from segformer_edge.errors import ExportError
@@ -179,7 +175,8 @@ def test_default_int8_survives_outliers_and_fails_without_handling(stressed, cal
 def _quantized_figures(model: SegFormer, target: str, quant: QuantSpec, tmp_path: Path) -> tuple[float, float]:
     """Pixel agreement and mIoU drop (points) of ``target``'s quantized graph, run in torch, against the float model on
     verify's own images and labels."""
-    from segformer_edge.converters.pipeline import float_labeler, open_verify_data, quantized_predictor
+    from segformer_edge.converters.int8 import quantized_predictor
+    from segformer_edge.converters.reference import float_labeler, open_verify_data
 
     from segformer_edge.evaluate import ConfusionMatrix
 

@@ -19,8 +19,11 @@ from segformer_edge.calibration.calibset import CalibrationSet, select_calibrati
 from segformer_edge.calibration.spec import QuantSpec
 from segformer_edge.converters import get_target
 from segformer_edge.converters.base import Artifact, ExportOptions
+from segformer_edge.converters.build import plan_export
 from segformer_edge.converters.onnx import u8s8_is_fast
-from segformer_edge.converters.pipeline import checkpoint_digest, export_artifact, plan_export, verify_artifact
+from segformer_edge.converters.parity import verify_artifact
+from segformer_edge.converters.pipeline import export_artifact
+from segformer_edge.converters.reference import checkpoint_digest
 
 from segformer_edge import save_checkpoint
 from segformer_edge.errors import ExportError

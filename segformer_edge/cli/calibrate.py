@@ -49,7 +49,7 @@ def calibrate(
 
     from segformer_edge.calibration.sensitivity import GRANULARITIES
     from segformer_edge.calibration.spec import LAYER_GROUPS, QuantSpec
-    from segformer_edge.converters.pipeline import calibration_for
+    from segformer_edge.converters.int8 import calibration_for
     from segformer_edge.weights import load_pretrained
 
     quant = QuantSpec(method=method, outliers=outliers)  # validates the method and outlier mode before any work
@@ -90,7 +90,9 @@ def calibrate(
         from segformer_edge.calibration.sensitivity import analyse, quantizable_layers, write_report
         from segformer_edge.calibration.spec import WRAPPER, group_of
         from segformer_edge.converters.base import ExportOptions
-        from segformer_edge.converters.pipeline import float_labeler, plan_export, quantized_predictor
+        from segformer_edge.converters.build import plan_export
+        from segformer_edge.converters.int8 import quantized_predictor
+        from segformer_edge.converters.reference import float_labeler
 
         options = ExportOptions(precision="int8", size=(h, w))
         with tempfile.TemporaryDirectory() as tmp, progress_bar(f"sensitivity ({target})") as bar:

@@ -184,7 +184,7 @@ def export(
 def _plan_all(model: Any, names: list[str], options: Any, out: Path, method: str, outliers: str, scheme: str) -> None:
     """Check the options against every chosen target first: one clear error, nothing converted or written."""
     from segformer_edge.calibration.spec import QuantSpec
-    from segformer_edge.converters.pipeline import plan_export
+    from segformer_edge.converters.build import plan_export
 
     quant = QuantSpec(scheme=scheme, method=method, outliers=outliers) if options.precision == "int8" else None
     for name in names:
@@ -197,7 +197,9 @@ def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, bud
     import tempfile
     from dataclasses import replace
 
-    from segformer_edge.converters.pipeline import ParityFailed, budget_spec, export_artifact
+    from segformer_edge.converters.int8 import budget_spec
+    from segformer_edge.converters.parity import ParityFailed
+    from segformer_edge.converters.pipeline import export_artifact
 
     line = progress.line(f"{name} {options.precision}")
     if quant is not None and budget is not None:
@@ -286,7 +288,7 @@ def _quant_spec(model: Any, path: Path, options: Any, data: str | None, calibrat
             raise typer.BadParameter("--calibration, --budget, --outliers and --scheme apply to --precision int8", param_hint="--precision")
         return None
     from segformer_edge.calibration.spec import QuantSpec
-    from segformer_edge.converters.pipeline import calibration_for
+    from segformer_edge.converters.int8 import calibration_for
 
     quant = QuantSpec(scheme=scheme, method=method, outliers=outliers)  # validates the scheme, method and outlier mode before any work
     if scheme != "static" and data is None and calibration is None:
@@ -314,7 +316,7 @@ def verify(
     from dataclasses import replace
 
     from segformer_edge.converters.base import read_manifest
-    from segformer_edge.converters.pipeline import default_thresholds, verify_artifact
+    from segformer_edge.converters.parity import default_thresholds, verify_artifact
 
     manifest = read_manifest(artifact).manifest
     limits = default_thresholds(manifest)  # the precision it computes in (a runtime hint may lower it)

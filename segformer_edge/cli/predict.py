@@ -104,7 +104,7 @@ def _artifact(folder: Path, size: tuple[int, int] | None, mode: str, compare: st
     predictor = ArtifactPredictor(runner, spec, manifest["output"]["kind"], int(manifest["num_classes"]))
     reference = None
     if compare is not None:
-        from segformer_edge.converters.pipeline import load_reference
+        from segformer_edge.converters.reference import load_reference
         from segformer_edge.errors import CheckpointError
         from segformer_edge.predict import float_predictor
 

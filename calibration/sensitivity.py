@@ -35,6 +35,7 @@ __all__ = ["GRANULARITIES", "Predictor", "SensitivityReport", "analyse", "budget
 logger = logging.getLogger(__name__)
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 images (N, H, W, 3) -> labels (N, H, W)
+Logits = Callable[[np.ndarray], np.ndarray]  # uint8 images (N, H, W, 3) -> the float model's logits (N, K, H/4, W/4)
 GRANULARITIES = ("group", "layer")
 
 
@@ -90,6 +91,17 @@ class SensitivityReport:
     method: str
     granularity: str = "group"
     all_int8: dict[str, Any] | None = None  # layer granularity: the drop with nothing kept float
+    # "miou_drop_points" against the calibration set's labels, or "estimated_miou_drop_points" where its masks are the
+    # float model's own predictions (photos without labels: see segformer_edge.evaluate.ExpectedDrop)
+    drop_key: str = "miou_drop_points"
+
+    @property
+    def recovered_key(self) -> str:
+        return self.drop_key.replace("_drop_", "_recovered_")
+
+    @property
+    def drop_name(self) -> str:
+        return "mIoU drop" if self.drop_key == "miou_drop_points" else "estimated mIoU drop (no labels)"
 
     def ranked(self) -> list[str]:
         return [r["unit"] for r in self.rows]
@@ -106,6 +118,37 @@ def held_out(calib: CalibrationSet) -> tuple[CalibrationSet, np.ndarray, np.ndar
     held = max(1, n // 4)
     part = replace(calib, images=calib.images[: n - held], masks=calib.masks[: n - held]) if n > held else calib
     return part, calib.images[n - held :], calib.masks[n - held :]
+
+
+class _Scorer:
+    """How much a quantized model's masks lose on the held-out images: the mIoU drop against the set's labels, or,
+    where its masks are the float model's own predictions, the drop estimated without labels (the float model's
+    softmax as the posterior; a drop against its own masks would count every near-tie flip as an error)."""
+
+    def __init__(self, calib: CalibrationSet, images: np.ndarray, masks: np.ndarray, float_pred: np.ndarray, k: int,
+                 float_logits: Logits | None, miou_float: float | None = None) -> None:  # fmt: skip
+        self.labels = calib.masks_from == "labels"
+        if not self.labels and float_logits is None:
+            raise ValueError("these calibration masks are the float model's predictions: measuring without labels needs its logits")
+        self.key = "miou_drop_points" if self.labels else "estimated_miou_drop_points"
+        self.masks, self.k, self.float_pred = masks, k, float_pred
+        self.miou_float = _miou(float_pred, masks, k) if miou_float is None else miou_float
+        self.logits = None if self.labels else float_logits(images)  # type: ignore[misc]  # (N, K, H/4, W/4)
+
+    def drop(self, pred: np.ndarray) -> float:
+        if self.labels:
+            return 100 * (self.miou_float - _miou(pred, self.masks, self.k))
+        import torch
+
+        from segformer_edge.evaluate import ExpectedDrop
+
+        estimate = ExpectedDrop(self.k)
+        size = tuple(pred.shape[1:])
+        for i in range(len(pred)):
+            logits = torch.nn.functional.interpolate(torch.from_numpy(self.logits[i : i + 1]), size=size, mode="bilinear",
+                                                     align_corners=False)  # (1, K, H, W)  # fmt: skip
+            estimate.update(logits, self.float_pred[i : i + 1], pred[i : i + 1], np.zeros((1, *size), bool))
+        return float(estimate.figures()["estimated_miou_drop_points"])
 
 
 def _miou(pred: np.ndarray, masks: np.ndarray, k: int) -> float:
@@ -126,32 +169,34 @@ def analyse(
     target: str,
     layers: list[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    float_logits: Logits | None = None,
 ) -> SensitivityReport:
     """Rank with ``target``'s quantizer. Without ``layers``: one layer group at a time quantized, the rest
     float, ranked by the mIoU each costs. With ``layers`` (see :func:`quantizable_layers`): everything
     quantized but one layer at a time, ranked by the mIoU that keeping it float gives back."""
     part, images, masks = held_out(calib)
     quant = quant.with_(calibration=part)
-    float_pred = float_predict(images)
-    miou_float = _miou(float_pred, masks, num_classes)
+    scorer = _Scorer(calib, images, masks, float_predict(images), num_classes, float_logits)
+    key = scorer.key
 
     def row(name: str, spec: QuantSpec) -> dict[str, Any]:
         pred = make_predictor(spec)(images)
         if progress is not None:
             progress(1)
-        return {"unit": name, "miou_drop_points": 100 * (miou_float - _miou(pred, masks, num_classes)),
-                "pixel_agreement": float((pred == float_pred).mean())}  # fmt: skip
+        return {"unit": name, key: scorer.drop(pred), "pixel_agreement": float((pred == scorer.float_pred).mean())}
 
     if layers is None:
         rows = [row(group, quant.only([group])) for group in LAYER_GROUPS]
-        rows.sort(key=lambda r: (-r["miou_drop_points"], r["pixel_agreement"]))
-        return SensitivityReport(rows, miou_float, len(images), target, quant.method)
+        rows.sort(key=lambda r: (-r[key], r["pixel_agreement"]))
+        return SensitivityReport(rows, scorer.miou_float, len(images), target, quant.method, drop_key=key)
     everything = row("(none: all int8)", quant.with_(float_groups=()))
     rows = [row(layer, quant.with_(float_groups=(layer,))) for layer in layers]
+    recovered = key.replace("_drop_", "_recovered_")
     for r in rows:
-        r["miou_recovered_points"] = everything["miou_drop_points"] - r["miou_drop_points"]
-    rows.sort(key=lambda r: (-r["miou_recovered_points"], -r["pixel_agreement"]))
-    return SensitivityReport(rows, miou_float, len(images), target, quant.method, granularity="layer", all_int8=everything)
+        r[recovered] = everything[key] - r[key]
+    rows.sort(key=lambda r: (-r[recovered], -r["pixel_agreement"]))
+    return SensitivityReport(rows, scorer.miou_float, len(images), target, quant.method, granularity="layer", all_int8=everything,
+                             drop_key=key)  # fmt: skip
 
 
 def budget_policy(
@@ -164,6 +209,7 @@ def budget_policy(
     *,
     split: Callable[[str], list[str]] | None = None,
     progress: Callable[[int], None] | None = None,
+    float_logits: Logits | None = None,
 ) -> dict[str, Any]:
     """Keep the most sensitive groups (``report`` ranks them) in float until the whole int8 model's mIoU drop
     is within the budget. With ``split`` (``lambda entry: children(model, entry)``), then go down: split each
@@ -172,6 +218,9 @@ def budget_policy(
     layers. Every measurement is a step in the record."""
     part, images, masks = held_out(calib)
     quant = quant.with_(calibration=part)
+    # Without labels the set's masks are the float model's predictions: the reference and the float masks at once.
+    scorer = _Scorer(calib, images, masks, masks, num_classes, float_logits, miou_float=report.miou_float)
+    key = scorer.key
     steps: list[dict[str, Any]] = []
     seen: dict[tuple[str, ...], float] = {}
 
@@ -179,8 +228,8 @@ def budget_policy(
         key = tuple(entries)
         if key not in seen:
             pred = make_predictor(quant.with_(float_groups=key))(images)
-            seen[key] = 100 * (report.miou_float - _miou(pred, masks, num_classes))
-            steps.append({"float_groups": list(entries), "miou_drop_points": seen[key], "step": why})
+            seen[key] = scorer.drop(pred)
+            steps.append({"float_groups": list(entries), scorer.key: seen[key], "step": why})
             if progress is not None:
                 progress(1)
         return seen[key]
@@ -217,7 +266,7 @@ def budget_policy(
         "budget_points": budget_points,
         "granularity": "layer" if split is not None else "group",
         "float_groups": float_groups,
-        "miou_drop_points": final,
+        key: final,
         "steps": steps,
         "measured_with": f"{report.target} quantizer ({report.method}) on {report.held_out} held-out calibration images "
         f"(masks: {calib.masks_from})",
@@ -238,28 +287,30 @@ def write_report(report: SensitivityReport, folder: Path) -> None:
     layer = report.all_int8 is not None  # a layer-granularity report carries the all-int8 measurement
     atomic_write_text(folder / "sensitivity.json", json.dumps({
         "target": report.target, "method": report.method, "granularity": report.granularity,
-        "miou_float": report.miou_float, "held_out": report.held_out, "all_int8": report.all_int8,
+        "miou_float": report.miou_float, "held_out": report.held_out, "all_int8": report.all_int8, "drop": report.drop_key,
         "units": report.rows}, indent=2) + "\n")  # fmt: skip
     lines = [f"Measured with the {report.target} quantizer ({report.method}) on {report.held_out} held-out images."]
     if report.all_int8 is not None:
-        drop = report.all_int8["miou_drop_points"]
-        lines += [f"Every layer int8: mIoU drop {drop:.3f} points. Each row keeps one layer in float, the rest int8.", "",
-                  "| rank | layer | mIoU recovered (points) | mIoU drop (points) | pixel agreement |", "|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {i + 1} | {r['unit']} | {r['miou_recovered_points']:.3f} | {r['miou_drop_points']:.3f} | "
+        drop = report.all_int8[report.drop_key]
+        recovered = report.drop_name.replace("drop", "recovered")
+        lines += [f"Every layer int8: {report.drop_name} {drop:.3f} points. Each row keeps one layer in float, the rest int8.", "",
+                  f"| rank | layer | {recovered} (points) | {report.drop_name} (points) | pixel agreement |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {i + 1} | {r['unit']} | {r[report.recovered_key]:.3f} | {r[report.drop_key]:.3f} | "
                   f"{100 * r['pixel_agreement']:.2f}% |" for i, r in enumerate(report.rows)]  # fmt: skip
     else:
         lines += ["Each row quantizes one layer group, the rest float.", "",
-                  "| rank | layer group | mIoU drop (points) | pixel agreement |", "|---|---|---|---|"]
-        lines += [f"| {i + 1} | {r['unit']} | {r['miou_drop_points']:.3f} | {100 * r['pixel_agreement']:.2f}% |"
+                  f"| rank | layer group | {report.drop_name} (points) | pixel agreement |", "|---|---|---|---|"]
+        lines += [f"| {i + 1} | {r['unit']} | {r[report.drop_key]:.3f} | {100 * r['pixel_agreement']:.2f}% |"
                   for i, r in enumerate(report.rows)]  # fmt: skip
     atomic_write_text(folder / "sensitivity.md", "\n".join(lines) + "\n")
     shown = report.rows[:20]
     fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(shown)), 3.8 if layer else 3.5))
-    key = "miou_recovered_points" if layer else "miou_drop_points"
+    key = report.recovered_key if layer else report.drop_key
     ax.bar(range(len(shown)), [r[key] for r in shown])
     ax.set_xticks(range(len(shown)), [r["unit"].removeprefix("encoder.") for r in shown], rotation=60 if layer else 0,
                   ha="right" if layer else "center", fontsize=7 if layer else 9)  # fmt: skip
-    ax.set_ylabel("mIoU recovered, layer alone float" if layer else "mIoU drop (points), group alone int8")
+    name = report.drop_name.split(" (")[0]
+    ax.set_ylabel(f"{name.replace('drop', 'recovered')}, layer alone float" if layer else f"{name} (points), group alone int8")
     top = f"top {len(shown)} layers, " if layer else ""
     ax.set_title(f"INT8 sensitivity, {report.target} quantizer ({top}{report.held_out} held-out images)")
     fig.tight_layout()

@@ -238,8 +238,15 @@ def write_visual_report(folder: Path, items: list[dict[str, Any]], report: dict[
         worst = sorted((iou, name) for name, iou in item["per_class_iou"].items() if iou is not None)[:3]
         rows.append({"rank": rank, "name": item["name"], "stem": stem, "agreement": item["agreement"],
                      "worst_classes": [{"class": n, "iou": v} for v, n in worst]})  # fmt: skip
-    summary = {key: report[key] for key in ("target", "precision", "executor", "images", "pixel_agreement", "agreement_miou",
-                                            "max_abs_diff", "nonfinite", "miou_drop_points", "passed", "failure", "data")}  # fmt: skip
+    summary = {key: report.get(key) for key in ("target", "precision", "executor", "images", "pixel_agreement", "agreement_miou",
+                                                "max_abs_diff", "nonfinite", "miou_drop_points", "estimated_miou_drop_points",
+                                                "estimated_miou_drop_stderr", "passed", "failure", "data")}  # fmt: skip
+    if summary["miou_drop_points"] is not None:
+        drop_line = f"| mIoU drop against the labels (points) | {summary['miou_drop_points']:.3f} |"
+    else:
+        err = summary["estimated_miou_drop_stderr"]
+        drop_line = (f"| estimated mIoU drop, no labels (points) | {_fmt(summary['estimated_miou_drop_points'])}"
+                     + ("" if err is None else f" ± {err:.2g}") + " |")  # fmt: skip
     payload = {"summary": summary, "images": rows, **({"layers": layers} if layers else {})}
     atomic_write_text(folder / "report.json", json.dumps(payload, indent=2, default=float) + "\n")
     lines = [f"# {summary['target']} {summary['precision']} against the float model", "",
@@ -249,6 +256,7 @@ def write_visual_report(folder: Path, items: list[dict[str, Any]], report: dict[
              f"| agreement mIoU | {100 * summary['agreement_miou']:.2f} |",
              f"| max abs diff | {_fmt(summary['max_abs_diff'])} |",
              f"| NaN/inf values | {summary['nonfinite']} |",
+             drop_line,
              f"| passed | {summary['passed']} |", ""]  # fmt: skip
     if layers:
         lines += ["## Where it leaves the float model", "", f"Threshold {layers['threshold_db']} dB SQNR. "

@@ -18,7 +18,7 @@ from segformer_edge.errors import DataError, ExportError
 from .base import ExportOptions
 from .build import capture, plan_export, quantize
 from .pipeline import export_artifact
-from .reference import checkpoint_digest, float_labeler, upsampled_argmax, uses_builtin_labels
+from .reference import checkpoint_digest, float_labeler, float_logits_of, upsampled_argmax, uses_builtin_labels
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -96,8 +96,8 @@ def quantized_predictor(model: Any, target_name: str, options: ExportOptions, qu
 
 def budget_spec(model: Any, target_name: str, options: ExportOptions, quant: QuantSpec, budget: float,
                 workdir: Path, progress: Callable[[int], None] | None = None, granularity: str = "layer") -> QuantSpec:  # fmt: skip
-    """``quant`` with the fewest layers in float that bring ``target_name``'s int8 mIoU drop within ``budget``
-    points, measured with that target's own quantizer on held-out calibration images: whole layer groups
+    """``quant`` with the fewest layers in float that bring ``target_name``'s int8 mIoU drop (against the calibration
+    set's labels, or estimated without them for photos) within ``budget`` points, measured with that target's own quantizer on held-out calibration images: whole layer groups
     first, then (``granularity="layer"``) their blocks and single layers (see :func:`budget_policy`)."""
     from segformer_edge.calibration.recipes import reuse_exports
     from segformer_edge.calibration.sensitivity import GRANULARITIES, analyse, budget_policy, children
@@ -110,8 +110,9 @@ def budget_spec(model: Any, target_name: str, options: ExportOptions, quant: Qua
     make = lambda spec: quantized_predictor(model, target_name, options, spec, workdir)
     labeler = float_labeler(model, calib.size)
     float_predict = lambda images: np.stack([labeler(im) for im in images])
+    logits = float_logits_of(model, calib.size)
     split = (lambda entry: children(model, entry)) if granularity == "layer" else None
     with reuse_exports():
-        report = analyse(calib, resolved, make, float_predict, k, target=target_name, progress=progress)
-        policy = budget_policy(calib, resolved, make, budget, report, k, split=split, progress=progress)
+        report = analyse(calib, resolved, make, float_predict, k, target=target_name, progress=progress, float_logits=logits)
+        policy = budget_policy(calib, resolved, make, budget, report, k, split=split, progress=progress, float_logits=logits)
     return resolved.with_(float_groups=tuple(policy["float_groups"]), policy={**policy, "sensitivity": report.rows})

@@ -19,7 +19,7 @@ from segformer_edge.errors import SegformerEdgeError
 
 from .base import Artifact, ExportOptions
 from .build import build_artifact, plan_export, shared_provenance
-from .parity import ParityFailed, Thresholds, verify_artifact
+from .parity import VERIFY_IMAGES, ParityFailed, Thresholds, verify_artifact
 
 if TYPE_CHECKING:
     from segformer_edge.calibration.spec import QuantSpec
@@ -52,7 +52,7 @@ def export_artifact(
     quant: QuantSpec | None = None,
     verify: bool = True,
     verify_data: str | None = None,
-    verify_images: int = 4,
+    verify_images: int = VERIFY_IMAGES,
     thresholds: Thresholds | None = None,
     on_step: Callable[[str], None] | None = None,
     capture_output: bool = True,

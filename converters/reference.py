@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,15 +18,20 @@ from segformer_edge.inputs import InputSpec
 
 from .base import Artifact, file_sha256
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "checkpoint_digest",
     "data_record",
     "float_labeler",
+    "float_logits_of",
     "float_logits",
     "load_reference",
     "open_verify_data",
     "quarter_up",
     "softmax",
+    "upsampled",
     "upsampled_argmax",
     "uses_builtin_labels",
 ]
@@ -57,12 +62,17 @@ def quarter_up(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack([resize_labels(one, size) for one in labels])
 
 
-def upsampled_argmax(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(N, K, h, w) logits -> (N, H, W) labels: bilinear upsampling to the input size, then argmax."""
+def upsampled(logits: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(N, K, h, w) logits -> (N, K, H, W) by bilinear upsampling to the input size (a torch tensor)."""
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
-    return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False).argmax(1).numpy()
+    return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+
+def upsampled_argmax(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, K, h, w) logits -> (N, H, W) labels: bilinear upsampling to the input size, then argmax."""
+    return upsampled(logits, size).argmax(1).numpy()
 
 
 def uses_builtin_labels(model: Any) -> bool:
@@ -70,6 +80,12 @@ def uses_builtin_labels(model: Any) -> bool:
     from segformer_edge.data import synthetic_labels
 
     return list(model.meta.class_names) == list(synthetic_labels().classes)
+
+
+def float_logits_of(model: Any, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
+    """(N, H, W, 3) uint8 images at ``size`` -> the float model's logits (N, K, H/4, W/4), one image at a time."""
+    spec = InputSpec.for_model(model.meta, size)
+    return lambda images: np.concatenate([float_logits(model, spec, images[i : i + 1]) for i in range(len(images))])
 
 
 def float_labeler(model: Any, size: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:

@@ -1,7 +1,8 @@
 """Evaluation: whole-image and sliding-window inference, and metrics from a confusion matrix.
 
 mIoU is the mean over classes that appear in the ground truth or the predictions (union > 0), as mmseg
-computes it; pixel accuracy counts every labelled pixel.
+computes it; pixel accuracy counts every labelled pixel. Without labels, :class:`ExpectedDrop` estimates what they
+would say about a model that departs from the float model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .data import IGNORE_INDEX, Source
 from .data.transforms import EvalTransform
 from .model import ModelMeta
 
-__all__ = ["ConfusionMatrix", "evaluate", "infer", "metrics_from_confusion"]
+__all__ = ["ConfusionMatrix", "ExpectedDrop", "evaluate", "infer", "metrics_from_confusion"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,102 @@ class ConfusionMatrix:
 
     def metrics(self, class_names: list[str] | None = None) -> dict[str, Any]:
         return metrics_from_confusion(self.matrix, class_names)
+
+
+class ExpectedDrop:
+    """What the labels would say, estimated without them: the float model's softmax taken as the posterior of
+    each pixel's true class.
+
+    Where the float model says class ``c`` with probability ``p_c``, a pixel predicted as ``c`` is right with
+    probability ``p_c``. So a disagreement where the float model's top two classes were nearly tied costs almost
+    nothing, and one where it was sure costs almost a whole pixel. Per class, the expected true-positive mass, the
+    expected ground-truth mass and the predicted pixels give an expected IoU for the float model's masks and for
+    the artifact's; their mean over classes (mmseg's: classes present in the ground truth or the prediction, the
+    float model's predictions standing in for what the ground truth holds) gives an estimated mIoU of each, and
+    the difference the **estimated mIoU drop**. The expected pixel accuracy of each gives the estimated pixel
+    accuracy drop. The uncertainty from the images sampled is a bootstrap over images.
+
+    benchmarks/NO_LABEL_PARITY.md measures this estimate against the label-based drop on trained many-class models
+    whose labels are known, on good and on deliberately damaged artifacts.
+    """
+
+    BOOTSTRAP = 200  # resamples of the images for the standard error
+    MIN_CLASS_SHARE = 0.005  # per-class figures only for classes on at least this share of the pixels
+
+    def __init__(self, num_classes: int) -> None:
+        self.k = num_classes
+        self.rows: list[np.ndarray] = []  # per image: (8, K) float64, see update
+
+    def update(self, logits: torch.Tensor, float_mask: np.ndarray, artifact_mask: np.ndarray, broken: np.ndarray) -> None:
+        """One image: the float model's logits at the input size (1, K, H, W), the float and artifact masks
+        (1, H, W) compared at that size, and the pixels a NaN or inf reaches (1, H, W; never right)."""
+        k = self.k
+        probs = torch.softmax(logits[0].double(), dim=0).reshape(k, -1)  # (K, H*W)
+        f = torch.from_numpy(np.asarray(float_mask, np.int64).reshape(-1))  # (H*W,)
+        a = torch.from_numpy(np.asarray(artifact_mask, np.int64).reshape(-1))  # (H*W,)
+        valid = (a >= 0) & (a < k) & ~torch.from_numpy(np.asarray(broken).reshape(-1))  # an invalid class is never right
+        a_safe = torch.where(valid, a, torch.zeros_like(a))
+        p_f = probs.gather(0, f[None])[0]  # (H*W,) the probability that the float model's class is right
+        p_a = probs.gather(0, a_safe[None])[0] * valid  # (H*W,) ... and the artifact's
+        row = np.zeros((8, k))
+        row[0] = probs.sum(1).numpy()  # expected ground-truth pixels per class
+        row[1] = torch.bincount(f, minlength=k).numpy()  # float: predicted pixels per class
+        row[2] = torch.bincount(f, weights=p_f, minlength=k).numpy()  # float: expected true positives
+        row[3] = torch.bincount(a_safe[valid], minlength=k).numpy()  # artifact: predicted pixels per class
+        row[4] = torch.bincount(a_safe, weights=p_a, minlength=k).numpy()  # artifact: expected true positives
+        row[5, 0], row[6, 0] = float(p_f.sum()), float(p_a.sum())  # expected right pixels (float, artifact)
+        row[5, 1] = f.numel()
+        # log P(class c absent from this image's ground truth) <= log(1 - max_i p_c(i)): its likeliest pixel alone
+        row[7] = torch.log1p(-probs.max(1).values.clamp(max=1 - 1e-9)).numpy()
+        self.rows.append(row)
+
+    @staticmethod
+    def _miou(gt: np.ndarray, pred: np.ndarray, tp: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """Expected mIoU (...,): the expected IoU of each class from (..., K) masses, averaged with ``weight`` (...,
+        K), the probability that a class takes part in the mean (it is predicted, or in the ground truth)."""
+        iou = tp / np.maximum(gt + pred - tp, 1e-12)
+        return (weight * iou).sum(-1) / np.maximum(weight.sum(-1), 1e-12)
+
+    def _drops(self, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Estimated mIoU of the float model and of the artifact, and the pixel accuracy drop, from (..., 8, K)."""
+        gt, pf, tpf, pa, tpa = (sums[..., i, :] for i in range(5))
+        # mIoU averages over the classes in the ground truth or the prediction (mmseg). A class is in the ground truth
+        # of some image at least as surely as its likeliest pixel there is: a lower bound, met where a class comes
+        # as a region (the softmax's diffuse tail over many pixels is not a class in the picture).
+        present = -np.expm1(sums[..., 7, :])  # (..., K)
+        miou_f = self._miou(gt, pf, tpf, np.where(pf > 0, 1.0, present))
+        miou_a = self._miou(gt, pa, tpa, np.where(pa > 0, 1.0, present))
+        acc_drop = (sums[..., 5, 0] - sums[..., 6, 0]) / np.maximum(sums[..., 5, 1], 1)
+        return miou_f, miou_a, acc_drop
+
+    def figures(self, class_names: list[str] | None = None) -> dict[str, Any]:
+        rows = np.stack(self.rows)  # (N, 8, K)
+        miou_f, miou_a, acc_drop = self._drops(rows.sum(0))
+        stderr = acc_stderr = None
+        if len(rows) > 1:
+            rng = np.random.default_rng(0)
+            picks = rng.integers(0, len(rows), size=(self.BOOTSTRAP, len(rows)))  # (B, N) images per resample
+            sums = np.stack([rows[p].sum(0) for p in picks])  # (B, 8, K)
+            boot_f, boot_a, boot_acc = self._drops(sums)
+            stderr, acc_stderr = float(100 * (boot_f - boot_a).std()), float(100 * boot_acc.std())
+        total = rows.sum(0)
+        gt, pf, tpf, pa, tpa = total[:5]
+        names = class_names or [str(i) for i in range(self.k)]
+        big = np.flatnonzero(pf >= self.MIN_CLASS_SHARE * total[5, 1])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou_f = tpf / np.maximum(gt + pf - tpf, 1e-12)
+            iou_a = tpa / np.maximum(gt + pa - tpa, 1e-12)
+        by_class = sorted(((names[c], float(100 * (iou_f[c] - iou_a[c]))) for c in big), key=lambda kv: -kv[1])
+        return {
+            "estimated_miou_float": float(miou_f),
+            "estimated_miou_artifact": float(miou_a),
+            "estimated_miou_drop_points": float(100 * (miou_f - miou_a)),
+            "estimated_miou_drop_stderr": stderr,
+            "estimated_pixel_accuracy_drop_points": float(100 * acc_drop),
+            "estimated_pixel_accuracy_drop_stderr": acc_stderr,
+            "estimated_iou_drop_by_class": dict(by_class),
+            "estimate_min_class_share": self.MIN_CLASS_SHARE,
+        }
 
 
 def _labels(x: np.ndarray | Tensor) -> Tensor:

@@ -92,7 +92,7 @@ def calibrate(
         from segformer_edge.converters.base import ExportOptions
         from segformer_edge.converters.build import plan_export
         from segformer_edge.converters.int8 import quantized_predictor
-        from segformer_edge.converters.reference import float_labeler
+        from segformer_edge.converters.reference import float_labeler, float_logits_of
 
         options = ExportOptions(precision="int8", size=(h, w))
         with tempfile.TemporaryDirectory() as tmp, progress_bar(f"sensitivity ({target})") as bar:
@@ -105,7 +105,8 @@ def calibrate(
             with reuse_exports():
                 report = analyse(calib, spec, lambda q: quantized_predictor(model, target, options, q, Path(tmp)),
                                  lambda images: np.stack([labeler(im) for im in images]), model.config.num_classes,
-                                 target=target, layers=layers, progress=lambda k: bar.advance(task, k))  # fmt: skip
+                                 target=target, layers=layers, progress=lambda k: bar.advance(task, k),
+                                 float_logits=float_logits_of(model, (h, w)))  # fmt: skip
         write_report(report, out)
         console.print((out / "sensitivity.md").read_text(), markup=False)
 

@@ -21,6 +21,9 @@ from .common import (
     step_progress,
 )
 
+# Parity images by default: what the data has, up to this many (converters.parity.VERIFY_IMAGES; the CLI stays torch-free).
+VERIFY_IMAGES = 32
+
 EXPORT_HELP = """Convert a checkpoint for edge runtimes, then prove each artifact agrees with the float model.
 
 CHECKPOINT is a segformer-edge .safetensors, a Hugging Face folder or Hub id (org/name\\[@revision]), or an NVlabs/mmseg .pth; with none, the built-in reference model. With no arguments at all it exports the reference model to every target at fp32 and prints a table. Each artifact lands in OUT/<name>/ with a manifest.json (classes, palette, input/output spec, normalization, precision, quantization, tool versions, sha256, parity figures) and export.log (the converters' own output). An artifact that fails parity never replaces an earlier one: it is kept as OUT/<name>.failed/ and the command exits 1.
@@ -133,12 +136,12 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("exports"),
     data: Annotated[str | None, typer.Option(help="Images to calibrate and verify on: a photo folder or glob, a dataset folder, or synthetic[:N].")] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity before the artifact lands.")] = True,
-    verify_images: Annotated[int, typer.Option(min=1, help="Images for the parity check.")] = 4,
+    verify_images: Annotated[int, typer.Option(min=1, help="Images for the parity check: what the data has, up to this many.")] = VERIFY_IMAGES,
     calibration: Annotated[Path | None, typer.Option(help="int8: a folder from segformer-edge calibrate (default: calibrate now on --data).")] = None,
     calibration_images: Annotated[int, typer.Option(min=1, help="int8 without --calibration: images to calibrate on.")] = 32,
     method: Annotated[str, typer.Option(help="int8 activation ranges: auto (each target's default), minmax, moving_average, percentile or mse (PT2E targets, OpenVINO).")] = "auto",
     scheme: Annotated[str, typer.Option(help="int8: static (weights and activations, calibrated ranges), dynamic (activation ranges per inference: executorch) or weight_only (float activations: coreml).")] = "static",
-    budget: Annotated[float | None, typer.Option(help="int8: keep the fewest layers in float that bring the mIoU drop, measured with each target's own quantizer on held-out calibration images, within POINTS.")] = None,
+    budget: Annotated[float | None, typer.Option(help="int8: keep the fewest layers in float that bring the mIoU drop (against labels, or estimated for photos without them), measured with each target's own quantizer on held-out calibration images, within POINTS.")] = None,
     budget_granularity: Annotated[str, typer.Option(help="--budget: layer (whole layer groups first, then split into blocks and single layers, quantizing back every part the budget allows: more measurements, see benchmarks/BUDGET.md) or group (the 4 stages and 2 decoder parts only: at most 12 quantized models measured).")] = "layer",
     layers: Annotated[bool, typer.Option("--layers", help="Parity per stage too (verify --layers), recorded in the manifest.")] = False,
     outliers: Annotated[str, typer.Option(help="int8: activation-outlier handling before every target's quantizer: auto (what measurably lowers the int8 error on the calibration images), none, smoothquant, bias_correction or smoothquant+bias_correction.")] = "auto",
@@ -241,8 +244,20 @@ def _outliers_summary(record: dict[str, Any]) -> str:
 def _figures(report: dict[str, Any] | None) -> dict[str, Any]:
     if report is None:
         return {}
-    return {key: report[key] for key in ("max_abs_diff", "pixel_agreement", "agreement_miou", "miou_drop_points", "executor",
-                                         "nonfinite", "nonfinite_float", "data")}  # fmt: skip
+    return {key: report.get(key) for key in ("max_abs_diff", "pixel_agreement", "agreement_miou", "miou_drop_points",
+                                             "estimated_miou_drop_points", "estimated_miou_drop_stderr", "verdict_basis",
+                                             "images", "executor", "nonfinite", "nonfinite_float", "data")}  # fmt: skip
+
+
+def _drop_cell(row: dict[str, Any]) -> str:
+    """The table's mIoU drop: against the labels, or estimated without them (then with its spread over images)."""
+    if row.get("miou_drop_points") is not None:
+        return f"{row['miou_drop_points']:.2f}"
+    estimate = row.get("estimated_miou_drop_points")
+    if estimate is None:
+        return "-"
+    spread = row.get("estimated_miou_drop_stderr")
+    return f"{estimate:.2f}" + ("" if spread is None else f"±{spread:.2f}")
 
 
 def _diff_cell(row: dict[str, Any]) -> str:
@@ -258,18 +273,24 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for col in ("target", "prec", "MB", "max |diff|", "agree", "status"):
-        table.add_column(col, justify="right" if col in ("MB", "max |diff|", "agree") else "left", no_wrap=True)
+    labels = any(r.get("miou_drop_points") is not None for r in rows)
+    drop = "mIoU drop" if labels else "est. drop"  # never "mIoU drop" for a figure not measured against labels
+    numeric = ("MB", "max |diff|", "agree", drop)
+    for col in ("target", "prec", "MB", "max |diff|", "agree", drop, "status"):
+        table.add_column(col, justify="right" if col in numeric else "left", no_wrap=True)
     for r in rows:
         agree = r.get("pixel_agreement")
         table.add_row(
             r["target"], r["precision"], f"{r['size_mb']:.2f}" if "size_mb" in r else "-",
-            _diff_cell(r), "-" if agree is None else f"{100 * agree:.2f}%", r["status"],
+            _diff_cell(r), "-" if agree is None else f"{100 * agree:.2f}%", _drop_cell(r), r["status"],
         )  # fmt: skip
     console.print(table)
     data = next((r["data"] for r in rows if r.get("data")), None)
     if data is not None:
-        console.print(f"parity on {data['images']} images of {data['spec']} ({data['usage']})", markup=False)
+        console.print(f"parity on {data['images']} images of {data['spec']} ({data['usage']})", markup=False, soft_wrap=True)
+        if not labels:
+            console.print("est. drop: the mIoU drop estimated without labels (the float model's confidence as the "
+                          "posterior), ± its standard error over the images", markup=False, soft_wrap=True)  # fmt: skip
     handled = [f"{r['target']} {r['outliers']}" for r in rows if r.get("outliers")]
     if handled:
         console.print(f"int8 outlier handling: {', '.join(handled)}", markup=False, soft_wrap=True)
@@ -304,10 +325,10 @@ def verify(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder (or its model file).")],
     checkpoint: Annotated[str | None, typer.Option(help="The float checkpoint or Hub id (default: the built-in model).")] = None,
     data: Annotated[str | None, typer.Option(help="A photo folder or glob, a dataset folder (val split), or synthetic[:N].")] = None,
-    num_images: Annotated[int, typer.Option(min=1, help="Images to compare on.")] = 8,
+    num_images: Annotated[int, typer.Option(min=1, help="Images to compare on: what the data has, up to this many.")] = VERIFY_IMAGES,
     max_abs_diff: Annotated[float | None, typer.Option(help="Override the max |diff| threshold.")] = None,
     min_pixel_agreement: Annotated[float | None, typer.Option(help="Override the pixel-agreement threshold (0..1).")] = None,
-    max_miou_drop: Annotated[float | None, typer.Option(help="Override the allowed mIoU drop (points).")] = None,
+    max_miou_drop: Annotated[float | None, typer.Option(help="Override the allowed mIoU drop (points): against the labels where the data has them, else the drop estimated without labels.")] = None,
     layers: Annotated[bool, typer.Option("--layers", help="Compare the stage outputs too, in a debug graph of the same recipe, and name the first that diverges.")] = False,
     report: Annotated[Path | None, typer.Option("--report", help="Write per-image PNGs (input, float, artifact, disagreement), report.md and report.json here.")] = None,
     calibration: Annotated[Path | None, typer.Option(help="--layers on int8: the calibration folder the artifact was made with (default: pick it again).")] = None,
@@ -333,9 +354,12 @@ def verify(
         lines = [f"{report['target']} {report['precision']} ({report['executor']}, {report['images']} images of {d['spec']}, "
                  f"{report['size'][0]}x{report['size'][1]}; {d['usage']})"]  # fmt: skip
         for key in ("max_abs_diff", "cosine", "psnr_db", "nonfinite", "nonfinite_float", "pixel_agreement", "agreement_miou",
-                    "miou_float", "miou_artifact", "miou_drop_points"):  # fmt: skip
-            value = report[key]
-            lines.append(f"  {key:17s} {'-' if value is None else f'{value:.6g}'}")
+                    "miou_float", "miou_artifact", "miou_drop_points", "estimated_miou_drop_points",
+                    "estimated_pixel_accuracy_drop_points"):  # fmt: skip
+            value = report.get(key)
+            spread = report.get(key.replace("_points", "_stderr")) if key.startswith("estimated_") else None
+            text = "-" if value is None else f"{value:.6g}" + ("" if spread is None else f" ± {spread:.2g}")
+            lines.append(f"  {key:36s} {text}")
         verdict = "passed" if report["passed"] else f"FAILED: {report['failure']}"
         lines.append(f"  {verdict}  (thresholds {report['thresholds']})")
         if report.get("layers"):

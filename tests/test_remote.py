@@ -1,0 +1,303 @@
+"""``bench`` and ``verify`` with ``--device ssh://``: a real OpenSSH server on 127.0.0.1 and a torch-free "board".
+
+The fixture starts Debian's sshd with its own host key, port and authorized key in a temporary folder (stopped at
+the end); the client reads only the fixture's ssh_config (SEGFORMER_EDGE_SSH_COMMAND="ssh -F ..."). The board's
+Python is this interpreter behind a wrapper whose PYTHONPATH makes ``import torch`` fail (the shim the bench tests
+use), and whose cache is the fixture's own folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+from segformer_edge.converters.base import ExportOptions, read_manifest
+from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+from segformer_edge.converters.remote import SSH_COMMAND_ENV, RemoteRunner, SshDevice, _call, _tar_of, bench_over_ssh
+
+from segformer_edge import save_checkpoint
+from segformer_edge.errors import DeviceError
+from segformer_edge.model import SegFormer, SegFormerConfig
+
+SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if Path(p).exists()), None)
+pytestmark = pytest.mark.skipif(SSHD is None or shutil.which("ssh") is None,
+                                reason="needs OpenSSH's sshd and ssh (apt-get install openssh-server openssh-client)")  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+USER = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wrapper(path: Path, body: str) -> str:
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+class Board:
+    """The loopback board: the sshd, the ssh_config that reaches it as host ``board``, and board Pythons."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.cache = root / "cache"
+        shims = root / "shims" / "torch"
+        shims.mkdir(parents=True)
+        (shims / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+        inherited = os.environ.get("PYTHONPATH", "")  # the checkout under test, wherever this process found it
+        self.env = f"export PYTHONPATH={shims.parent}:{REPO}{':' + inherited if inherited else ''} SEGFORMER_EDGE_CACHE={self.cache}"
+        self.python = _wrapper(root / "python", f'{self.env}\nexec {sys.executable} "$@"')
+
+    def device(self, python: str | None = None, **kwargs: object) -> SshDevice:
+        return SshDevice.parse(f"ssh://board:{self.port}", python=python or self.python, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Board]:
+    root = tmp_path_factory.mktemp("board")
+    b = Board(root)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "client_key")], check=True)
+    shutil.copy(root / "client_key.pub", root / "authorized_keys")
+    (root / "sshd_config").write_text(
+        f"Port {b.port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nPidFile {root / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {root / 'authorized_keys'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        f"KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nAllowUsers {USER}\n"
+        "LogLevel ERROR\n"
+    )  # fmt: skip
+    host_key = (root / "host_key.pub").read_text().split()
+    (root / "known_hosts").write_text(f"[127.0.0.1]:{b.port} {host_key[0]} {host_key[1]}\n")
+    (root / "ssh_config").write_text(
+        f"Host board\n  HostName 127.0.0.1\n  User {USER}\n  IdentityFile {root / 'client_key'}\n  IdentitiesOnly yes\n"
+        f"Host *\n  UserKnownHostsFile {root / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+        "  LogLevel ERROR\n"
+    )  # fmt: skip
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(
+            mode=0o755, exist_ok=True
+        )  # sshd's privilege-separation folder, which root's sshd needs
+    log = open(root / "sshd.log", "w")  # noqa: SIM115 - open for the server's life
+    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], stdout=log, stderr=subprocess.STDOUT)
+    old = os.environ.get(SSH_COMMAND_ENV)
+    os.environ[SSH_COMMAND_ENV] = f"ssh -F {root / 'ssh_config'}"
+    try:
+        for _ in range(100):
+            probe = subprocess.run(["ssh", "-F", str(root / "ssh_config"), "-o", "BatchMode=yes", "-p", str(b.port), "board", "true"],
+                                   check=False, capture_output=True, text=True)  # fmt: skip
+            if probe.returncode == 0:
+                break
+            if server.poll() is not None:
+                pytest.fail(f"sshd exited: {(root / 'sshd.log').read_text()}")
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"sshd did not accept the fixture's key: {probe.stderr} {(root / 'sshd.log').read_text()}")
+        yield b
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
+        if old is None:
+            os.environ.pop(SSH_COMMAND_ENV, None)
+        else:
+            os.environ[SSH_COMMAND_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("remote_art")
+    torch.manual_seed(0)
+    model = SegFormer(SegFormerConfig(**TINY, num_classes=8)).eval()
+    model.meta.input_size = (64, 64)
+    ckpt = save_checkpoint(model, root / "small.safetensors")
+    folders = {}
+    for target in ("tflite", "onnx"):
+        artifact, _ = export_artifact(
+            model, target, ExportOptions(size=(64, 64)), root / "art", checkpoint=ckpt, verify=False
+        )
+        folders[target] = artifact.folder
+    return ckpt, folders
+
+
+def test_the_board_cannot_import_torch(board: Board) -> None:
+    result = subprocess.run([board.python, "-c", "import torch"], check=False, capture_output=True, text=True)
+    assert result.returncode != 0 and "No module named 'torch'" in result.stderr
+
+
+def test_bench_over_ssh_copies_once_and_brings_back_records_with_the_board_facts(
+    board: Board, artifacts, tmp_path: Path, capsys
+) -> None:
+    _, folders = artifacts
+    shutil.rmtree(board.cache, ignore_errors=True)
+    device = board.device()
+    records, first = bench_over_ssh(device, [folders["tflite"], folders["onnx"]], [1], warmup=1, runs=3)
+    assert sorted(first.copied) == sorted(
+        [read_manifest(folders["tflite"]).file.name, read_manifest(folders["onnx"]).file.name]
+    )
+    for sha in (read_manifest(f).manifest["sha256"] for f in folders.values()):
+        assert (board.cache / "artifacts" / sha).is_dir()
+    assert not list((board.cache / "artifacts").glob(".incoming-*"))
+    assert {r["target"] for r in records} == {"tflite", "onnx"}
+    for r in records:
+        assert r["status"] == "ok" and r["device"] == f"ssh://board:{board.port}"
+        assert r["artifact"] in {str(f) for f in folders.values()}  # the host's path, not the board's cache
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["runs"] == 3 and r["peak_rss_mb"] > 10
+        facts = r["board"]
+        assert facts["cpus"] == os.cpu_count() and facts["machine"] and facts["memory_mb"] > 0 and facts["os"]
+        assert facts["versions"]["numpy"] and facts["versions"]["ai-edge-litert"] and facts["versions"]["onnxruntime"]
+    # The second run finds both in the board's cache (re-hashed there) and copies nothing.
+    _, second = bench_over_ssh(device, [folders["tflite"], folders["onnx"]], [1], warmup=0, runs=1)
+    assert second.copied == []
+    # The CLI: the same table and JSON as a local bench, and the board named.
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(["bench", folders["tflite"], "--device", f"ssh://board:{board.port}", "--device-python", board.python,
+                                 "--runs", "2", "--warmup", "0", "--threads", "1", "--json", out, "--markdown", tmp_path / "b.md"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "| tflite | fp32 | 1 |" in stdout and "board:" in stdout
+    (record,) = json.loads(out.read_text())
+    assert (
+        record["board"]["hostname"] == __import__("platform").node() and record["device"] == f"ssh://board:{board.port}"
+    )
+
+
+def test_verify_over_ssh_gives_the_local_figures(board: Board, artifacts, capsys) -> None:
+    ckpt, folders = artifacts
+    keys = (
+        "max_abs_diff",
+        "cosine",
+        "psnr_db",
+        "pixel_agreement",
+        "agreement_miou",
+        "per_class_iou",
+        "images",
+        "passed",
+    )
+    for target in ("tflite", "onnx"):
+        local = verify_artifact(folders[target], checkpoint=ckpt, data="synthetic:3", num_images=3)
+        with RemoteRunner(board.device(), folders[target]) as runner:
+            remote = verify_artifact(folders[target], checkpoint=ckpt, data="synthetic:3", num_images=3, runner=runner)
+        assert runner.facts["cpus"] == os.cpu_count()
+        assert f"on ssh://board:{board.port}" in remote["executor"]
+        for key in keys:
+            assert remote.get(key) == local.get(key), key  # the same runtime on the same inputs: equal to the bit
+    code, stdout, err = run_cli(["verify", folders["tflite"], "--checkpoint", ckpt, "--data", "synthetic:2", "--num-images", "2",
+                                 "--device", f"ssh://board:{board.port}", "--device-python", board.python], capsys)  # fmt: skip
+    assert code == 0, err
+    assert f"on ssh://board:{board.port}" in stdout and "passed" in stdout
+
+
+def test_compare_torch_on_a_board_without_torch_is_refused(board: Board, artifacts, capsys) -> None:
+    _, folders = artifacts
+    code, _, err = run_cli(["bench", folders["tflite"], "--compare-torch", "--device", f"ssh://board:{board.port}",
+                            "--device-python", board.python, "--runs", "1", "--warmup", "0"], capsys)  # fmt: skip
+    assert code == 2
+    assert "Traceback" not in err and "--compare-torch needs torch on the board" in err.strip().splitlines()[-1]
+
+
+def test_a_board_without_the_runtime_or_the_package_says_what_to_install(
+    board: Board, artifacts, tmp_path: Path
+) -> None:
+    _, folders = artifacts
+    shim = tmp_path / "noort" / "onnxruntime"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'onnxruntime'\", name='onnxruntime')\n"
+    )
+    no_ort = _wrapper(
+        tmp_path / "python-no-ort",
+        f'{board.env}\nexport PYTHONPATH={shim.parent}:$PYTHONPATH\nexec {sys.executable} "$@"',
+    )
+    with pytest.raises(
+        DeviceError,
+        match=r"onnx artifacts need onnxruntime, which is not installed .* pip install 'segformer-edge\[runtime\]' there",
+    ):
+        bench_over_ssh(board.device(no_ort), [folders["onnx"]], [1], warmup=0, runs=1)
+    bare = _wrapper(
+        tmp_path / "python-bare", f'exec {sys.executable} -S "$@"'
+    )  # no site-packages, no checkout: no segformer-edge
+    with pytest.raises(
+        DeviceError,
+        match=r"segformer-edge is not installed for .* on the board; pip install 'segformer-edge\[runtime\]' there",
+    ):
+        bench_over_ssh(board.device(bare), [folders["onnx"]], [1], warmup=0, runs=1)
+    with pytest.raises(DeviceError, match=r"no /nonexistent/python3 on the board"):
+        bench_over_ssh(board.device("/nonexistent/python3"), [folders["onnx"]], [1], warmup=0, runs=1)
+
+
+def test_a_full_board_disk_leaves_nothing_in_the_cache(board: Board, artifacts, tmp_path: Path) -> None:
+    _, folders = artifacts
+    cache = tmp_path / "small-disk"
+    # The kernel refuses the write past 64 KiB (RLIMIT_FSIZE: EFBIG; a full disk is ENOSPC): the same failed write.
+    small = _wrapper(
+        tmp_path / "python-small",
+        f'{board.env} SEGFORMER_EDGE_CACHE={cache}\nulimit -f 128\nexec {sys.executable} "$@"',
+    )
+    with pytest.raises(DeviceError, match=r"no room for .*\.tflite .* on the board \(File too large\)"):
+        bench_over_ssh(board.device(small), [folders["tflite"]], [1], warmup=0, runs=1)
+    assert list((cache / "artifacts").iterdir()) == []  # no entry, no .incoming folder
+
+
+def test_a_connection_dropped_mid_copy_leaves_nothing_a_later_run_trusts(
+    board: Board, artifacts, tmp_path: Path
+) -> None:
+    _, folders = artifacts
+    artifact = read_manifest(folders["tflite"])
+    sha = artifact.manifest["sha256"]
+    cache = tmp_path / "drop-cache"
+    # The board's shell passes the first 16 KiB on, then kills its sshd session: the connection drops mid-copy.
+    drop = _wrapper(tmp_path / "python-drop", f"{board.env} SEGFORMER_EDGE_CACHE={cache}\n"
+                    f'{{ head -c 16384; kill -9 $PPID; }} | {sys.executable} "$@"')  # fmt: skip
+    request = {"kind": "receive", "sha256": sha, "file": artifact.file.name, "bytes": artifact.file.stat().st_size}
+    with pytest.raises(DeviceError, match=r"(connection dropped|copy broke off|ended before)"):
+        _call(board.device(drop), request, payload=_tar_of(artifact.file))
+    deadline = time.monotonic() + 10
+    while list((cache / "artifacts").glob(".incoming-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the orphaned worker unwinds after the session is gone
+    assert not (cache / "artifacts" / sha).exists() and not list((cache / "artifacts").glob(".incoming-*"))
+    # The next run copies it whole.
+    fine = _wrapper(tmp_path / "python-fine", f'{board.env} SEGFORMER_EDGE_CACHE={cache}\nexec {sys.executable} "$@"')
+    _, copied = bench_over_ssh(board.device(fine), [folders["tflite"]], [1], warmup=0, runs=1)
+    assert copied.copied == [artifact.file.name] and (cache / "artifacts" / sha / artifact.file.name).is_file()
+
+
+def test_unreachable_boards_and_a_silent_worker_give_one_line(board: Board, artifacts, tmp_path: Path) -> None:
+    _, folders = artifacts
+    closed = _free_port()  # nothing listens there
+    with pytest.raises(DeviceError, match=f"connection refused: no ssh server answers on 127.0.0.1:{closed}"):
+        bench_over_ssh(SshDevice.parse(f"ssh://127.0.0.1:{closed}"), [folders["tflite"]], [1])
+    silent = socket.socket()  # accepts, never speaks SSH: the banner exchange times out
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    try:
+        with pytest.raises(DeviceError, match=r"timed out connecting \(ConnectTimeout 1 s\)"):
+            bench_over_ssh(
+                SshDevice.parse(f"ssh://127.0.0.1:{silent.getsockname()[1]}", connect_timeout=1),
+                [folders["tflite"]],
+                [1],
+            )
+    finally:
+        for s in [*accepted, silent]:
+            s.close()
+    stuck = _wrapper(tmp_path / "python-stuck", "sleep 60")
+    start = time.monotonic()
+    with pytest.raises(DeviceError, match=r"no answer from the board within 2 s \(--device-timeout\)"):
+        bench_over_ssh(board.device(stuck, timeout=2.0), [folders["tflite"]], [1])
+    assert time.monotonic() - start < 20
+    with pytest.raises(DeviceError, match="not an ssh device"):
+        SshDevice.parse("ssh:/board")

@@ -23,7 +23,8 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 from segformer_edge.converters.base import ExportOptions, read_manifest
-from segformer_edge.converters.pipeline import export_artifact, verify_artifact
+from segformer_edge.converters.parity import verify_artifact
+from segformer_edge.converters.pipeline import export_artifact
 from segformer_edge.converters.remote import SSH_COMMAND_ENV, RemoteRunner, SshDevice, _call, _tar_of, bench_over_ssh
 
 from segformer_edge import save_checkpoint

@@ -79,6 +79,13 @@ def bench(
     from .common import resolve_checkpoint
 
     counts = _threads(threads)
+    if device is not None and device.split(":", 1)[0] == "adb":
+        refused = {"--compare-torch": compare_torch, "--profile": profile, "--floor": floor, "--checkpoint": checkpoint is not None,
+                   "--compute-units": compute_units != "all", "--rounds": rounds != 1}  # fmt: skip
+        for flag, given in refused.items():
+            if given:
+                raise typer.BadParameter(f"{flag} cannot be honoured with --device adb (the runtime's own benchmark binary runs "
+                                         "there, once per artifact and thread count)", param_hint="--device")  # fmt: skip
     if checkpoint is not None:
         checkpoint = str(resolve_checkpoint(checkpoint))
     manifests = [read_manifest(p) for p in artifacts]  # every artifact is checked before anything runs
@@ -95,12 +102,6 @@ def bench(
     if device is not None and device.split(":", 1)[0] == "adb":
         from segformer_edge.converters.adb import bench_over_adb
 
-        refused = {"--compare-torch": compare_torch, "--profile": profile, "--floor": floor, "--checkpoint": checkpoint is not None,
-                   "--compute-units": compute_units != "all"}  # fmt: skip
-        for flag, given in refused.items():
-            if given:
-                raise typer.BadParameter(f"{flag} cannot be honoured with --device adb (the runtime's own benchmark binary runs there)",
-                                         param_hint="--device")  # fmt: skip
         with progress_bar("bench") as bar:
             task = bar.add_task("bench", total=rounds * len(artifacts) * len(counts))
             records = bench_over_adb(device, list(artifacts), counts, tool=device_tool, warmup=warmup, runs=runs, rounds=rounds,
@@ -132,6 +133,9 @@ def bench(
     console.print(table, markup=False, soft_wrap=True)
     for line in _board_lines(records):
         console.print(line, markup=False, soft_wrap=True)
+    for r in records:
+        if r.get("note"):
+            console.print(f"note: {r['target']} {r['precision']} {r['threads']} thread(s): {r['note']}", markup=False, soft_wrap=True)
     probes = {(r["threads"], r["floor_gemm"]["precision"]): r["floor_gemm"] for r in records if "floor_gemm" in r}
     for (t, precision), probe in sorted(probes.items()):
         m, k, n = probe["shape"]

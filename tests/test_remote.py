@@ -25,44 +25,31 @@ from conftest import TINY, run_cli
 from segformer_edge.converters.base import ExportOptions, read_manifest
 from segformer_edge.converters.parity import verify_artifact
 from segformer_edge.converters.pipeline import export_artifact
-from segformer_edge.converters.remote import SSH_COMMAND_ENV, RemoteRunner, SshDevice, _call, _tar_of, bench_over_ssh
+from segformer_edge.converters.remote import RemoteRunner, SshDevice, _call, _tar_of, bench_over_ssh
+from sshd import SSHD, free_port, loopback_sshd, wrapper
 
 from segformer_edge import save_checkpoint
 from segformer_edge.errors import DeviceError
 from segformer_edge.model import SegFormer, SegFormerConfig
 
-SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if Path(p).exists()), None)
 pytestmark = pytest.mark.skipif(SSHD is None or shutil.which("ssh") is None,
                                 reason="needs OpenSSH's sshd and ssh (apt-get install openssh-server openssh-client)")  # fmt: skip
 REPO = Path(__file__).resolve().parents[1]
-USER = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wrapper(path: Path, body: str) -> str:
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(0o755)
-    return str(path)
 
 
 class Board:
-    """The loopback board: the sshd, the ssh_config that reaches it as host ``board``, and board Pythons."""
+    """The loopback board: the sshd's port (host ``board`` in its ssh_config) and the board's Pythons."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = port
         self.cache = root / "cache"
         shims = root / "shims" / "torch"
         shims.mkdir(parents=True)
         (shims / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
         inherited = os.environ.get("PYTHONPATH", "")  # the checkout under test, wherever this process found it
         self.env = f"export PYTHONPATH={shims.parent}:{REPO}{':' + inherited if inherited else ''} SEGFORMER_EDGE_CACHE={self.cache}"
-        self.python = _wrapper(root / "python", f'{self.env}\nexec {sys.executable} "$@"')
+        self.python = wrapper(root / "python", f'{self.env}\nexec {sys.executable} "$@"')
 
     def device(self, python: str | None = None, **kwargs: object) -> SshDevice:
         return SshDevice.parse(f"ssh://board:{self.port}", python=python or self.python, **kwargs)  # type: ignore[arg-type]
@@ -71,51 +58,8 @@ class Board:
 @pytest.fixture(scope="module")
 def board(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Board]:
     root = tmp_path_factory.mktemp("board")
-    b = Board(root)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key")], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "client_key")], check=True)
-    shutil.copy(root / "client_key.pub", root / "authorized_keys")
-    (root / "sshd_config").write_text(
-        f"Port {b.port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nPidFile {root / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {root / 'authorized_keys'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
-        f"KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nAllowUsers {USER}\n"
-        "LogLevel ERROR\n"
-    )  # fmt: skip
-    host_key = (root / "host_key.pub").read_text().split()
-    (root / "known_hosts").write_text(f"[127.0.0.1]:{b.port} {host_key[0]} {host_key[1]}\n")
-    (root / "ssh_config").write_text(
-        f"Host board\n  HostName 127.0.0.1\n  User {USER}\n  IdentityFile {root / 'client_key'}\n  IdentitiesOnly yes\n"
-        f"Host *\n  UserKnownHostsFile {root / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
-        "  LogLevel ERROR\n"
-    )  # fmt: skip
-    if os.geteuid() == 0:
-        Path("/run/sshd").mkdir(
-            mode=0o755, exist_ok=True
-        )  # sshd's privilege-separation folder, which root's sshd needs
-    log = open(root / "sshd.log", "w")  # noqa: SIM115 - open for the server's life
-    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], stdout=log, stderr=subprocess.STDOUT)
-    old = os.environ.get(SSH_COMMAND_ENV)
-    os.environ[SSH_COMMAND_ENV] = f"ssh -F {root / 'ssh_config'}"
-    try:
-        for _ in range(100):
-            probe = subprocess.run(["ssh", "-F", str(root / "ssh_config"), "-o", "BatchMode=yes", "-p", str(b.port), "board", "true"],
-                                   check=False, capture_output=True, text=True)  # fmt: skip
-            if probe.returncode == 0:
-                break
-            if server.poll() is not None:
-                pytest.fail(f"sshd exited: {(root / 'sshd.log').read_text()}")
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"sshd did not accept the fixture's key: {probe.stderr} {(root / 'sshd.log').read_text()}")
-        yield b
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        log.close()
-        if old is None:
-            os.environ.pop(SSH_COMMAND_ENV, None)
-        else:
-            os.environ[SSH_COMMAND_ENV] = old
+    with loopback_sshd(root / "sshd") as port:
+        yield Board(root, port)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +162,7 @@ def test_a_board_without_the_runtime_or_the_package_says_what_to_install(
     (shim / "__init__.py").write_text(
         "raise ModuleNotFoundError(\"No module named 'onnxruntime'\", name='onnxruntime')\n"
     )
-    no_ort = _wrapper(
+    no_ort = wrapper(
         tmp_path / "python-no-ort",
         f'{board.env}\nexport PYTHONPATH={shim.parent}:$PYTHONPATH\nexec {sys.executable} "$@"',
     )
@@ -227,7 +171,7 @@ def test_a_board_without_the_runtime_or_the_package_says_what_to_install(
         match=r"onnx artifacts need onnxruntime, which is not installed .* pip install 'segformer-edge\[runtime\]' there",
     ):
         bench_over_ssh(board.device(no_ort), [folders["onnx"]], [1], warmup=0, runs=1)
-    bare = _wrapper(
+    bare = wrapper(
         tmp_path / "python-bare", f'exec {sys.executable} -S "$@"'
     )  # no site-packages, no checkout: no segformer-edge
     with pytest.raises(
@@ -243,7 +187,7 @@ def test_a_full_board_disk_leaves_nothing_in_the_cache(board: Board, artifacts, 
     _, folders = artifacts
     cache = tmp_path / "small-disk"
     # The kernel refuses the write past 64 KiB (RLIMIT_FSIZE: EFBIG; a full disk is ENOSPC): the same failed write.
-    small = _wrapper(
+    small = wrapper(
         tmp_path / "python-small",
         f'{board.env} SEGFORMER_EDGE_CACHE={cache}\nulimit -f 128\nexec {sys.executable} "$@"',
     )
@@ -260,7 +204,7 @@ def test_a_connection_dropped_mid_copy_leaves_nothing_a_later_run_trusts(
     sha = artifact.manifest["sha256"]
     cache = tmp_path / "drop-cache"
     # The board's shell passes the first 16 KiB on, then kills its sshd session: the connection drops mid-copy.
-    drop = _wrapper(tmp_path / "python-drop", f"{board.env} SEGFORMER_EDGE_CACHE={cache}\n"
+    drop = wrapper(tmp_path / "python-drop", f"{board.env} SEGFORMER_EDGE_CACHE={cache}\n"
                     f'{{ head -c 16384; kill -9 $PPID; }} | {sys.executable} "$@"')  # fmt: skip
     request = {"kind": "receive", "sha256": sha, "file": artifact.file.name, "bytes": artifact.file.stat().st_size}
     with pytest.raises(DeviceError, match=r"(connection dropped|copy broke off|ended before)"):
@@ -270,14 +214,14 @@ def test_a_connection_dropped_mid_copy_leaves_nothing_a_later_run_trusts(
         time.sleep(0.1)  # the orphaned worker unwinds after the session is gone
     assert not (cache / "artifacts" / sha).exists() and not list((cache / "artifacts").glob(".incoming-*"))
     # The next run copies it whole.
-    fine = _wrapper(tmp_path / "python-fine", f'{board.env} SEGFORMER_EDGE_CACHE={cache}\nexec {sys.executable} "$@"')
+    fine = wrapper(tmp_path / "python-fine", f'{board.env} SEGFORMER_EDGE_CACHE={cache}\nexec {sys.executable} "$@"')
     _, copied = bench_over_ssh(board.device(fine), [folders["tflite"]], [1], warmup=0, runs=1)
     assert copied.copied == [artifact.file.name] and (cache / "artifacts" / sha / artifact.file.name).is_file()
 
 
 def test_unreachable_boards_and_a_silent_worker_give_one_line(board: Board, artifacts, tmp_path: Path) -> None:
     _, folders = artifacts
-    closed = _free_port()  # nothing listens there
+    closed = free_port()  # nothing listens there
     with pytest.raises(DeviceError, match=f"connection refused: no ssh server answers on 127.0.0.1:{closed}"):
         bench_over_ssh(SshDevice.parse(f"ssh://127.0.0.1:{closed}"), [folders["tflite"]], [1])
     silent = socket.socket()  # accepts, never speaks SSH: the banner exchange times out
@@ -295,7 +239,7 @@ def test_unreachable_boards_and_a_silent_worker_give_one_line(board: Board, arti
     finally:
         for s in [*accepted, silent]:
             s.close()
-    stuck = _wrapper(tmp_path / "python-stuck", "sleep 60")
+    stuck = wrapper(tmp_path / "python-stuck", "sleep 60")
     start = time.monotonic()
     with pytest.raises(DeviceError, match=r"no answer from the board within 2 s \(--device-timeout\)"):
         bench_over_ssh(board.device(stuck, timeout=2.0), [folders["tflite"]], [1])

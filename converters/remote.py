@@ -172,18 +172,22 @@ class _Session:
         except (BrokenPipeError, ConnectionResetError):
             pass
 
+    def _ready(self, deadline: float) -> int:
+        """stdout's descriptor once it has something to read; past ``deadline``, the session is killed."""
+        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            self.timed_out = True
+            self.kill()
+            raise self.failure()
+        return fd
+
     def read(self, n: int, deadline: float) -> bytes:
         """Up to ``n`` bytes of stdout (fewer only at its end), waiting until ``deadline`` at most."""
-        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
         chunks: list[bytes] = []
         got = 0
         while got < n:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                self.timed_out = True
-                self.kill()
-                raise self.failure()
-            chunk = os.read(fd, n - got)
+            chunk = os.read(self._ready(deadline), n - got)
             if not chunk:
                 break
             chunks.append(chunk)
@@ -192,15 +196,9 @@ class _Session:
 
     def lines(self, deadline: float) -> Iterator[dict[str, Any]]:
         """The JSON lines on stdout as they arrive, until it ends."""
-        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
         buffer = b""
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                self.timed_out = True
-                self.kill()
-                raise self.failure()
-            chunk = os.read(fd, 1 << 16)
+            chunk = os.read(self._ready(deadline), 1 << 16)
             buffer += chunk
             *complete, buffer = buffer.split(b"\n")
             for line in complete:
@@ -232,7 +230,7 @@ class _Session:
         self._reader.join(timeout=2)
         if self.timed_out:
             return DeviceError(f"{self.device.url}: no answer from the board within {self.device.timeout:.0f} s "
-                               "(--device-timeout); the run there was stopped")  # fmt: skip
+                               "(--device-timeout); the session was closed, and the worker there stops with it")  # fmt: skip
         text = b"".join(self._stderr).decode(errors="replace")
         logger.debug("ssh stderr: %s", text)
         return ssh_failure(self.device, self.proc.returncode if self.proc.returncode is not None else -1, text)

@@ -25,6 +25,8 @@ import shutil
 import signal
 import sys
 import tarfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -76,6 +78,9 @@ def board_facts() -> dict[str, Any]:
             facts["cpu"] = Path("/proc/device-tree/model").read_text().strip("\x00\n ")
         except OSError:
             pass
+    features = arm_features()
+    if features is not None:
+        facts["arm_features"] = features
     versions = {}
     for dist in ("segformer-edge", "numpy", *RUNTIMES.values()):
         try:
@@ -84,6 +89,30 @@ def board_facts() -> dict[str, Any]:
             continue
     facts["versions"] = versions
     return facts
+
+
+# The aarch64 HWCAP / HWCAP2 bits (Linux arch/arm64/include/uapi/asm/hwcap.h) that pick XNNPACK's kernels.
+_HWCAP = {1: "asimd", 9: "fphp", 10: "asimdhp", 20: "asimddp", 22: "sve"}
+_HWCAP2 = {1: "sve2", 13: "i8mm", 14: "bf16"}
+
+
+def arm_features() -> list[str] | None:
+    """The arm64 CPU features this process sees (from its auxiliary vector, which qemu-user emulates too), or None
+    off arm64: NEON (asimd), fp16 arithmetic (fphp, asimdhp), int8 dot product (asimddp), i8mm, bf16, SVE."""
+    import platform
+    import struct
+
+    if platform.machine() not in ("aarch64", "arm64"):
+        return None
+    try:
+        raw = Path("/proc/self/auxv").read_bytes()
+    except OSError:
+        return None
+    pairs = dict(struct.iter_unpack("<QQ", raw[: len(raw) // 16 * 16]))
+    hwcap, hwcap2 = pairs.get(16, 0), pairs.get(26, 0)  # AT_HWCAP, AT_HWCAP2
+    return [name for bit, name in _HWCAP.items() if hwcap >> bit & 1] + [
+        name for bit, name in _HWCAP2.items() if hwcap2 >> bit & 1
+    ]
 
 
 def _entry(sha: str) -> Path:
@@ -266,6 +295,17 @@ def serve(request: dict[str, Any], stream: IO[bytes], out: IO[bytes]) -> None:
         write_frame(out, buffer.getvalue())
 
 
+def _extra_for(root: str) -> str:
+    """The pip extra that installs the module ``root`` (the target that runs on it, else the base install's)."""
+    from . import get_target, target_names
+
+    for name in target_names():
+        target = get_target(name)
+        if root in {m.split(".")[0] for m in target.runtime_modules}:
+            return target.extra
+    return "runtime" if root in ("numpy", "PIL") else "export"
+
+
 def _protocol_out() -> IO[bytes]:
     """Stdout for the protocol alone: fd 1 is pointed at stderr, so that what a runtime prints cannot corrupt it."""
     sys.stdout.flush()
@@ -276,13 +316,22 @@ def _protocol_out() -> IO[bytes]:
 
 
 def _hangup(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds: a copy in progress removes its temporary folder
+    raise SystemExit(128 + signum)  # unwinds: a copy in progress removes its temporary folder, a bench kills its child
+
+
+def _watch_session(parent: int) -> None:
+    """Stop when the ssh session that started this worker is gone (the worker is handed to another parent): an ssh
+    session without a terminal sends no hangup, and a bench must not run on for a host that stopped listening."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main() -> int:
     out = _protocol_out()
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(sig, _hangup)
+    threading.Thread(target=_watch_session, args=(os.getppid(),), daemon=True).start()
     from segformer_edge.errors import SegformerEdgeError
 
     stdin = sys.stdin.buffer
@@ -313,13 +362,8 @@ def main() -> int:
         return 2
     except ModuleNotFoundError as exc:
         root = (exc.name or "?").split(".")[0]
-        extra = (
-            "runtime"
-            if root in ("onnxruntime", "ai_edge_litert", "tflite_runtime", "coremltools", "numpy", "PIL")
-            else "export"
-        )
         sys.stderr.write(
-            f"error: needs {root}, which is not installed on the board; pip install 'segformer-edge[{extra}]' there\n"
+            f"error: needs {root}, which is not installed on the board; pip install 'segformer-edge[{_extra_for(root)}]' there\n"
         )
         return 2
     except OSError as exc:

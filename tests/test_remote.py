@@ -48,7 +48,9 @@ class Board:
         shims.mkdir(parents=True)
         (shims / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
         inherited = os.environ.get("PYTHONPATH", "")  # the checkout under test, wherever this process found it
-        self.env = f"export PYTHONPATH={shims.parent}:{REPO}{':' + inherited if inherited else ''} SEGFORMER_EDGE_CACHE={self.cache}"
+        tail = f"{REPO}{':' + inherited if inherited else ''} SEGFORMER_EDGE_CACHE={self.cache}"
+        self.env = f"export PYTHONPATH={shims.parent}:{tail}"
+        self.env_with_torch = f"export PYTHONPATH={tail}"  # this interpreter as it is: torch imports
         self.python = wrapper(root / "python", f'{self.env}\nexec {sys.executable} "$@"')
 
     def device(self, python: str | None = None, **kwargs: object) -> SshDevice:
@@ -145,12 +147,26 @@ def test_verify_over_ssh_gives_the_local_figures(board: Board, artifacts, capsys
     assert f"on ssh://board:{board.port}" in stdout and "passed" in stdout
 
 
-def test_compare_torch_on_a_board_without_torch_is_refused(board: Board, artifacts, capsys) -> None:
-    _, folders = artifacts
+def test_compare_torch_pairs_with_eager_on_the_board_or_is_refused(
+    board: Board, artifacts, tmp_path: Path, capsys
+) -> None:
+    ckpt, folders = artifacts
     code, _, err = run_cli(["bench", folders["tflite"], "--compare-torch", "--device", f"ssh://board:{board.port}",
                             "--device-python", board.python, "--runs", "1", "--warmup", "0"], capsys)  # fmt: skip
     assert code == 2
     assert "Traceback" not in err and "--compare-torch needs torch on the board" in err.strip().splitlines()[-1]
+    # A board whose Python has torch: eager runs there, on the checkpoint copied into its cache.
+    with_torch = wrapper(tmp_path / "python-torch", f'{board.env_with_torch}\nexec {sys.executable} "$@"')
+    records, copied = bench_over_ssh(board.device(with_torch), [folders["tflite"]], [1], warmup=0, runs=2, compare_torch=True,
+                                     checkpoint=ckpt, size=(64, 64))  # fmt: skip
+    assert ckpt.name in copied.copied
+    eager = next(r for r in records if r["target"] == "torch")
+    assert (
+        eager["status"] == "ok"
+        and eager["board"]["versions"]["torch"]
+        and eager["device"] == f"ssh://board:{board.port}"
+    )
+    assert next(r for r in records if r["target"] == "tflite")["speedup_vs_torch"] > 0
 
 
 def test_a_board_without_the_runtime_or_the_package_says_what_to_install(

@@ -81,7 +81,8 @@ def bench(
     counts = _threads(threads)
     if device is not None and device.split(":", 1)[0] == "adb":
         refused = {"--compare-torch": compare_torch, "--profile": profile, "--floor": floor, "--checkpoint": checkpoint is not None,
-                   "--compute-units": compute_units != "all", "--rounds": rounds != 1}  # fmt: skip
+                   "--compute-units": compute_units != "all", "--rounds": rounds != 1,
+                   "--device-python": device_python != "python3"}  # fmt: skip
         for flag, given in refused.items():
             if given:
                 raise typer.BadParameter(f"{flag} cannot be honoured with --device adb (the runtime's own benchmark binary runs "
@@ -120,8 +121,9 @@ def bench(
                 on_step=lambda: bar.advance(task),
             )  # fmt: skip
     else:
-        if device_tool is not None:
-            raise typer.BadParameter("--device-tool needs --device adb", param_hint="--device-tool")
+        if device_tool is not None or device_python != "python3":
+            flag = "--device-tool" if device_tool is not None else "--device-python"
+            raise typer.BadParameter(f"{flag} needs --device", param_hint=flag)
         with progress_bar("bench") as bar:
             task = bar.add_task("bench", total=steps)
             records = bench_paired(

@@ -328,6 +328,8 @@ def verify(
     limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     ckpt = resolve_checkpoint(checkpoint) if checkpoint is not None else None
     remote: Any = None
+    if device is None and device_python != "python3":
+        raise typer.BadParameter("--device-python needs --device", param_hint="--device-python")
     if device is not None:
         from segformer_edge.converters.remote import RemoteRunner, SshDevice
 

@@ -43,6 +43,8 @@ def loopback_sshd(root: Path) -> Iterator[int]:
     port = free_port()
     root.mkdir(parents=True, exist_ok=True)
     for key in ("host_key", "client_key"):
+        for old in (root / key, root / f"{key}.pub"):  # a folder used before: ssh-keygen will not overwrite
+            old.unlink(missing_ok=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
     shutil.copy(root / "client_key.pub", root / "authorized_keys")
     (root / "sshd_config").write_text(

@@ -71,10 +71,14 @@ VERIFY_HELP = """Run an artifact and the float model on the same images and repo
 Reports max_abs_diff, cosine and psnr_db of the logits, NaN/inf counts, pixel_agreement and agreement mIoU
 of the masks against the float model's, and mIoU of both against the labels where --data has them.
 Exits 1 when parity fails (NaN or inf in the output always fails), 2 on bad input.
+With --device ssh://[user@]host[:port] the artifact runs on that board (its 'segformer-edge[runtime]' install,
+through your ssh) while the float model runs here: the board's kernels checked against the same reference.
 
 Examples:
 
   segformer-edge verify exports/segformer-b0_tflite_fp32
+
+  segformer-edge verify exports/segformer-b0_tflite_int8 --device ssh://pi@raspberrypi
 
   segformer-edge verify exports/segformer-b0_coreml_fp16 --checkpoint runs/x/best.safetensors --data photos/ --json
 """

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import select
 import shlex
 import subprocess
@@ -97,7 +98,12 @@ def ssh_failure(device: SshDevice, returncode: int, stderr: str) -> DeviceError:
         return DeviceError(f"{device.url}: {worker[-1].removeprefix('error: ')}")
     text = "\n".join(lines)
     last = lines[-1] if lines else f"exit code {returncode}"
-    if "No module named 'segformer_edge'" in text or "No module named segformer_edge" in text:
+    if re.search(r"No module named '?segformer_edge\.converters\.remote_worker", text):
+        return DeviceError(
+            f"{device.url}: the segformer-edge of {device.python} on the board has no remote worker (older than this one); "
+            f"pip install -U 'segformer-edge[runtime]' there"
+        )
+    if re.search(r"No module named '?segformer_edge\b", text):
         return DeviceError(
             f"{device.url}: segformer-edge is not installed for {device.python} on the board; {INSTALL} there"
         )

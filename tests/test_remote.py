@@ -195,6 +195,16 @@ def test_a_board_without_the_runtime_or_the_package_says_what_to_install(
         match=r"segformer-edge is not installed for .* on the board; pip install 'segformer-edge\[runtime\]' there",
     ):
         bench_over_ssh(board.device(bare), [folders["onnx"]], [1], warmup=0, runs=1)
+    old = tmp_path / "old" / "segformer_edge" / "converters"  # an install from before the remote worker
+    old.mkdir(parents=True)
+    (old.parent / "__init__.py").write_text("")
+    (old / "__init__.py").write_text("")
+    older = wrapper(tmp_path / "python-old", f'export PYTHONPATH={old.parent.parent}\nexec {sys.executable} -S "$@"')
+    with pytest.raises(
+        DeviceError,
+        match=r"has no remote worker \(older than this one\); pip install -U 'segformer-edge\[runtime\]' there",
+    ):
+        bench_over_ssh(board.device(older), [folders["onnx"]], [1], warmup=0, runs=1)
     with pytest.raises(DeviceError, match=r"no /nonexistent/python3 on the board"):
         bench_over_ssh(board.device("/nonexistent/python3"), [folders["onnx"]], [1], warmup=0, runs=1)
 

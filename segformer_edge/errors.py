@@ -6,7 +6,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DataError", "ExportError", "SegformerEdgeError"]
+__all__ = ["CheckpointError", "DataError", "DeviceError", "ExportError", "SegformerEdgeError"]
 
 
 class SegformerEdgeError(Exception):
@@ -25,3 +25,7 @@ class DataError(SegformerEdgeError, ValueError):
 
 class ExportError(SegformerEdgeError, RuntimeError):
     """A conversion to an edge runtime failed; the message names the target and, where known, the op."""
+
+
+class DeviceError(SegformerEdgeError, RuntimeError):
+    """A remote device (``--device ssh://...`` or ``adb``) cannot be reached, lacks what the run needs, or failed."""

@@ -25,12 +25,21 @@ runtime's import is reported apart (import_ms in the JSON).
 --floor probes this machine's fp32 and int8 GEMM rates as XNNPACK runs them (four chained 4096x1024x1024
 linears, in the same run, per thread count) and adds "x floor": each artifact's p50 over its network's MACs at the rate of
 its precision (what the graph edges, the non-GEMM ops and the runtime cost on top of the GEMMs).
+--device ssh://[user@]host[:port] benches on a Linux board through your ssh (its ~/.ssh/config, keys and jump hosts):
+the artifact is copied once into the board's cache (hash-checked there), the board runs this same bench with its
+'segformer-edge[runtime]' install, and the records come back with the board's CPU, cores, memory, OS and runtime
+versions. --device adb[:SERIAL] benches on an Android phone with the runtime's own benchmark binary (LiteRT
+benchmark_model, ExecuTorch executor_runner, onnxruntime_perf_test; --device-tool PATH), pinned to the big cores.
 
 Examples:
 
   segformer-edge bench exports/* --threads 1,2,4 --compare-torch --json bench.json
 
   segformer-edge bench exports/segformer-b0_tflite_fp32 --runs 100 --markdown bench.md --plot bench.png
+
+  segformer-edge bench exports/segformer-b0_tflite_int8 --device ssh://pi@raspberrypi --threads 1,4
+
+  segformer-edge bench exports/segformer-b0_tflite_int8 --device adb --device-tool ./benchmark_model
 """
 
 
@@ -58,6 +67,10 @@ def bench(
     profile: Annotated[bool, typer.Option("--profile", help="Top ops by time: ETDump + Inspector (ExecuTorch), ORT profiler (ONNX).")] = False,
     rounds: Annotated[int, typer.Option(min=1, help="Measure everything this many times; records pool the runs.")] = 1,
     floor: Annotated[bool, typer.Option("--floor", help="Probe the GEMM rates; add each artifact's distance from its floor.")] = False,
+    device: Annotated[str | None, typer.Option(help="Bench on a device: ssh://[user@]host[:port] or adb[:SERIAL].")] = None,
+    device_python: Annotated[str, typer.Option(help="--device ssh: the board's Python that has segformer-edge[runtime].")] = "python3",
+    device_tool: Annotated[Path | None, typer.Option(help="--device adb: the runtime's benchmark binary for Android (arm64).")] = None,
+    device_timeout: Annotated[float, typer.Option(min=1, help="--device: seconds one step on the device may take.")] = 1800,
 ) -> None:
     from segformer_edge.converters.base import ArtifactError, read_manifest
     from segformer_edge.converters.bench import bench_paired
@@ -66,6 +79,14 @@ def bench(
     from .common import resolve_checkpoint
 
     counts = _threads(threads)
+    if device is not None and device.split(":", 1)[0] == "adb":
+        refused = {"--compare-torch": compare_torch, "--profile": profile, "--floor": floor, "--checkpoint": checkpoint is not None,
+                   "--compute-units": compute_units != "all", "--rounds": rounds != 1,
+                   "--device-python": device_python != "python3"}  # fmt: skip
+        for flag, given in refused.items():
+            if given:
+                raise typer.BadParameter(f"{flag} cannot be honoured with --device adb (the runtime's own benchmark binary runs "
+                                         "there, once per artifact and thread count)", param_hint="--device")  # fmt: skip
     if checkpoint is not None:
         checkpoint = str(resolve_checkpoint(checkpoint))
     manifests = [read_manifest(p) for p in artifacts]  # every artifact is checked before anything runs
@@ -79,15 +100,44 @@ def bench(
     old = next((m for m in manifests if m.manifest.get("network_macs") is None), None) if floor else None
     if old is not None:
         raise ArtifactError(f"{old.folder}: its manifest has no network_macs (exported before --floor existed): export it again")
-    with progress_bar("bench") as bar:
-        task = bar.add_task("bench", total=steps)
-        records = bench_paired(
-            list(artifacts), counts, warmup=warmup, runs=runs, rounds=rounds, compare_torch=compare_torch,
-            checkpoint=checkpoint, size=size, compute_units=compute_units, profile=profile, floor=floor,
-            on_step=lambda: bar.advance(task),
-        )  # fmt: skip
+    if device is not None and device.split(":", 1)[0] == "adb":
+        from segformer_edge.converters.adb import bench_over_adb
+
+        with progress_bar("bench") as bar:
+            task = bar.add_task("bench", total=rounds * len(artifacts) * len(counts))
+            records = bench_over_adb(device, list(artifacts), counts, tool=device_tool, warmup=warmup, runs=runs, rounds=rounds,
+                                     timeout=device_timeout, on_step=lambda: bar.advance(task))  # fmt: skip
+    elif device is not None:
+        from segformer_edge.converters.remote import SshDevice, bench_over_ssh
+
+        if device_tool is not None:
+            raise typer.BadParameter("--device-tool is for --device adb; over ssh the board's own runtime runs", param_hint="--device-tool")
+        target = SshDevice.parse(device, python=device_python, timeout=device_timeout)
+        with progress_bar("bench") as bar:
+            task = bar.add_task("bench", total=steps)
+            records, _ = bench_over_ssh(
+                target, list(artifacts), counts, warmup=warmup, runs=runs, rounds=rounds, compare_torch=compare_torch,
+                checkpoint=checkpoint, size=size, compute_units=compute_units, profile=profile, floor=floor,
+                on_step=lambda: bar.advance(task),
+            )  # fmt: skip
+    else:
+        if device_tool is not None or device_python != "python3":
+            flag = "--device-tool" if device_tool is not None else "--device-python"
+            raise typer.BadParameter(f"{flag} needs --device", param_hint=flag)
+        with progress_bar("bench") as bar:
+            task = bar.add_task("bench", total=steps)
+            records = bench_paired(
+                list(artifacts), counts, warmup=warmup, runs=runs, rounds=rounds, compare_torch=compare_torch,
+                checkpoint=checkpoint, size=size, compute_units=compute_units, profile=profile, floor=floor,
+                on_step=lambda: bar.advance(task),
+            )  # fmt: skip
     table = _markdown(records)
     console.print(table, markup=False, soft_wrap=True)
+    for line in _board_lines(records):
+        console.print(line, markup=False, soft_wrap=True)
+    for r in records:
+        if r.get("note"):
+            console.print(f"note: {r['target']} {r['precision']} {r['threads']} thread(s): {r['note']}", markup=False, soft_wrap=True)
     probes = {(r["threads"], r["floor_gemm"]["precision"]): r["floor_gemm"] for r in records if "floor_gemm" in r}
     for (t, precision), probe in sorted(probes.items()):
         m, k, n = probe["shape"]
@@ -105,6 +155,29 @@ def bench(
         _plot(records, plot)
 
 
+def _board_lines(records: list[dict]) -> list[str]:  # type: ignore[type-arg]
+    """One line per device the records were measured on: what the board or phone said about itself."""
+    seen: dict[str, str] = {}
+    for r in records:
+        facts = r.get("board")
+        if not facts or r["device"] in seen:
+            continue
+        if "abi" in facts:  # a phone, from getprop
+            text = ", ".join(str(facts[k]) for k in ("model", "soc", "abi", "android") if facts.get(k))
+            text += f", {facts['cores']} cores, big cores {facts['big_cores']}" if facts.get("cores") else ""
+        else:
+            memory = f"{facts['memory_mb'] / 1024:.1f} GB" if facts.get("memory_mb") else "memory unknown"
+            runtimes = ", ".join(f"{k} {v}" for k, v in facts.get("versions", {}).items())
+            text = (f"{facts.get('cpu', 'cpu unknown')}, {facts.get('cpus')} cores, {facts.get('machine')}, {memory}, "
+                    f"{facts.get('os', facts.get('system'))}, Python {facts.get('python')}; {runtimes}")  # fmt: skip
+        seen[r["device"]] = f"board: {r['device']}: {text}"
+    return list(seen.values())
+
+
+def _ms(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _markdown(records: list[dict]) -> str:  # type: ignore[type-arg]
     floor = any("x_floor" in r for r in records)
     head = "| target | precision | threads | load ms | first ms | p50 ms | p90 ms | p99 ms | mean ± std ms | img/s | peak RSS MB | size MB | vs torch |"
@@ -116,10 +189,10 @@ def _markdown(records: list[dict]) -> str:  # type: ignore[type-arg]
             continue
         size = "-" if r.get("size_mb") is None else f"{r['size_mb']:.2f}"
         speed = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
-        lines.append(
-            f"| {r['target']} | {r['precision']} | {r['threads']} | {r['load_ms']:.0f} | {r['first_ms']:.1f} | "
-            f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_ms']:.1f} ± {r['std_ms']:.1f} | "
-            f"{r['throughput_ips']:.1f} | {r['peak_rss_mb']:.0f} | {size} | {speed} |"
+        lines.append(  # a device's benchmark binary may not print every figure (p50..p99, peak memory): "-"
+            f"| {r['target']} | {r['precision']} | {r['threads']} | {_ms(r['load_ms'], 0)} | {_ms(r['first_ms'])} | "
+            f"{_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} | {_ms(r['p99_ms'])} | {_ms(r['mean_ms'])} ± {_ms(r['std_ms'])} | "
+            f"{_ms(r['throughput_ips'])} | {_ms(r['peak_rss_mb'], 0)} | {size} | {speed} |"
             + ((f" {r['x_floor']:.2f}x |" if "x_floor" in r else " - |") if floor else "")
         )
     return "\n".join(lines)
@@ -133,7 +206,7 @@ def _plot(records: list[dict], path: Path) -> None:  # type: ignore[type-arg]
 
     from segformer_edge.io import atomic_path
 
-    ok = [r for r in records if r.get("status") == "ok"]
+    ok = [r for r in records if r.get("status") == "ok" and r.get("p50_ms") is not None]
     labels = [f"{r['target']} {r['precision']}\n{r['threads']}t" for r in ok]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ok)), 4))
     ax.bar(labels, [r["p50_ms"] for r in ok], yerr=[[r["p50_ms"] - r["min_ms"] for r in ok], [r["p90_ms"] - r["p50_ms"] for r in ok]])

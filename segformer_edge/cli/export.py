@@ -74,10 +74,14 @@ VERIFY_HELP = """Run an artifact and the float model on the same images and repo
 Reports max_abs_diff, cosine and psnr_db of the logits, NaN/inf counts, pixel_agreement and agreement mIoU
 of the masks against the float model's, and mIoU of both against the labels where --data has them.
 Exits 1 when parity fails (NaN or inf in the output always fails), 2 on bad input.
+With --device ssh://[user@]host[:port] the artifact runs on that board (its 'segformer-edge[runtime]' install,
+through your ssh) while the float model runs here: the board's kernels checked against the same reference.
 
 Examples:
 
   segformer-edge verify exports/segformer-b0_tflite_fp32
+
+  segformer-edge verify exports/segformer-b0_tflite_int8 --device ssh://pi@raspberrypi
 
   segformer-edge verify exports/segformer-b0_coreml_fp16 --checkpoint runs/x/best.safetensors --data photos/ --json
 """
@@ -333,7 +337,11 @@ def verify(
     report: Annotated[Path | None, typer.Option("--report", help="Write per-image PNGs (input, float, artifact, disagreement), report.md and report.json here.")] = None,
     calibration: Annotated[Path | None, typer.Option(help="--layers on int8: the calibration folder the artifact was made with (default: pick it again).")] = None,
     as_json: JsonFlag = False,
+    device: Annotated[str | None, typer.Option(help="Run the artifact on a board: ssh://[user@]host[:port] (the float model runs here).")] = None,
+    device_python: Annotated[str, typer.Option(help="--device: the board's Python that has segformer-edge[runtime].")] = "python3",
+    device_timeout: Annotated[float, typer.Option(min=1, help="--device: seconds the board may take to answer.")] = 1800,
 ) -> None:
+    from contextlib import nullcontext
     from dataclasses import replace
 
     from segformer_edge.converters.base import read_manifest
@@ -344,9 +352,23 @@ def verify(
     overrides = {"max_abs_diff": max_abs_diff, "pixel_agreement": min_pixel_agreement, "miou_drop": max_miou_drop}
     limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     ckpt = resolve_checkpoint(checkpoint) if checkpoint is not None else None
-    with err_console.status("verifying ..."):
+    remote: Any = None
+    if device is None and device_python != "python3":
+        raise typer.BadParameter("--device-python needs --device", param_hint="--device-python")
+    if device is not None:
+        from segformer_edge.converters.remote import RemoteRunner, SshDevice
+
+        if not device.startswith("ssh://"):
+            raise typer.BadParameter(f"{device}: verify runs artifacts on ssh://[user@]host[:port] boards only (adb has no Python "
+                                     "to return outputs; bench --device adb measures latency there)", param_hint="--device")  # fmt: skip
+        if layers:
+            raise typer.BadParameter("--layers runs a debug graph here, not on the board: drop --layers or --device", param_hint="--layers")
+        remote = RemoteRunner(SshDevice.parse(device, python=device_python, timeout=device_timeout), artifact)
+    with err_console.status("verifying ..."), remote if remote is not None else nullcontext():
         report = verify_artifact(artifact, checkpoint=ckpt, data=data, num_images=num_images, thresholds=limits, layers=layers,
-                                 report_dir=report, calibration=calibration)  # fmt: skip
+                                 report_dir=report, calibration=calibration, runner=remote)  # fmt: skip
+    if remote is not None:
+        report["device"] = {"url": device, "board": remote.facts}
     if as_json:
         console.print_json(json.dumps(report, default=_json_float))
     else:

@@ -6,6 +6,8 @@
   predictions as labels).
 - :func:`reference_and_stressed`: int8.py's and attention.py's two models: the built-in reference model and its
   outlier-stressed copy, with the calibration set of 32 training images.
+- :func:`stressed_variant`: outlier_decision.py's larger models: a seeded random-init variant (b0, b2, ...) with 150
+  classes, made outlier-stressed the same way, its checkpoint and a saved calibration folder of photo crops.
 """
 
 from __future__ import annotations
@@ -75,3 +77,33 @@ def measure_or_render(args: argparse.Namespace, measure: Callable[[argparse.Name
     if not args.render:
         json_path.write_text(json.dumps(measure(args), indent=2, default=str) + "\n")
     render(json.loads(json_path.read_text()))
+
+
+def stressed_variant(work: Path, variant: str, size: tuple[int, int], num_classes: int = 150,
+                     calibration_images: int = 16) -> tuple[Path, Path]:  # fmt: skip
+    """(checkpoint, calibration folder) of a seeded random-init ``variant`` with ``num_classes`` classes and outliers
+    x30..x120 on three channels of every LayerNorm site, calibrated on crops of real photos (the float model's
+    predictions as labels). Made once in ``work``; reused where both are there."""
+    checkpoint, folder = work / f"{variant}-stressed.safetensors", work / f"calibration-{size[0]}x{size[1]}"
+    if checkpoint.is_file() and (folder / "calibration.json").is_file():
+        return checkpoint, folder
+    import torch
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from conftest import make_photo_folder
+    from segformer_edge.calibration.calibset import select_calibration_set
+    from segformer_edge.calibration.outliers import inject_outliers
+    from segformer_edge.converters.reference import checkpoint_digest, float_labeler
+
+    from segformer_edge import save_checkpoint
+    from segformer_edge.model import create_model
+
+    torch.manual_seed(0)
+    model = inject_outliers(create_model(variant, num_classes=num_classes).eval(), FACTORS)
+    work.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, checkpoint)
+    photos = make_photo_folder(work / "photos", n=calibration_images)
+    calib = select_calibration_set(str(photos), calibration_images, size, num_classes, checkpoint_sha256=checkpoint_digest(checkpoint),
+                                   labeler=float_labeler(model, size))  # fmt: skip
+    calib.save(folder)
+    return checkpoint, folder

@@ -48,6 +48,7 @@ class CalibrationSet:
     checkpoint_sha256: str | None = None
     masks: np.ndarray | None = None  # (N, H, W) uint8 labels (the float model's, where the data has none)
     masks_from: str = "labels"  # "labels" (the dataset's masks) or "float model" (its predictions)
+    folder: Path | None = field(default=None, compare=False, repr=False)  # where it was saved or loaded from, if anywhere
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -101,6 +102,7 @@ class CalibrationSet:
                 np.save(buffer, self.masks, allow_pickle=False)
                 atomic_write_bytes(tmp / "masks.npy", buffer.getvalue())
             atomic_write_bytes(tmp / "calibration.json", (json.dumps(self.info(), indent=2) + "\n").encode())
+        self.folder = folder
         return folder
 
     @classmethod
@@ -119,7 +121,7 @@ class CalibrationSet:
             raise DataError(f"{meta_path}: not a segformer-edge calibration file")
         try:
             calib = cls(images, meta["data"], int(meta["seed"]), meta["method"], list(meta["indices"]), dict(meta["coverage"]),
-                        meta.get("checkpoint_sha256"), masks, meta.get("masks_from", "labels"))  # fmt: skip
+                        meta.get("checkpoint_sha256"), masks, meta.get("masks_from", "labels"), folder)  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{meta_path}: damaged calibration file ({exc}); recalibrate") from exc
         if calib.sha256 != meta["sha256"]:

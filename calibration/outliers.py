@@ -30,6 +30,17 @@ there is no weight to fold a factor into: it is skipped, and the record says so.
 differ by less are within the measure's noise (a few percent), and the reference model, which has no
 outliers, is then exported exactly as before.
 
+How the choice is searched (:func:`decide_outliers`, ``strategy="local"``; issue 27): one float pass over the
+calibration images caches what each site needs (the LayerNorm's channel maxima and range, sampled tokens, its
+consumers' sampled inputs, every layer's input range). Each SmoothQuant strength is scored where it acts: per
+site, its consumers in simulated W8A8 on the cached inputs, against their float outputs. The whole model is then
+measured only for the baseline and for the best strength, with the input ranges known (the rewrite changes no
+other layer's float input), and only where the candidate can still win: a rewrite that lowers no site's (or, for
+bias correction, no layer's) own error by :data:`MIN_GAIN` cannot lower the model's by that much either. The
+result, an :class:`OutlierDecision` (what was chosen and measured, with the channel maxima or bias shifts that
+redo the rewrite without measuring), is what the export records and reuses. ``strategy="full"`` is the search
+before: every candidate measured on the whole model (benchmarks/OUTLIER_DECISION.md compares the two).
+
 Measured and left out (benchmarks/OUTLIER_REWRITES.md: simulated W8A8 error of the built-in B0 at 128x128
 and of its copy with x30..x120 outliers on three channels of every site): RepQ-ViT's per-channel scale
 reparameterization of post-LayerNorm activations is this migration at ``a = 1``, one of the searched
@@ -45,13 +56,16 @@ clear the same bar.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -64,17 +78,22 @@ from .spec import OUTLIER_MODES
 __all__ = [
     "ALPHAS",
     "OUTLIER_MODES",
+    "STRATEGIES",
     "NormSite",
+    "OutlierDecision",
     "OutlierError",
     "SimulatedInt8",
+    "bias_statistics",
     "channel_absmax",
     "correct_bias",
+    "decide_outliers",
     "handle_outliers",
     "inject_outliers",
     "migrate",
     "norm_sites",
     "outlier_ratio",
     "quantize_weight",
+    "shift_biases",
     "smooth",
 ]
 
@@ -205,6 +224,13 @@ def outlier_ratio(amax: Tensor) -> float:
     return float(amax.max() / amax.median().clamp(min=1e-12))
 
 
+def _smooth_factors(model: nn.Module, site: NormSite, absmax: dict[str, Tensor], alpha: float) -> Tensor:
+    """SmoothQuant's per-channel factors of strength ``alpha`` at one site: ``max|X_c|^a / max|W_c|^(1-a)``, (C,)."""
+    act = absmax[site.norm].clamp(min=1e-5)  # (C,)
+    weight = _weight_absmax(model, site).clamp(min=1e-5)  # (C,)
+    return (act.pow(alpha) / weight.pow(1.0 - alpha)).clamp(min=1e-5)  # (C,)
+
+
 @torch.no_grad()
 def smooth(model: nn.Module, sites: list[NormSite], absmax: dict[str, Tensor], alpha: float) -> list[dict[str, Any]]:
     """In place: SmoothQuant migration of strength ``alpha`` at every site; returns what each site got."""
@@ -213,8 +239,7 @@ def smooth(model: nn.Module, sites: list[NormSite], absmax: dict[str, Tensor], a
     layers = []
     for site in sites:
         act = absmax[site.norm].clamp(min=1e-5)  # (C,)
-        weight = _weight_absmax(model, site).clamp(min=1e-5)  # (C,)
-        s = (act.pow(alpha) / weight.pow(1.0 - alpha)).clamp(min=1e-5)  # (C,)
+        s = _smooth_factors(model, site, absmax, alpha)  # (C,)
         migrate(model, site, s)
         layers.append({"norm": site.norm, "consumers": list(site.consumers), "outlier_ratio_before": outlier_ratio(act),
                        "outlier_ratio_after": outlier_ratio(act / s), "scale_range": [float(s.min()), float(s.max())]})  # fmt: skip
@@ -272,40 +297,89 @@ def _apply(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def correct_bias(model: nn.Module, inputs: Tensor, weights: str = "per_channel") -> dict[str, Any]:
-    """In place: every linear/conv bias minus the mean output error its int8 weights add, ``E[(Wq - W) x]``.
+def bias_statistics(model: nn.Module, inputs: Tensor, weights: str = "per_channel",
+                    ranges: dict[str, tuple[float, float]] | None = None,
+                    search: int = SEARCH_IMAGES) -> tuple[dict[str, Tensor], float | None]:  # fmt: skip
+    """Per biased linear/conv layer, the mean output error its int8 weights add, ``E[(Wq - W) x]`` (out,), and the
+    most that correcting it lowers any one layer's own error (a fraction; an upper bound of what it can do).
 
     The expectation is over the calibration inputs (N, 3, H, W) as the float model sees them, per output
-    channel (over batch, tokens and positions). Layers without a bias are left alone.
+    channel (over batch, tokens and positions). A layer's own error is its weight-rounding error, or, with
+    ``ranges`` (each layer's int8 input range), its whole simulated W8A8 error ``Wq Q(x) - W x`` on the first
+    ``search`` images (those the measure runs on): subtracting ``mu`` from an error ``e`` of mean ``m`` over ``M``
+    outputs lowers ``sum |e|^2`` by ``M (2 m.mu - |mu|^2)``.
     """
     layers = [(name, m) for name, m in _layers(model) if m.bias is not None]
-    deltas = {name: quantize_weight(m.weight, weights) - m.weight for name, m in layers}
+    quantized = {name: quantize_weight(m.weight, weights) for name, m in layers}
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
+    totals: dict[str, Tensor] = {}  # over the search images: the sum of the whole error, its energy, its count
+    energy: dict[str, float] = {}
+    searched: dict[str, int] = {}
+    whole = [ranges is not None]
+
+    def rows(module: nn.Module, y: Tensor) -> Tensor:
+        return y.flatten(0, -2) if isinstance(module, nn.Linear) else y.transpose(0, 1).flatten(1).T  # (M, out)
 
     def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            err = _apply(module, args[0], deltas[name])  # (..., out) or (B, out, H', W')
-            err = err.flatten(0, -2) if isinstance(module, nn.Linear) else err.transpose(0, 1).flatten(1).T  # (M, out)
-            sums[name] = sums.get(name, 0) + err.double().sum(0)  # (out,)
+        def record(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            x = args[0]
+            err = rows(module, _apply(module, x, quantized[name] - module.weight))  # (M, out)
+            sums[name] = sums.get(name, 0) + err.sum(0, dtype=torch.float64)  # (out,)
             counts[name] = counts.get(name, 0) + err.shape[0]
+            if not whole[0]:
+                return
+            simulated = _apply(module, _fake_quant(x, *ranges[name]), quantized[name])  # type: ignore[index]
+            total = rows(module, simulated) - (rows(module, out) - module.bias)  # (M, out): Wq Q(x) - W x
+            totals[name] = totals.get(name, 0) + total.sum(0, dtype=torch.float64)  # (out,)
+            energy[name] = energy.get(name, 0.0) + float(total.pow(2).sum(dtype=torch.float64))
+            searched[name] = searched.get(name, 0) + total.shape[0]
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
+    handles = [m.register_forward_hook(hook(name)) for name, m in layers]
     try:
-        for batch in _batches(inputs):
+        for batch in _batches(inputs[:search]):
+            model(batch)
+        whole[0] = False
+        for batch in _batches(inputs[search:]):
             model(batch)
     finally:
         for handle in handles:
             handle.remove()
-    shifts = []
+    shifts: dict[str, Tensor] = {}
+    gain = 0.0
     for name, m in layers:
         if name in sums:
-            mean = (sums[name] / counts[name]).to(m.bias.dtype)  # (out,)
-            m.bias.sub_(mean)
-            shifts.append(float(mean.abs().max()))
-    return {"layers": len(shifts), "weights": weights, "largest_shift": max(shifts, default=0.0)}
+            mu = sums[name] / counts[name]  # (out,)
+            shifts[name] = mu.to(m.bias.dtype)
+            if name in totals:
+                drop = searched[name] * float(2 * (totals[name] / searched[name]).dot(mu) - mu.dot(mu))
+                gain = max(gain, drop / max(energy[name], 1e-30))
+    return shifts, gain if ranges is not None else None
+
+
+@torch.no_grad()
+def shift_biases(model: nn.Module, shifts: dict[str, Tensor]) -> None:
+    """In place: each named layer's bias minus its shift (out,)."""
+    modules = dict(model.named_modules())
+    for name, shift in shifts.items():
+        modules[name].bias.sub_(shift.to(modules[name].bias.dtype))
+
+
+@torch.no_grad()
+def correct_bias(model: nn.Module, inputs: Tensor, weights: str = "per_channel") -> dict[str, Any]:
+    """In place: every linear/conv bias minus the mean output error its int8 weights add, ``E[(Wq - W) x]``.
+
+    See :func:`bias_statistics`. Layers without a bias are left alone.
+    """
+    shifts, _ = bias_statistics(model, inputs, weights)
+    shift_biases(model, shifts)
+    return _bias_info(shifts, weights)
+
+
+def _bias_info(shifts: dict[str, Tensor], weights: str) -> dict[str, Any]:
+    return {"layers": len(shifts), "weights": weights, "largest_shift": max((float(s.abs().max()) for s in shifts.values()), default=0.0)}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -345,10 +419,13 @@ class SimulatedInt8:
         self.sample = sample
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module) -> float:
+    def __call__(self, model: nn.Module, ranges: dict[str, tuple[float, float]] | None = None) -> float:
+        """The error of ``model``; ``ranges`` (per layer, its input range) where they are known already (a rewrite
+        that keeps every other layer's float input the same), else searched on the images first (one more pass)."""
         model = copy.deepcopy(model).eval()
         layers = _layers(model)
-        ranges = self._ranges(model, layers)
+        if ranges is None:
+            ranges = self._ranges(model, layers)
         for _, m in layers:
             m.weight.copy_(quantize_weight(m.weight, self.weights))
         handles = [m.register_forward_pre_hook(lambda mod, args, r=ranges[name]: (_fake_quant(args[0], *r),))
@@ -362,32 +439,169 @@ class SimulatedInt8:
 
     def _ranges(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> dict[str, tuple[float, float]]:
         """Per layer, the MSE-searched input range over the calibration activations (float model)."""
-        lows: dict[str, float] = {}
-        highs: dict[str, float] = {}
-        samples: dict[str, list[Tensor]] = {}
-
-        def hook(name: str) -> Callable[..., None]:
-            def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-                x = args[0].detach().flatten()  # (M,)
-                lows[name] = min(lows.get(name, 0.0), float(x.min()))
-                highs[name] = max(highs.get(name, 0.0), float(x.max()))
-                step = max(1, x.numel() // self.sample)
-                samples.setdefault(name, []).append(x[::step])
-
-            return record
-
-        handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
+        recorder = _RangeRecorder(self.sample)
+        handles = [m.register_forward_pre_hook(recorder.hook(name)) for name, m in layers]
         try:
             for batch in _batches(self.inputs):
                 model(batch)
         finally:
             for handle in handles:
                 handle.remove()
+        return recorder.ranges()
+
+
+class _RangeRecorder:
+    """Per layer, the range of its inputs over a pass (holding 0) and a strided sample of them; then the MSE range."""
+
+    def __init__(self, sample: int = 1 << 13) -> None:
+        self.sample = sample
+        self.lows: dict[str, float] = {}
+        self.highs: dict[str, float] = {}
+        self.samples: dict[str, list[Tensor]] = {}
+        self.active = True
+
+    def hook(self, name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            if not self.active:
+                return
+            x = args[0].detach().flatten()  # (M,)
+            self.lows[name] = min(self.lows.get(name, 0.0), float(x.min()))
+            self.highs[name] = max(self.highs.get(name, 0.0), float(x.max()))
+            step = max(1, x.numel() // self.sample)
+            self.samples.setdefault(name, []).append(x[::step].clone())
+
+        return record
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
         ranges = {}
-        for name, parts in samples.items():
+        for name, parts in self.samples.items():
             sample = torch.cat(parts)  # (M,)
-            ranges[name] = _mse_range(sample[:: max(1, sample.numel() // self.sample)], lows[name], highs[name])
+            ranges[name] = _mse_range(sample[:: max(1, sample.numel() // self.sample)], self.lows[name], self.highs[name])
         return ranges
+
+
+# -------------------------------------------------------------------------------------------------
+# The local measure: each site's consumers in simulated W8A8, on activations cached once
+
+LOCAL_ROWS = 2048  # sampled tokens (linear consumers) or output positions (conv consumers) per consumer
+PATCH_FLOATS = 1 << 20  # at most this many floats of cached input patches per conv consumer (4 MiB)
+RANGE_SAMPLE = 1 << 13  # values the MSE range search runs on, as SimulatedInt8
+
+
+@dataclass
+class _SiteSample:
+    """What the local measure needs of one LayerNorm site, cached from one float pass over the search images."""
+
+    lo: Tensor  # (C,) per-channel minimum of the LayerNorm output
+    hi: Tensor  # (C,) per-channel maximum
+    tokens: Tensor  # (M, C) sampled LayerNorm output tokens (the range search's sample)
+    inputs: dict[str, Tensor]  # consumer -> its sampled input rows: (M, C) for a linear, (M, C*kh*kw) patches for a conv
+    outputs: dict[str, Tensor] = field(default_factory=dict)  # consumer -> its float outputs on them (M, out), bias aside
+
+
+@dataclass
+class _Capture:
+    absmax: dict[str, Tensor]  # per site, (C,) over all calibration images (as channel_absmax)
+    reference: Tensor  # (n, K, H/4, W/4) float logits of the search images
+    samples: dict[str, _SiteSample]  # per site
+    ranges: dict[str, tuple[float, float]]  # per linear/conv layer, its input range as SimulatedInt8 searches it
+
+
+def _take(rows: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """``k`` rows of ``rows`` (M, D) drawn without replacement (all of them where there are fewer): (k, D)."""
+    if rows.shape[0] <= k:
+        return rows.clone()
+    return rows[torch.randperm(rows.shape[0], generator=generator)[:k]].clone()
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, inputs: Tensor, sites: list[NormSite], search: int) -> _Capture:
+    """One float pass over the calibration images: every site's channel maxima (all images), and for the first
+    ``search`` images their logits, each LayerNorm output's per-channel range and sampled tokens, and each
+    consumer's sampled inputs (im2col patches for convs). Memory is bounded by the samples, not the image count."""
+    modules = dict(model.named_modules())
+    generator = torch.Generator().manual_seed(0)
+    batches = -(-min(len(inputs), search) // BATCH)
+    absmax: dict[str, Tensor] = {}
+    lo: dict[str, Tensor] = {}
+    hi: dict[str, Tensor] = {}
+    tokens: dict[str, list[Tensor]] = {site.norm: [] for site in sites}
+    consumed: dict[str, list[Tensor]] = {name: [] for site in sites for name in site.consumers}
+    searching = [True]
+
+    def norm_hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any, out: Tensor) -> None:
+            t = out.detach().flatten(0, -2)  # (B, N, C) -> (B * N, C)
+            amax = t.abs().amax(0)  # (C,)
+            absmax[name] = amax if name not in absmax else torch.maximum(absmax[name], amax)
+            if searching[0]:
+                low, high = t.amin(0), t.amax(0)  # (C,)
+                lo[name] = low if name not in lo else torch.minimum(lo[name], low)
+                hi[name] = high if name not in hi else torch.maximum(hi[name], high)
+                tokens[name].append(_take(t, -(-LOCAL_ROWS // batches), generator))
+
+        return record
+
+    def consumer_hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            if not searching[0]:
+                return
+            x = args[0].detach()
+            if isinstance(module, nn.Linear):
+                rows = x.flatten(0, -2)  # (B * N, C)
+                cap = LOCAL_ROWS
+            else:
+                cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, C*kh*kw, L)
+                rows = cols.transpose(1, 2).flatten(0, 1)  # (B * L, C*kh*kw)
+                cap = max(1, min(LOCAL_ROWS, PATCH_FLOATS // rows.shape[1]))
+            consumed[name].append(_take(rows, -(-cap // batches), generator))
+
+        return record
+
+    recorder = _RangeRecorder(RANGE_SAMPLE)  # every layer's input range, as SimulatedInt8 searches it
+    handles = [modules[site.norm].register_forward_hook(norm_hook(site.norm)) for site in sites]
+    handles += [modules[name].register_forward_pre_hook(consumer_hook(name)) for name in consumed]
+    handles += [m.register_forward_pre_hook(recorder.hook(name)) for name, m in _layers(model)]
+    reference = []
+    try:
+        for batch in _batches(inputs[:search]):
+            reference.append(model(batch))  # (b, K, H/4, W/4)
+        searching[0] = recorder.active = False
+        for batch in _batches(inputs[search:]):
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    samples = {site.norm: _SiteSample(lo[site.norm], hi[site.norm], torch.cat(tokens[site.norm]),
+                                      {name: torch.cat(consumed[name]) for name in site.consumers})
+               for site in sites}  # fmt: skip
+    return _Capture(absmax, torch.cat(reference), samples, recorder.ranges())
+
+
+@torch.no_grad()
+def _site_error(modules: dict[str, nn.Module], site: NormSite, sample: _SiteSample, s: Tensor | None,
+                weights: str) -> tuple[float, tuple[float, float]]:  # fmt: skip
+    """Noise-to-signal ratio of a site's consumers' outputs (bias aside) in simulated W8A8 with factors ``s`` (C,)
+    migrated (none: ``s`` is None), against their float outputs, on the cached samples; and the consumers' input
+    range it used."""
+    s = torch.ones_like(sample.lo) if s is None else s  # (C,)
+    low = min(0.0, float((sample.lo / s).min()))  # the per-tensor range of LN(x) / s: exact, since s > 0
+    high = max(0.0, float((sample.hi / s).max()))
+    values = (sample.tokens / s).flatten()  # (M * C,)
+    low, high = _mse_range(values[:: max(1, values.numel() // RANGE_SAMPLE)], low, high)
+    noise = signal = 0.0
+    for name in site.consumers:
+        layer = modules[name]
+        w = layer.weight.flatten(1)  # (out, C) or (out, C*kh*kw): unfold's column order is (C, kh, kw)
+        per_column = s.repeat_interleave(w.shape[1] // s.numel())  # (C*kh*kw,)
+        x = sample.inputs[name]  # (M, C*k)
+        if name not in sample.outputs:  # the float outputs are the same for every candidate: computed once
+            sample.outputs[name] = x @ w.T  # (M, out)
+        ref = sample.outputs[name]
+        out = _fake_quant(x / per_column, low, high) @ quantize_weight(w * per_column, weights).T  # (M, out)
+        noise += float((out - ref).pow(2).sum(dtype=torch.float64))
+        signal += float(ref.pow(2).sum(dtype=torch.float64))
+    return noise / max(signal, 1e-30), (low, high)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -405,6 +619,195 @@ def _check_preserved(original: nn.Module, rewritten: nn.Module, inputs: Tensor) 
     return diff
 
 
+STRATEGIES = ("local", "full")
+DECISION_FORMAT = "segformer-edge-outlier-decision/1"
+
+
+@dataclass
+class OutlierDecision:
+    """What ``--outliers`` chose for one model and calibration set, and what it measured: enough to redo the
+    rewrite without measuring again (:meth:`apply`), and small (no model weights).
+
+    ``arrays`` holds, where SmoothQuant is applied, each site's measured channel maxima (``absmax/<norm>``, (C,)),
+    from which the factors follow at the recorded strength; where bias correction is applied, each layer's
+    measured mean int8 weight error (``bias/<layer>``, (out,)).
+    """
+
+    record: dict[str, Any]
+    arrays: dict[str, Tensor]
+
+    def apply(self, model: SegFormer) -> SegFormer:
+        """The rewrite the decision records, on a deep copy of ``model`` (``model`` itself where nothing is applied)."""
+        applied = self.record.get("applied", [])
+        model = model.eval()
+        if not applied:
+            return model
+        model = copy.deepcopy(model).eval()
+        try:
+            if "smoothquant" in applied:
+                sites, _ = norm_sites(model)
+                smooth(model, sites, {site.norm: self.arrays[f"absmax/{site.norm}"] for site in sites},
+                       float(self.record["smoothquant"]["alpha"]))  # fmt: skip
+            if "bias_correction" in applied:
+                shift_biases(model, {k.removeprefix("bias/"): v for k, v in self.arrays.items() if k.startswith("bias/")})
+        except (KeyError, RuntimeError) as exc:
+            raise OutlierError(f"the recorded outlier decision does not fit this model ({exc}); delete it to measure again") from exc
+        return model
+
+    def to_json(self, key: dict[str, str]) -> dict[str, Any]:
+        """The decision as JSON: the record, the key it was made for, the arrays as base64 little-endian float32."""
+        arrays = {name: {"shape": list(t.shape), "float32_le": base64.b64encode(t.detach().cpu().float().numpy().astype("<f4").tobytes()).decode()}
+                  for name, t in self.arrays.items()}  # fmt: skip
+        return {"format": DECISION_FORMAT, "key": key, "record": self.record, "arrays": arrays}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], key: dict[str, str]) -> OutlierDecision | None:
+        """The decision in ``data`` if it was made for ``key`` and reads whole; None otherwise."""
+        try:
+            if data.get("format") != DECISION_FORMAT or data.get("key") != key:
+                return None
+            arrays = {name: torch.from_numpy(np.frombuffer(base64.b64decode(a["float32_le"]), dtype="<f4").copy()).reshape(a["shape"])
+                      for name, a in data["arrays"].items()}  # fmt: skip
+            return cls(dict(data["record"]), arrays)
+        except (KeyError, TypeError, ValueError, RuntimeError, binascii.Error):
+            return None
+
+
+def decide_outliers(
+    model: SegFormer,
+    inputs: Tensor,
+    mode: str = "auto",
+    *,
+    weights: str = "per_channel",
+    measure: Measure | None = None,
+    alphas: tuple[float, ...] = ALPHAS,
+    min_gain: float = MIN_GAIN,
+    strategy: str = "local",
+) -> OutlierDecision:
+    """What ``mode`` chooses for ``model`` on the calibration images, and what was measured (see :func:`handle_outliers`).
+
+    ``strategy`` ``local`` (the default) searches the SmoothQuant strength per site on activations cached in one
+    float pass, then measures the whole model only for the baseline and for a candidate that can still win;
+    ``full`` measures the whole model in simulated W8A8 for every candidate (the search before, kept as the
+    benchmark's baseline).
+    """
+    if mode not in OUTLIER_MODES:
+        raise OutlierError(f"--outliers {mode}: choose one of {', '.join(OUTLIER_MODES)}")
+    if strategy not in STRATEGIES:
+        raise OutlierError(f"outlier search strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if not alphas:
+        raise OutlierError("SmoothQuant needs at least one strength to try")
+    started = time.perf_counter()
+    model = model.eval()
+    if mode == "none":
+        return OutlierDecision({"mode": "none", "applied": []}, {})
+    sites, skipped = norm_sites(model)
+    if strategy == "local":
+        captured = _capture(model, inputs, sites, SEARCH_IMAGES)
+        reference, absmax = captured.reference, captured.absmax
+    else:
+        with torch.no_grad():
+            reference = torch.cat([model(b) for b in _batches(inputs[:SEARCH_IMAGES])])  # (n, K, H/4, W/4)
+    measured_with = "caller's measure" if measure is not None else SimulatedInt8.metric
+    simulated = measure is None and strategy == "local"  # its input ranges are known from the capture pass
+    if measure is None:
+        measure = SimulatedInt8(inputs[:SEARCH_IMAGES], reference, weights)
+    want_smooth = mode in ("auto", "smoothquant", "smoothquant+bias_correction")
+    want_bias = mode in ("auto", "bias_correction", "smoothquant+bias_correction")
+    before = measure(model, ranges=captured.ranges) if simulated else measure(model)  # type: ignore[call-arg]
+    record: dict[str, Any] = {"mode": mode, "applied": [], "metric": measured_with, "images": min(len(inputs), SEARCH_IMAGES),
+                              "strategy": strategy, "error_before": before}  # fmt: skip
+    arrays: dict[str, Tensor] = {}
+    best, best_err = model, before
+    if want_smooth:
+        if strategy == "local":
+            modules = dict(model.named_modules())
+            plain = {site.norm: _site_error(modules, site, captured.samples[site.norm], None, weights)[0] for site in sites}
+            candidates: dict[str, float] = {}
+            gains: dict[str, float] = {}
+            site_ranges: dict[str, dict[str, tuple[float, float]]] = {}  # per strength, each consumer's input range
+            for a in alphas:
+                errors = {}
+                for site in sites:
+                    s = _smooth_factors(model, site, absmax, a)  # (C,)
+                    errors[site.norm], span = _site_error(modules, site, captured.samples[site.norm], s, weights)
+                    site_ranges.setdefault(f"{a:g}", {}).update({name: span for name in site.consumers})
+                candidates[f"{a:g}"] = sum(errors.values()) / len(errors)
+                gains[f"{a:g}"] = max(1.0 - errors[n] / max(plain[n], 1e-30) for n in errors)
+                logger.info("outliers: SmoothQuant a=%g: local error %.4g (none: %.4g)", a, candidates[f"{a:g}"],
+                            sum(plain.values()) / len(plain))  # fmt: skip
+            alpha = min(alphas, key=lambda a: candidates[f"{a:g}"])
+            smooth_record: dict[str, Any] = {
+                "alpha": alpha, "candidates": candidates,
+                "search": f"per LayerNorm site, its consumers in simulated W8A8 on up to {LOCAL_ROWS} sampled inputs each; "
+                          "candidates: the mean over sites of their outputs' noise-to-signal ratio",
+                "local_error_none": sum(plain.values()) / len(plain), "largest_site_gain": gains[f"{alpha:g}"],
+            }  # fmt: skip
+            if mode == "auto" and gains[f"{alpha:g}"] < min_gain:
+                # The rewrite changes only the noise of the sites' consumers: where none of them loses min_gain of
+                # its error, the model's error (their sum, carried to the logits) cannot fall by min_gain either.
+                smooth_record.update(applied=False, stopped=f"no site's local error falls by {min_gain:.0%}: it cannot win")
+                record["smoothquant"] = smooth_record
+            else:
+                candidate = copy.deepcopy(model)
+                layers = smooth(candidate, sites, absmax, alpha)
+                # The rewrite keeps every other layer's float input as it was: only its consumers' ranges change.
+                ranges = {**captured.ranges, **site_ranges[f"{alpha:g}"]}
+                err = measure(candidate, ranges=ranges) if simulated else measure(candidate)  # type: ignore[call-arg]
+                logger.info("outliers: SmoothQuant a=%g: error %.4g (none: %.4g)", alpha, err, before)
+                smooth_record["error"] = err
+                chosen: tuple[float, float, SegFormer, list[dict[str, Any]]] | None = (err, alpha, candidate, layers)
+                record["smoothquant"] = smooth_record
+        else:
+            absmax = channel_absmax(model, inputs, sites)
+            candidates = {}
+            chosen = None  # (error, alpha, model, layers)
+            for a in alphas:
+                candidate = copy.deepcopy(model)
+                layers = smooth(candidate, sites, absmax, a)
+                candidates[f"{a:g}"] = err = measure(candidate)
+                logger.info("outliers: SmoothQuant a=%g: error %.4g (none: %.4g)", a, err, before)
+                if chosen is None or err < chosen[0]:
+                    chosen = (err, a, candidate, layers)  # only the best copy is kept (memory)
+            record["smoothquant"] = {"alpha": chosen[1], "candidates": candidates}  # type: ignore[index]
+        if "applied" not in record["smoothquant"]:
+            err, alpha, candidate, layers = chosen  # type: ignore[misc]  # alphas is not empty
+            keep = mode != "auto" or err <= (1.0 - min_gain) * before
+            record["smoothquant"]["applied"] = keep
+            if keep:
+                record["smoothquant"].update({"max_logit_change": _check_preserved(model, candidate, inputs), "layers": layers,
+                                              "skipped": skipped})  # fmt: skip
+                record["applied"].append("smoothquant")
+                arrays.update({f"absmax/{site.norm}": absmax[site.norm] for site in sites})
+                best, best_err = candidate, err
+    if want_bias:
+        best_ranges = None if strategy != "local" else ranges if best is not model else captured.ranges
+        shifts, share = bias_statistics(best, inputs, weights, best_ranges)
+        info = _bias_info(shifts, weights)
+        if share is not None and mode == "auto" and share < min_gain:
+            # Bias correction changes each layer's own error by the bound above; where no layer's falls by
+            # min_gain, the model's (their sum, carried to the logits) cannot fall by min_gain either.
+            record["bias_correction"] = {**info, "largest_layer_gain": share, "error_without": best_err, "applied": False,
+                                         "stopped": f"no layer's own W8A8 error falls by {min_gain:.0%}: it cannot win"}  # fmt: skip
+        else:
+            candidate = copy.deepcopy(best)
+            shift_biases(candidate, shifts)
+            err = measure(candidate)
+            logger.info("outliers: bias correction: error %.4g (without: %.4g)", err, best_err)
+            keep = mode != "auto" or err <= (1.0 - min_gain) * best_err
+            record["bias_correction"] = {**info, "largest_layer_gain": share, "error_without": best_err, "error_with": err,
+                                         "applied": keep}  # fmt: skip
+            if keep:
+                record["applied"].append("bias_correction")
+                arrays.update({f"bias/{name}": shift for name, shift in shifts.items()})
+                best, best_err = candidate, err
+    record["error_after"] = best_err
+    record["seconds"] = round(time.perf_counter() - started, 2)
+    logger.info("outliers: applied %s; measured int8 error %.4g -> %.4g", " + ".join(record["applied"]) or "nothing",
+                before, best_err)  # fmt: skip
+    return OutlierDecision(record, arrays)
+
+
 def handle_outliers(
     model: SegFormer,
     inputs: Tensor,
@@ -414,6 +817,7 @@ def handle_outliers(
     measure: Measure | None = None,
     alphas: tuple[float, ...] = ALPHAS,
     min_gain: float = MIN_GAIN,
+    strategy: str = "local",
 ) -> tuple[SegFormer, dict[str, Any]]:
     """The float model rewritten for INT8 as ``mode`` says, and the record of what was done.
 
@@ -429,62 +833,12 @@ def handle_outliers(
             on the first ``SEARCH_IMAGES`` calibration images).
         alphas: SmoothQuant strengths to search.
         min_gain: For ``auto``, the relative error reduction a rewrite must bring to be kept.
+        strategy: ``local`` or ``full`` (see :func:`decide_outliers`).
 
     Returns:
         (the model to quantize, the record for the manifest: mode, applied, the measured error before and
         after, the strength and its candidates, the rewritten and skipped LayerNorms).
     """
-    if mode not in OUTLIER_MODES:
-        raise OutlierError(f"--outliers {mode}: choose one of {', '.join(OUTLIER_MODES)}")
-    if not alphas:
-        raise OutlierError("SmoothQuant needs at least one strength to try")
-    started = time.perf_counter()
-    model = model.eval()
-    if mode == "none":
-        return model, {"mode": "none", "applied": []}
-    sites, skipped = norm_sites(model)
-    with torch.no_grad():
-        reference = torch.cat([model(b) for b in _batches(inputs[:SEARCH_IMAGES])])  # (n, K, H/4, W/4)
-    measured_with = "caller's measure" if measure is not None else SimulatedInt8.metric
-    if measure is None:
-        measure = SimulatedInt8(inputs[:SEARCH_IMAGES], reference, weights)
-    want_smooth = mode in ("auto", "smoothquant", "smoothquant+bias_correction")
-    want_bias = mode in ("auto", "bias_correction", "smoothquant+bias_correction")
-    before = measure(model)
-    record: dict[str, Any] = {"mode": mode, "applied": [], "metric": measured_with, "images": min(len(inputs), SEARCH_IMAGES),
-                              "error_before": before}  # fmt: skip
-    best, best_err = model, before
-    if want_smooth:
-        absmax = channel_absmax(model, inputs, sites)
-        candidates: dict[str, float] = {}
-        chosen: tuple[float, float, SegFormer, list[dict[str, Any]]] | None = None  # (error, alpha, model, layers)
-        for alpha in alphas:
-            candidate = copy.deepcopy(model)
-            layers = smooth(candidate, sites, absmax, alpha)
-            candidates[f"{alpha:g}"] = err = measure(candidate)
-            logger.info("outliers: SmoothQuant a=%g: error %.4g (none: %.4g)", alpha, err, before)
-            if chosen is None or err < chosen[0]:
-                chosen = (err, alpha, candidate, layers)  # only the best copy is kept (memory)
-        err, alpha, candidate, layers = chosen  # type: ignore[misc]  # alphas is not empty
-        keep = mode != "auto" or err <= (1.0 - min_gain) * before
-        record["smoothquant"] = {"alpha": alpha, "candidates": candidates, "applied": keep}
-        if keep:
-            record["smoothquant"].update({"max_logit_change": _check_preserved(model, candidate, inputs), "layers": layers,
-                                          "skipped": skipped})  # fmt: skip
-            record["applied"].append("smoothquant")
-            best, best_err = candidate, err
-    if want_bias:
-        candidate = copy.deepcopy(best)
-        info = correct_bias(candidate, inputs, weights)
-        err = measure(candidate)
-        logger.info("outliers: bias correction: error %.4g (without: %.4g)", err, best_err)
-        keep = mode != "auto" or err <= (1.0 - min_gain) * best_err
-        record["bias_correction"] = {**info, "error_without": best_err, "error_with": err, "applied": keep}
-        if keep:
-            record["applied"].append("bias_correction")
-            best, best_err = candidate, err
-    record["error_after"] = best_err
-    record["seconds"] = round(time.perf_counter() - started, 2)
-    logger.info("outliers: applied %s; measured int8 error %.4g -> %.4g", " + ".join(record["applied"]) or "nothing",
-                before, best_err)  # fmt: skip
-    return best, record
+    decision = decide_outliers(model, inputs, mode, weights=weights, measure=measure, alphas=alphas, min_gain=min_gain,
+                               strategy=strategy)  # fmt: skip
+    return decision.apply(model), decision.record

@@ -13,6 +13,9 @@ import contextlib
 import copy
 import hashlib
 import inspect
+import json
+import logging
+import os
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -44,6 +47,7 @@ __all__ = [
     "shared_provenance",
 ]
 
+logger = logging.getLogger(__name__)
 
 # What each asked-for graph-edge feature adds to an artifact's name, in name order.
 _NAME_PARTS = {"output:mask": "mask", "output:probs": "probs", "input:rgb01": "rgb01", "input:uint8": "uint8", "nhwc": "nhwc", "dynamic": "dynamic",
@@ -110,9 +114,13 @@ def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor
 
 def rewrite_outliers(model: Any, plan: ExportPlan) -> tuple[Any, dict[str, Any]]:
     """The float model rewritten for activation outliers as ``plan.quant.outliers`` says, measured on the
-    calibration images, and the record of what was chosen (see :mod:`segformer_edge.calibration.outliers`)."""
+    calibration images, and the record of what was chosen (see :mod:`segformer_edge.calibration.outliers`).
+
+    The decision (not the model) is made once per model state, calibration set, mode, weights, scheme and input,
+    recorded beside a saved calibration set (or in ``$XDG_CACHE_HOME/segformer-edge``) and reapplied from there by
+    every target and every later run; the record says whether it was reused, and from where."""
     import torch
-    from segformer_edge.calibration.outliers import handle_outliers
+    from segformer_edge.calibration.outliers import DECISION_FORMAT, decide_outliers
 
     quant = plan.quant
     if quant is None:
@@ -126,16 +134,64 @@ def rewrite_outliers(model: Any, plan: ExportPlan) -> tuple[Any, dict[str, Any]]
             raise ExportError(f"{plan.target.name}: --outliers {quant.outliers} needs calibration images (--data or --calibration)")
         return model, {"mode": "auto", "applied": [], "note": "no calibration images to measure on"}
     spec = plan.graph_input.float_spec
-    key = (_state_digest(model), quant.calibration.sha256, quant.outliers, quant.weights, repr(spec))
-    if key not in _OUTLIER_CACHE:  # every target of one export gets the same rewrite: measure it once
-        inputs = torch.from_numpy(spec(quant.calibration.images))  # (N, 3, H, W) normalised
+    key = {"format": DECISION_FORMAT, "model_state": _state_digest(model), "calibration": quant.calibration.sha256,
+           "outliers": quant.outliers, "weights": quant.weights, "scheme": quant.scheme, "input": repr(spec)}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    if digest not in _OUTLIER_CACHE:  # every target of one run, and later runs, share the decision: measured once
+        decision, origin = _read_decision(quant.calibration, digest, key)
+        if decision is None:
+            inputs = torch.from_numpy(spec(quant.calibration.images))  # (N, 3, H, W) normalised
+            decision = decide_outliers(model, inputs, quant.outliers, weights=quant.weights)
+            origin = {"reused": False, "saved": _write_decision(quant.calibration, digest, key, decision)}
         _OUTLIER_CACHE.clear()
-        _OUTLIER_CACHE[key] = handle_outliers(model, inputs, quant.outliers, weights=quant.weights)
-    rewritten, record = _OUTLIER_CACHE[key]
-    return copy.deepcopy(rewritten), copy.deepcopy(record)
+        _OUTLIER_CACHE[digest] = (decision, origin)
+    else:
+        decision, made = _OUTLIER_CACHE[digest]
+        origin = {"reused": True, "from": made.get("from") or made.get("saved") or "this process"}
+    record = {**copy.deepcopy(decision.record), "decision": {**origin, "key_sha256": digest, "shared": SHARED}}
+    return decision.apply(model), record
 
 
-_OUTLIER_CACHE: dict[tuple[str, ...], tuple[Any, dict[str, Any]]] = {}  # the last rewrite, by what defines it
+SHARED = ("one decision for every target with this model state, calibration set, weights, scheme and input: its "
+          "measure (simulated W8A8) is target-independent")  # fmt: skip
+_OUTLIER_CACHE: dict[str, tuple[Any, dict[str, Any]]] = {}  # the last decision, by the sha256 of what defines it
+
+
+def _decision_files(calibration: Any, digest: str) -> list[Path]:
+    """Where a decision is kept: beside a saved calibration set, then in the user's cache ($XDG_CACHE_HOME)."""
+    name = f"outliers-{digest[:24]}.json"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segformer-edge" / "outlier-decisions"
+    beside = [calibration.folder / "outlier-decisions" / name] if calibration.folder is not None else []
+    return [*beside, cache / name]
+
+
+def _read_decision(calibration: Any, digest: str, key: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """A recorded decision made for ``key`` and where it was read from, or (None, {})."""
+    from segformer_edge.calibration.outliers import OutlierDecision
+
+    for path in _decision_files(calibration, digest):
+        try:
+            decision = OutlierDecision.from_json(json.loads(path.read_text()), key)
+        except (OSError, ValueError):
+            continue
+        if decision is not None:
+            logger.info("outliers: reusing the decision recorded in %s", path)
+            return decision, {"reused": True, "from": str(path)}
+    return None, {}
+
+
+def _write_decision(calibration: Any, digest: str, key: dict[str, str], decision: Any) -> str | None:
+    """Record the decision (atomically) in the first place that takes it; returns that path, or None."""
+    from segformer_edge.io import atomic_write_json
+
+    for path in _decision_files(calibration, digest):
+        try:
+            atomic_write_json(path, decision.to_json(key))
+        except OSError as exc:
+            logger.warning("outliers: could not record the decision in %s (%s)", path, exc)
+            continue
+        return str(path)
+    return None
 
 
 def _state_digest(model: Any) -> str:

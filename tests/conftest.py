@@ -157,6 +157,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     return trainer.model.eval(), root / "run" / "final.safetensors"
 
 
+@pytest.fixture(autouse=True)
+def outlier_decisions_in_session_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--outliers records its decisions in $XDG_CACHE_HOME: this session's folder, never the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():  # type: ignore[no-untyped-def]
     """One torch intra-op thread for a module of tiny models (64x64): they gain nothing from more, and on the

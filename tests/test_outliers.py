@@ -246,3 +246,60 @@ def test_outlier_options_are_checked(trained: SegFormer, tmp_path: Path, capsys)
     code, _, err = run_cli(["calibrate", ckpt, "--outliers", "none", "--out", tmp_path / "c"], capsys)
     assert code == 2 and "--outliers applies to --sensitivity" in flat(err) and not (tmp_path / "c").exists()
     assert not (tmp_path / "o").exists()
+
+
+def test_the_decision_is_recorded_beside_the_calibration_set_and_reused(stressed, calib: CalibrationSet, tmp_path: Path) -> None:
+    """One measurement for every target and later runs: the second target in this process, and a fresh process,
+    reapply the recorded decision (the same rewritten weights) instead of measuring; a damaged record is measured anew."""
+    import json
+    import subprocess
+    import sys
+
+    from segformer_edge.converters import build
+    from segformer_edge.converters.build import plan_export, rewrite_outliers
+
+    model, ckpt = stressed
+    saved = CalibrationSet.load(calib.save(tmp_path / "calib"))  # as `export --calibration DIR` loads it
+    folded = fold_batch_norm(model)
+    options = ExportOptions(size=SIZE, precision="int8")
+
+    def rewrite(target: str) -> tuple[torch.nn.Module, dict]:
+        return rewrite_outliers(folded, plan_export(model, target, options, tmp_path / "out", QuantSpec(calibration=saved)))
+
+    build._OUTLIER_CACHE.clear()
+    first, record = rewrite("executorch")
+    (path,) = (tmp_path / "calib" / "outlier-decisions").iterdir()
+    assert record["applied"] == ["smoothquant"] and record["decision"]["reused"] is False, record["decision"]
+    assert record["decision"]["saved"] == str(path)
+    second, again = rewrite("tflite")
+    assert again["decision"]["reused"] is True and again["decision"]["from"] == str(path), again["decision"]
+    assert _same_state(_state(first), _state(second))
+    assert {k: v for k, v in again.items() if k != "decision"} == {k: v for k, v in record.items() if k != "decision"}
+
+    script = (
+        "import json, sys, torch\n"
+        "from segformer_edge.calibration.calibset import CalibrationSet\n"
+        "from segformer_edge.calibration.spec import QuantSpec\n"
+        "from segformer_edge.converters.base import ExportOptions\n"
+        "from segformer_edge.converters.graph import fold_batch_norm\n"
+        "from segformer_edge.converters.build import plan_export, rewrite_outliers\n"
+        "from segformer_edge.weights import load_pretrained\n"
+        "model = load_pretrained(sys.argv[1])\n"
+        "plan = plan_export(model, 'onnx', ExportOptions(size=(64, 64), precision='int8'), sys.argv[3],\n"
+        "                   QuantSpec(calibration=CalibrationSet.load(sys.argv[2])))\n"
+        "rewritten, record = rewrite_outliers(fold_batch_norm(model), plan)\n"
+        "torch.save(rewritten.state_dict(), sys.argv[4])\n"
+        "print(json.dumps(record['decision']))\n"
+    )
+    state_file = tmp_path / "state.pt"
+    run = subprocess.run([sys.executable, "-c", script, str(ckpt), str(tmp_path / "calib"), str(tmp_path / "out"), str(state_file)],
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    later = json.loads(run.stdout.strip().splitlines()[-1])
+    assert later["reused"] is True and later["from"] == str(path), later
+    assert _same_state(torch.load(state_file), _state(first))  # the rewrite redone from the record, exactly
+
+    path.write_text("{not json")  # a damaged record is not trusted: measured again, and recorded again
+    build._OUTLIER_CACHE.clear()
+    _, anew = rewrite("executorch")
+    assert anew["decision"]["reused"] is False and json.loads(path.read_text())["record"]["applied"] == ["smoothquant"]

@@ -242,7 +242,8 @@ def _outliers_summary(record: dict[str, Any]) -> str:
     """One phrase for what the outlier handling applied: ``smoothquant (a=0.6)``, ``none``."""
     applied = record.get("applied") or []
     parts = [f"smoothquant (a={record['smoothquant']['alpha']:g})" if name == "smoothquant" else name for name in applied]
-    return " + ".join(parts) or "none"
+    reused = " (decision reused)" if (record.get("decision") or {}).get("reused") else ""
+    return (" + ".join(parts) or "none") + reused
 
 
 def _figures(report: dict[str, Any] | None) -> dict[str, Any]:

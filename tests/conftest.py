@@ -15,9 +15,9 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 # 229, int8 227, export 206, user flow 160, target options 156, ...). `-n 2 --dist loadfile` hands whole files to the
 # two workers in collection order; xdist's own order (most tests first) sent heavy files last, and one worker ran
 # on for minutes after the other had finished. Files not named keep their order, after these.
-HEAVY_FIRST = ("test_ethos_u.py", "test_export.py", "test_int8.py", "test_user_flow.py", "test_target_options.py",
+HEAVY_FIRST = ("test_no_label_parity.py", "test_ethos_u.py", "test_export.py", "test_int8.py", "test_user_flow.py", "test_target_options.py",
                "test_outliers.py", "test_bench.py", "test_reliability.py", "test_debugger.py", "test_cli_options.py",
-               "test_mask_outputs.py", "test_openvino.py", "test_claims.py", "test_weights.py")  # fmt: skip
+               "test_mask_outputs.py", "test_openvino.py", "test_claims.py", "test_remote.py", "test_weights.py")  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:

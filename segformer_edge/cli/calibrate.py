@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from .common import CheckpointArgument, SizeOption, check_size, console, err_console, progress_bar, resolve_checkpoint
+from .common import (
+    CheckpointArgument,
+    SizeOption,
+    StrictFlag,
+    check_data,
+    check_size,
+    console,
+    err_console,
+    progress_bar,
+    resolve_checkpoint,
+)
 
 HELP = """Pick and record a calibration set for INT8, optionally with a per-layer-group sensitivity analysis.
 
@@ -44,6 +54,7 @@ def calibrate(
     granularity: Annotated[str, typer.Option(help="--sensitivity: group (each layer group quantized alone, 6 measurements) or layer (each Linear and Conv2d kept float alone with the rest int8: one measurement per layer (72 for b0) and one with every layer int8).")] = "group",
     groups: Annotated[str | None, typer.Option(help="--granularity layer: only the layers of these layer groups, comma-separated (stage1..stage4, decoder.mlp, decoder.head): drill into the groups a group-level run showed sensitive.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration folder.")] = Path("calibration"),
+    strict: StrictFlag = False,
 ) -> None:
     import numpy as np
 
@@ -66,6 +77,7 @@ def calibrate(
         unknown = [g for g in chosen if g not in LAYER_GROUPS]
         if unknown or not chosen:
             raise typer.BadParameter(f"{', '.join(unknown) or '(none)'}: choose from {', '.join(LAYER_GROUPS)}", param_hint="--groups")
+    check_data(data, "train", strict)
     path = resolve_checkpoint(checkpoint)
     model = load_pretrained(path)
     h, w = check_size(size, model.meta.input_size)

@@ -14,6 +14,8 @@ from .common import (
     CheckpointArgument,
     JsonFlag,
     SizeOption,
+    StrictFlag,
+    check_data,
     check_size,
     console,
     err_console,
@@ -142,6 +144,7 @@ def export(
     budget_granularity: Annotated[str, typer.Option(help="--budget: layer (whole layer groups first, then split into blocks and single layers, quantizing back every part the budget allows: more measurements, see benchmarks/BUDGET.md) or group (the 4 stages and 2 decoder parts only: at most 12 quantized models measured).")] = "layer",
     layers: Annotated[bool, typer.Option("--layers", help="Parity per stage too (verify --layers), recorded in the manifest.")] = False,
     outliers: Annotated[str, typer.Option(help="int8: activation-outlier handling before every target's quantizer: auto (what measurably lowers the int8 error on the calibration images), none, smoothquant, bias_correction or smoothquant+bias_correction.")] = "auto",
+    strict: StrictFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     from segformer_edge.converters.base import ExportOptions
@@ -159,6 +162,7 @@ def export(
     options = ExportOptions(precision=precision, size=(h, w), input_kind=input_kind, output=output, mask_size=mask_size,
                             layout=layout, dynamic=dynamic, image_input=image_input, target_options=_target_options(target_option))  # fmt: skip
     _plan_all(model, names, options, out, method, outliers, scheme)  # every target refuses what it cannot honour before any work
+    check_data(data, "val", strict)
     quant = _quant_spec(model, path, options, data, calibration, calibration_images, method, budget, outliers, scheme)
     search = None if budget is None else (budget, budget_granularity)
     rows = []
@@ -311,6 +315,7 @@ def verify(
     layers: Annotated[bool, typer.Option("--layers", help="Compare the stage outputs too, in a debug graph of the same recipe, and name the first that diverges.")] = False,
     report: Annotated[Path | None, typer.Option("--report", help="Write per-image PNGs (input, float, artifact, disagreement), report.md and report.json here.")] = None,
     calibration: Annotated[Path | None, typer.Option(help="--layers on int8: the calibration folder the artifact was made with (default: pick it again).")] = None,
+    strict: StrictFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     from dataclasses import replace
@@ -319,6 +324,7 @@ def verify(
     from segformer_edge.converters.parity import default_thresholds, verify_artifact
 
     manifest = read_manifest(artifact).manifest
+    check_data(data, "val", strict)
     limits = default_thresholds(manifest)  # the precision it computes in (a runtime hint may lower it)
     overrides = {"max_abs_diff": max_abs_diff, "pixel_agreement": min_pixel_agreement, "miou_drop": max_miou_drop}
     limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})

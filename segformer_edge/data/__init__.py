@@ -89,7 +89,7 @@ class Source:
         """This source's label space, or a DataError saying that ``purpose`` needs masks (``hint``: what to do
         instead, appended to the message)."""
         if self.labels is None:
-            shown = self.name[len(IMAGES_PREFIX) :] if self.name.startswith(IMAGES_PREFIX) else self.name
+            shown = self.name.removeprefix(IMAGES_PREFIX)
             raise DataError(
                 f"{shown}: {purpose} needs masks, and these are images without masks; give a labelled dataset "
                 f"(ADE20K, Cityscapes, images/ + masks/ + classes.json, or synthetic){hint}"

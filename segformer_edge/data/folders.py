@@ -51,7 +51,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 TRANSPARENT_BACKGROUND = (128, 128, 128)  # what transparent pixels are flattened onto: mid-grey
 
 
-
 @dataclass(frozen=True)
 class Sample:
     image: Path
@@ -136,8 +135,16 @@ def open_photo(path: Path) -> Photo:
             if mode != "RGB":
                 im = im.convert("RGB")
             return Photo(np.asarray(im, dtype=np.uint8).copy(), tuple(notes))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> DataError:
+    """The one-line error for an image file that does not read; it names the file once."""
+    if isinstance(exc, UnidentifiedImageError):
+        return DataError(f"{path}: not a readable image (not an image format Pillow reads)")
+    detail = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip(" :") or "damaged"
+    return DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {detail})")
 
 
 def check_image(path: Path) -> tuple[str, ...]:
@@ -156,8 +163,8 @@ def check_image(path: Path) -> tuple[str, ...]:
                 im.draft(mode if mode in ("RGB", "L") else None, (max(1, im.width // 8), max(1, im.height // 8)))
                 im.load()
                 return ("CMYK converted to RGB",) if mode == "CMYK" else ()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
     return open_photo(path).notes
 
 
@@ -191,16 +198,17 @@ def check_photos(samples: list[Sample], spec: str, *, strict: bool = False) -> P
                 raise DataError(error)
             key = str(sample.image)
             skipped.append({"file": key, "reason": error.removeprefix(f"{key}: ")})
-            if key not in _WARNED:
-                _WARNED.add(key)
-                logger.warning("%s; skipped it (--strict stops instead)", error)
             continue
         good.append(sample)
         if found:
             notes[str(sample.image)] = list(found)
-    if not good:
+    if not good:  # the error says it all: no warnings before it
         first = skipped[0]["file"] + ": " + skipped[0]["reason"] if skipped else "no files"
         raise DataError(f"{spec}: none of its {len(samples)} image files is readable (first: {first})")
+    for item in skipped:
+        if item["file"] not in _WARNED:
+            _WARNED.add(item["file"])
+            logger.warning("%s: %s; skipped it (--strict stops instead)", item["file"], item["reason"])
     return PhotoCheck(good, skipped, notes)
 
 
@@ -219,6 +227,7 @@ def _checked(path: Path) -> tuple[str | None, tuple[str, ...]]:
     return _CHECKED[key]
 
 
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _CHECKED: dict[tuple[str, int, int], tuple[str | None, tuple[str, ...]]] = {}
 _WARNED: set[str] = set()
 _DEEP_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")

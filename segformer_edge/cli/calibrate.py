@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .common import (
+    STATE,
     CheckpointArgument,
     SizeOption,
     StrictFlag,
@@ -105,19 +106,30 @@ def calibrate(
         from segformer_edge.converters.build import plan_export
         from segformer_edge.converters.int8 import quantized_predictor
         from segformer_edge.converters.reference import float_labeler
+        from segformer_edge.logs import OutputCapture
 
         options = ExportOptions(precision="int8", size=(h, w))
-        with tempfile.TemporaryDirectory() as tmp, progress_bar(f"sensitivity ({target})") as bar:
+        # The quantizers and runtimes talk on stderr (absl, XNNPACK, deprecations): into OUT/sensitivity.log. The
+        # bar refreshes only between measurements, with the capture paused.
+        with tempfile.TemporaryDirectory() as tmp, progress_bar(f"sensitivity ({target})", auto_refresh=False) as bar, \
+                OutputCapture(out / "sensitivity.log", enabled=not STATE["verbose"]) as output:  # fmt: skip
             spec = plan_export(model, target, options, tmp, quant.with_(calibration=calib)).quant or quant
             labeler = float_labeler(model, (h, w))
             layers = quantizable_layers(model) if granularity == "layer" else None
             if layers is not None and chosen is not None:
                 layers = [name for name in layers if group_of(WRAPPER + name) in chosen]
             task = bar.add_task("sensitivity", total=len(LAYER_GROUPS) if layers is None else len(layers) + 1)
+
+            def advance(k: int) -> None:
+                with output.paused():
+                    bar.advance(task, k)
+                    bar.refresh()
+
+            advance(0)
             with reuse_exports():
                 report = analyse(calib, spec, lambda q: quantized_predictor(model, target, options, q, Path(tmp)),
                                  lambda images: np.stack([labeler(im) for im in images]), model.config.num_classes,
-                                 target=target, layers=layers, progress=lambda k: bar.advance(task, k))  # fmt: skip
+                                 target=target, layers=layers, progress=advance)  # fmt: skip
         write_report(report, out)
         console.print((out / "sensitivity.md").read_text(), markup=False)
 

@@ -58,12 +58,14 @@ def check_size(size: tuple[int, int] | None, default: tuple[int, int], option: s
     return h, w
 
 
-def progress_bar(label: str):  # type: ignore[no-untyped-def]
-    """A rich progress bar on stderr for long work."""
+def progress_bar(label: str, *, auto_refresh: bool = True):  # type: ignore[no-untyped-def]
+    """A rich progress bar on stderr for long work (``auto_refresh=False``: it redraws only on ``refresh()``, for
+    work whose output is captured meanwhile)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
+        auto_refresh=auto_refresh,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -72,7 +73,8 @@ VERIFY_HELP = """Run an artifact and the float model on the same images and repo
 
 Reports max_abs_diff, cosine and psnr_db of the logits, NaN/inf counts, pixel_agreement and agreement mIoU
 of the masks against the float model's, and mIoU of both against the labels where --data has them.
-Exits 1 when parity fails (NaN or inf in the output always fails), 2 on bad input.
+Exits 1 when parity fails (NaN or inf in the output always fails), 2 on bad input. The runtimes' own
+output goes to REPORT/verify.log with --report (--verbose shows it on the terminal).
 
 Examples:
 
@@ -201,29 +203,22 @@ def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, bud
     import tempfile
     from dataclasses import replace
 
-    from segformer_edge.converters.int8 import budget_spec
     from segformer_edge.converters.parity import ParityFailed
     from segformer_edge.converters.pipeline import export_artifact
 
     line = progress.line(f"{name} {options.precision}")
-    if quant is not None and budget is not None:
-        measured = [0]
-
-        def count(k: int) -> None:
-            measured[0] += k
-            line(f"budget search: {measured[0]} quantized models measured")
-
-        count(0)
-        with tempfile.TemporaryDirectory() as tmp:
-            quant = budget_spec(model, name, options, quant, budget[0], Path(tmp), progress=count, granularity=budget[1])
-    try:
-        artifact, report = export_artifact(model, name, replace(options), out, checkpoint=path, quant=quant,
-                                           verify=verify, verify_data=data, verify_images=verify_images, on_step=line,
-                                           capture_output=not STATE["verbose"], layers=layers)  # fmt: skip
-    except ParityFailed as exc:
-        line("parity FAILED", done=True)
-        return {"target": name, "precision": options.precision, "status": "FAILED", "error": str(exc), "exit_code": 1,
-                "artifact": str(exc.failed), **_figures(exc.report)}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        budget_log = Path(tmp) / "budget.log"
+        if quant is not None and budget is not None:
+            quant = _budget_search(model, name, options, quant, budget, Path(tmp), line, budget_log)
+        try:
+            artifact, report = export_artifact(model, name, replace(options), out, checkpoint=path, quant=quant,
+                                               verify=verify, verify_data=data, verify_images=verify_images, on_step=line,
+                                               capture_output=not STATE["verbose"], layers=layers, prior_log=budget_log)  # fmt: skip
+        except ParityFailed as exc:
+            line("parity FAILED", done=True)
+            return {"target": name, "precision": options.precision, "status": "FAILED", "error": str(exc), "exit_code": 1,
+                    "artifact": str(exc.failed), **_figures(exc.report)}  # fmt: skip
     manifest = artifact.manifest
     status = manifest["parity"]["status"]
     line(status, done=True)
@@ -233,6 +228,25 @@ def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, bud
         row["float_groups"] = manifest["quantization"]["float_groups"]
         row["outliers"] = _outliers_summary(manifest["quantization"]["applied"].get("outliers") or {})
     return row
+
+
+def _budget_search(model: Any, name: str, options: Any, quant: Any, budget: tuple[float, str], workdir: Path,
+                   line: Any, log: Path) -> Any:  # fmt: skip
+    """``quant`` with the float layers --budget allows; the quantizers' and runtimes' output goes to ``log`` (the
+    head of the artifact's export.log), the count of models measured to the target's progress line."""
+    from segformer_edge.converters.int8 import budget_spec
+    from segformer_edge.logs import OutputCapture
+
+    measured = [0]
+    with OutputCapture(log, enabled=not STATE["verbose"]) as output:
+
+        def count(k: int) -> None:
+            measured[0] += k
+            with output.paused():
+                line(f"budget search: {measured[0]} quantized models measured")
+
+        count(0)
+        return budget_spec(model, name, options, quant, budget[0], workdir, progress=count, granularity=budget[1])
 
 
 def _outliers_summary(record: dict[str, Any]) -> str:
@@ -322,6 +336,7 @@ def verify(
 
     from segformer_edge.converters.base import read_manifest
     from segformer_edge.converters.parity import default_thresholds, verify_artifact
+    from segformer_edge.logs import OutputCapture
 
     manifest = read_manifest(artifact).manifest
     check_data(data, "val", strict)
@@ -329,7 +344,12 @@ def verify(
     overrides = {"max_abs_diff": max_abs_diff, "pixel_agreement": min_pixel_agreement, "miou_drop": max_miou_drop}
     limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     ckpt = resolve_checkpoint(checkpoint) if checkpoint is not None else None
-    with err_console.status("verifying ..."):
+    # The runtimes and quantizers talk on stderr (XNNPACK, absl, deprecations): to REPORT/verify.log, else nowhere
+    # (--verbose shows it). No spinner: while captured it could not reach the terminal.
+    log = os.devnull if report is None else report / "verify.log"
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+    with OutputCapture(log, enabled=not STATE["verbose"]):
         report = verify_artifact(artifact, checkpoint=ckpt, data=data, num_images=num_images, thresholds=limits, layers=layers,
                                  report_dir=report, calibration=calibration)  # fmt: skip
     if as_json:

@@ -107,7 +107,7 @@ def open_photo(path: Path) -> Photo:
     try:
         with Image.open(path) as im:
             im.load()  # the whole file is decoded here: a truncated JPEG fails now, not half-way into a batch
-            im = ImageOps.exif_transpose(im) or im
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of a photo that needs no turn
             mode = im.mode
             if mode in _DEEP_GREY:
                 values = np.asarray(im).astype(np.float64)
@@ -116,7 +116,8 @@ def open_photo(path: Path) -> Photo:
                     notes.append(f"32-bit float grey taken as 0..{'1' if scale > 1 else '255'}")
                 else:
                     scale = 255.0 / 65535.0
-                    notes.append(f"{'16' if mode.startswith('I;16') else '32'}-bit grey scaled to 8 bits")
+                    notes.append("16-bit grey scaled to 8 bits" if mode.startswith("I;16")
+                                 else "32-bit integer grey read as 16-bit and scaled to 8 bits")  # fmt: skip
                 grey = np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)  # (H, W)
                 return Photo(np.repeat(grey[..., None], 3, axis=2), tuple(notes))
             if mode in _ALPHA_MODES or "transparency" in im.info:

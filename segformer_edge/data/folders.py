@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 TRANSPARENT_BACKGROUND = (128, 128, 128)  # what transparent pixels are flattened onto: mid-grey
+CHECK_THREADS = min(8, os.cpu_count() or 1)  # threads that check a photo folder as it opens
 
 
 @dataclass(frozen=True)
@@ -181,19 +183,22 @@ class PhotoCheck:
 def check_photos(samples: list[Sample], spec: str, *, strict: bool = False) -> PhotoCheck:
     """Keep the samples whose image file reads; skip the rest with one warning each.
 
-    Every file is decoded once (:func:`check_image`), so that ``len()`` of the source counts only photos that
-    load, and the result is kept for the life of the process (keyed by path, size and modification time): the
+    Every file is decoded once (:func:`check_image`, on :data:`CHECK_THREADS` threads), so that ``len()`` of the
+    source counts only photos that load, and the result is kept for the life of the process (keyed by path, size and modification time): the
     calibration pass and the verify pass of one export read the folder's verdicts without decoding it again,
     and a skipped file is named once, not once per pass.
 
     Raises:
         DataError: ``strict`` and a file does not read (the first, in path order); or no file reads.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     good: list[Sample] = []
     skipped: list[dict[str, str]] = []
     notes: dict[str, list[str]] = {}
-    for sample in samples:
-        error, found = _checked(sample.image)
+    with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:  # Pillow decodes without the GIL
+        verdicts = list(pool.map(_checked, [sample.image for sample in samples]))
+    for sample, (error, found) in zip(samples, verdicts, strict=True):
         if error is not None:
             if strict:
                 raise DataError(error)

@@ -213,6 +213,9 @@ def test_calibrate_export_and_predict_use_the_readable_photos(tiny_hf_150: Path,
     _named_once(done.stderr)
     record = json.loads((tmp_path / "calib" / "calibration.json").read_text())
     assert [Path(s["file"]).name for s in record["skipped"]] == list(UNREADABLE)
+    chosen = [sorted(p.name for p in photos.iterdir() if p.name not in UNREADABLE)[i] for i in record["indices"]]
+    assert {Path(f).name for f in record["converted"]} == set(chosen) & {"deep16.png", "cmyk.jpg", "cutout.png",
+                                                                       "palette.png", "grey_alpha.png"}  # fmt: skip
 
     done = _cli("export", tiny_hf_150, "--target", "onnx", "--precision", "int8", "--data", photos, "--size", 64, 64,
                 "--calibration-images", 4, "--out", tmp_path / "exports")  # fmt: skip

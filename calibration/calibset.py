@@ -5,9 +5,10 @@ as the set allows (class coverage is recorded), never the single example input. 
 masks (a folder of photos), the float model's own predictions stand in for them: coverage is then over the
 classes the model predicts, and sensitivity measures the drop against those predictions. The folder holds
 ``images.npy`` (N, H, W, 3) uint8 at the export size, ``masks.npy`` and ``calibration.json`` (data, seed,
-method, the checkpoint's sha256, the set's sha256, indices and coverage). The sha256 covers everything that
-defines the set (images, masks, checkpoint, data, seed, indices, method); ``export --precision int8
---calibration DIR`` checks all of them and refuses a set made for another checkpoint.
+method, the checkpoint's sha256, the set's sha256, indices, coverage, the photos of the folder skipped
+because they do not read, and what was converted in the chosen ones). The sha256 covers everything that
+defines the set (images, masks, checkpoint, data, seed, indices, method, skipped photos); ``export
+--precision int8 --calibration DIR`` checks all of them and refuses a set made for another checkpoint.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class CalibrationSet:
     checkpoint_sha256: str | None = None
     masks: np.ndarray | None = None  # (N, H, W) uint8 labels (the float model's, where the data has none)
     masks_from: str = "labels"  # "labels" (the dataset's masks) or "float model" (its predictions)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # photos of ``data`` that do not read: file, reason
+    converted: dict[str, list[str]] = field(default_factory=dict)  # chosen photos that were converted: file -> notes
     folder: Path | None = field(default=None, compare=False, repr=False)  # where it was saved or loaded from, if anywhere
 
     def __post_init__(self) -> None:
@@ -67,6 +70,8 @@ class CalibrationSet:
         """Hash of everything that defines the set: images, masks, checkpoint, data, seed, indices, method."""
         defining = {"data": self.data, "seed": self.seed, "method": self.method, "indices": self.indices,
                     "checkpoint_sha256": self.checkpoint_sha256, "masks_from": self.masks_from}  # fmt: skip
+        if self.skipped:  # which photos were candidates (absent when none was skipped: older sets keep their hash)
+            defining["skipped"] = [item["file"] for item in self.skipped]
         digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode())
         for array in (self.images, self.masks):
             if array is not None:
@@ -79,6 +84,7 @@ class CalibrationSet:
             "format": CALIBRATION_FORMAT, "data": self.data, "seed": self.seed, "method": self.method,
             "images": len(self.images), "size": list(self.size), "indices": self.indices, "coverage": self.coverage,
             "masks_from": self.masks_from, "sha256": self.sha256, "checkpoint_sha256": self.checkpoint_sha256,
+            "skipped": self.skipped, "converted": self.converted,
         }  # fmt: skip
 
     def reference(self) -> dict[str, Any]:
@@ -87,7 +93,7 @@ class CalibrationSet:
         return {"sha256": self.sha256, "data": self.data, "images": len(self.images), "size": list(self.size),
                 "seed": self.seed, "method": self.method,
                 "masks_from": self.masks_from, "classes_covered": covered, "classes": len(self.coverage),
-                "checkpoint_sha256": self.checkpoint_sha256}  # fmt: skip
+                "checkpoint_sha256": self.checkpoint_sha256, "skipped": self.skipped, "converted": self.converted}  # fmt: skip
 
     def save(self, folder: str | Path) -> Path:
         from segformer_edge.io import atomic_path, atomic_write_bytes
@@ -121,7 +127,8 @@ class CalibrationSet:
             raise DataError(f"{meta_path}: not a segformer-edge calibration file")
         try:
             calib = cls(images, meta["data"], int(meta["seed"]), meta["method"], list(meta["indices"]), dict(meta["coverage"]),
-                        meta.get("checkpoint_sha256"), masks, meta.get("masks_from", "labels"), folder)  # fmt: skip
+                        meta.get("checkpoint_sha256"), masks, meta.get("masks_from", "labels"),
+                        [dict(item) for item in meta.get("skipped", [])], dict(meta.get("converted", {})), folder)  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{meta_path}: damaged calibration file ({exc}); recalibrate") from exc
         if calib.sha256 != meta["sha256"]:
@@ -196,5 +203,7 @@ def select_calibration_set(
         logger.info("calibration set covers %d of %d classes", covered, num_classes)
     stack = np.stack([images[i] for i in chosen])  # (N, H, W, 3)
     labels = np.stack([masks[i] for i in chosen])  # (N, H, W)
+    files = {str(source.samples[i].image) for i in chosen} if source.samples else set()
+    converted = {file: notes for file, notes in source.notes.items() if file in files}
     return CalibrationSet(stack, data, seed, method, chosen, coverage, checkpoint_sha256, labels,
-                          "labels" if has_masks else "float model")  # fmt: skip
+                          "labels" if has_masks else "float model", list(source.skipped), converted)  # fmt: skip

@@ -57,6 +57,7 @@ def export_artifact(
     on_step: Callable[[str], None] | None = None,
     capture_output: bool = True,
     layers: bool = False,
+    prior_log: Path | None = None,
 ) -> tuple[Artifact, dict[str, Any] | None]:
     """Convert ``model`` for one target into ``out_dir/<name>/`` and verify parity before it lands.
 
@@ -64,8 +65,9 @@ def export_artifact(
     only when every step succeeded; a failed step or parity check leaves any earlier artifact as it was and
     keeps what was built as ``<name>.failed/`` (with its ``export.log``). ``on_step`` hears each step's
     name. With ``capture_output`` the converters' and runtimes' output goes to ``export.log`` in the
-    artifact folder, not to the terminal. ``layers`` adds the per-tap comparison (verify --layers) to the
-    manifest's parity block.
+    artifact folder, not to the terminal; ``prior_log`` (what was captured while preparing this export, such as
+    the budget search) opens it. ``layers`` adds the per-tap comparison (verify --layers) to the manifest's
+    parity block.
     """
     from segformer_edge.io import atomic_path
     from segformer_edge.logs import OutputCapture
@@ -75,6 +77,8 @@ def export_artifact(
     plan = plan_export(model, target_name, options, out_dir, quant)
     started = time.perf_counter()
     with atomic_path(plan.folder, directory=True) as tmp:
+        if prior_log is not None and prior_log.is_file():
+            shutil.copyfile(prior_log, tmp / EXPORT_LOG)  # the capture below appends to it
         output = OutputCapture(tmp / EXPORT_LOG, enabled=capture_output)
 
         def step(name: str) -> None:

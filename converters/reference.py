@@ -131,6 +131,12 @@ def open_verify_data(data: str | None, model: Any) -> tuple[Any, str, bool]:
 
 
 def data_record(spec: str, source: Any, indices: range, usage: str) -> dict[str, Any]:
+    """What a report and a manifest record of the images checked: where they came from, how many, how they were
+    used, a hash of their names; ``skipped``: the photos of the folder left out because they do not read
+    (``{"file", "reason"}``); ``converted``: what was converted in the images used (16-bit scaled, CMYK,
+    transparency flattened), by file."""
     names = "\n".join(source.item_name(i) for i in indices)
+    used = {str(source.samples[i].image) for i in indices} if source.samples else set()
     return {"spec": spec, "kind": source.name.split(":")[0], "images": len(indices), "usage": usage,
-            "sha256": hashlib.sha256(names.encode()).hexdigest()}  # fmt: skip
+            "sha256": hashlib.sha256(names.encode()).hexdigest(), "skipped": list(source.skipped),
+            "converted": {file: notes for file, notes in source.notes.items() if file in used}}  # fmt: skip

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .data.folders import Sample
 from .errors import DataError
 from .inputs import InputSpec
 
@@ -205,31 +206,33 @@ class PredictItem:
     name: str
 
 
-def image_items(specs: list[str]) -> list[PredictItem]:
-    """Image files, folders (searched recursively) and glob patterns -> the photos, in order, each once.
+def image_items(specs: list[str], *, strict: bool = False) -> list[PredictItem]:
+    """Image files, folders (searched recursively) and glob patterns -> the photos that read, in order, each once.
 
     A photo found in a folder keeps its subfolders in its output name (``trip/beach``), so that two photos
-    with the same file name in different subfolders never write the same file.
+    with the same file name in different subfolders never write the same file. A file that does not read is
+    left out with one warning naming it (:func:`~segformer_edge.data.folders.check_photos`).
 
     Raises:
         DataError: a path that does not exist, a folder or pattern without images, a file that is not an
-            image, or two photos whose outputs would get the same name.
+            image, two photos whose outputs would get the same name, no photo that reads, or (``strict``) a
+            photo that does not read.
     """
-    from .data import open_source
+    from .data import list_photos
+    from .data.folders import check_photos
 
-    items: list[PredictItem] = []
+    items: dict[Path, PredictItem] = {}
     seen: dict[str, Path] = {}
-    paths: set[Path] = set()
     for spec in specs:
         root = Path(spec)
-        for sample in open_source(f"images:{spec}", "val").samples:
+        for sample in list_photos(spec):
             path = sample.image
             name = path.relative_to(root).with_suffix("").as_posix() if root.is_dir() else path.stem
-            if path in paths:
+            if path in items:
                 continue
             if name in seen:
                 raise DataError(f"{path} and {seen[name]} would both write {name}_mask.png; predict them in separate runs")
             seen[name] = path
-            paths.add(path)
-            items.append(PredictItem(path, name))
-    return items
+            items[path] = PredictItem(path, name)
+    readable = check_photos([Sample(path, None) for path in items], " ".join(specs), strict=strict)
+    return [items[sample.image] for sample in readable.samples]

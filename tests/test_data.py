@@ -118,9 +118,9 @@ def test_folder_errors_name_the_file(tmp_path: Path) -> None:
     (root / "images" / "b.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match=r"b\.png: not a readable image"):
         open_source(root, "train").load(1)
-    _write(root / "images" / "b.png", np.zeros((20, 30), np.uint16))
-    with pytest.raises(DataError, match=r"more than 8 bits"):
-        open_source(root, "train").load(1)
+    _write(root / "images" / "b.png", np.full((20, 30), 65535, np.uint16))  # 16-bit grey: read as 8-bit RGB
+    _write(root / "masks" / "b.png", np.zeros((20, 30), np.uint8))
+    assert (open_source(root, "train").load(1)[0] == 255).all()
     # A folder of images without a labelled layout is plain images; one without any image stays an error.
     assert not open_source(tmp_path / "generic" / "masks", "train").has_masks
     (tmp_path / "notes").mkdir()

@@ -49,11 +49,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.save({"state_dict": {"w": Payload()}}, root / "evil.pth")
     (root / "notimage.png").write_text("this is text")
-    Image.fromarray(np.zeros((40, 40), np.uint16)).save(root / "deep16.png")
-    rgba = np.zeros((40, 40, 4), np.uint8)
-    rgba[..., 3] = 100
-    Image.fromarray(rgba, "RGBA").save(root / "transparent.png")
     Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).save(root / "ok.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(root / "whole.jpg")
+    whole = (root / "whole.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(whole[: len(whole) * 2 // 3])
 
     def generic(name: str, mask: np.ndarray, image_shape=(20, 30, 3)) -> None:
         folder = root / name
@@ -116,8 +115,8 @@ CASES = [
     ("missing-checkpoint", ["export", "{c}/nope.safetensors", "--out", "{o}"], "nope.safetensors: no such file"),
     ("classes-differ-from-data", ["eval", "{c}/five.safetensors", "--data", "synthetic:20"], "the data has 8 classes but the model has 5"),
     ("not-an-image", ["predict", "{c}/five.safetensors", "{c}/notimage.png", "--out", "{o}"], "notimage.png: not a readable image"),
-    ("16-bit-image", ["predict", "{c}/five.safetensors", "{c}/deep16.png", "--out", "{o}"], "deep16.png: I;16 image"),
-    ("transparent-rgba", ["predict", "{c}/five.safetensors", "{c}/ok.png", "{c}/transparent.png", "--out", "{o}"], "transparent.png: image has transparent pixels"),
+    ("no-readable-image", ["predict", "{c}/five.safetensors", "{c}/notimage.png", "{c}/truncated.jpg", "--out", "{o}"], "none of its 2 image files is readable"),
+    ("unreadable-image-strict", ["predict", "{c}/five.safetensors", "{c}/ok.png", "{c}/truncated.jpg", "--strict", "--out", "{o}"], "truncated.jpg: not a readable image (OSError: image file is truncated"),
     ("labels-out-of-range", ["eval", "{c}/five.safetensors", "--data", "{c}/labels_out_of_range", "--split", "train"], "a.png: label 9 is out of range for 5 classes"),
     ("mask-size-differs", ["eval", "{c}/five.safetensors", "--data", "{c}/mask_wrong_size", "--split", "train"], "a.png: mask is 30x10 but its image is 30x20"),
     ("empty-data-folder", ["eval", "{c}/five.safetensors", "--data", "{c}/empty", "--split", "train"], "no images found"),

@@ -30,11 +30,9 @@ def _root(
     STATE["debug"] = debug
     STATE["verbose"] = verbose or debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    from rich.logging import RichHandler
+    from .common import LineLogHandler, err_console
 
-    from .common import err_console
-
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)], force=True)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[LineLogHandler(err_console)], force=True)
     if not (debug or verbose):  # third-party import-time chatter (missing CUDA kernels, deprecations) is not the user's concern
         for name in ("torchao", "torch.utils._pytree", "coremltools", "absl", "torch.onnx"):
             logging.getLogger(name).setLevel(logging.ERROR)

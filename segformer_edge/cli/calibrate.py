@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from .common import CheckpointArgument, SizeOption, check_size, console, err_console, progress_bar, resolve_checkpoint
+from .common import (
+    STATE,
+    CheckpointArgument,
+    SizeOption,
+    StrictFlag,
+    check_data,
+    check_size,
+    console,
+    err_console,
+    progress_bar,
+    resolve_checkpoint,
+)
 
 HELP = """Pick and record a calibration set for INT8, optionally with a per-layer-group sensitivity analysis.
 
@@ -44,6 +55,7 @@ def calibrate(
     granularity: Annotated[str, typer.Option(help="--sensitivity: group (each layer group quantized alone, 6 measurements) or layer (each Linear and Conv2d kept float alone with the rest int8: one measurement per layer (72 for b0) and one with every layer int8).")] = "group",
     groups: Annotated[str | None, typer.Option(help="--granularity layer: only the layers of these layer groups, comma-separated (stage1..stage4, decoder.mlp, decoder.head): drill into the groups a group-level run showed sensitive.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration folder.")] = Path("calibration"),
+    strict: StrictFlag = False,
 ) -> None:
     import numpy as np
 
@@ -66,6 +78,7 @@ def calibrate(
         unknown = [g for g in chosen if g not in LAYER_GROUPS]
         if unknown or not chosen:
             raise typer.BadParameter(f"{', '.join(unknown) or '(none)'}: choose from {', '.join(LAYER_GROUPS)}", param_hint="--groups")
+    check_data(data, "train", strict)
     path = resolve_checkpoint(checkpoint)
     model = load_pretrained(path)
     h, w = check_size(size, model.meta.input_size)
@@ -93,19 +106,30 @@ def calibrate(
         from segformer_edge.converters.build import plan_export
         from segformer_edge.converters.int8 import quantized_predictor
         from segformer_edge.converters.reference import float_labeler, float_logits_of
+        from segformer_edge.logs import OutputCapture
 
         options = ExportOptions(precision="int8", size=(h, w))
-        with tempfile.TemporaryDirectory() as tmp, progress_bar(f"sensitivity ({target})") as bar:
+        # The quantizers and runtimes talk on stderr (absl, XNNPACK, deprecations): into OUT/sensitivity.log. The
+        # bar refreshes only between measurements, with the capture paused.
+        with tempfile.TemporaryDirectory() as tmp, progress_bar(f"sensitivity ({target})", auto_refresh=False) as bar, \
+                OutputCapture(out / "sensitivity.log", enabled=not STATE["verbose"]) as output:  # fmt: skip
             spec = plan_export(model, target, options, tmp, quant.with_(calibration=calib)).quant or quant
             labeler = float_labeler(model, (h, w))
             layers = quantizable_layers(model) if granularity == "layer" else None
             if layers is not None and chosen is not None:
                 layers = [name for name in layers if group_of(WRAPPER + name) in chosen]
             task = bar.add_task("sensitivity", total=len(LAYER_GROUPS) if layers is None else len(layers) + 1)
+
+            def advance(k: int) -> None:
+                with output.paused():
+                    bar.advance(task, k)
+                    bar.refresh()
+
+            advance(0)
             with reuse_exports():
                 report = analyse(calib, spec, lambda q: quantized_predictor(model, target, options, q, Path(tmp)),
                                  lambda images: np.stack([labeler(im) for im in images]), model.config.num_classes,
-                                 target=target, layers=layers, progress=lambda k: bar.advance(task, k),
+                                 target=target, layers=layers, progress=advance,
                                  float_logits=float_logits_of(model, (h, w)))  # fmt: skip
         write_report(report, out)
         console.print((out / "sensitivity.md").read_text(), markup=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,10 @@ console = Console()
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+StrictFlag = Annotated[
+    bool,
+    typer.Option("--strict", help="Stop at the first photo that does not read (default: skip it with one warning naming it)."),
+]
 SizeOption = Annotated[
     tuple[int, int] | None,
     typer.Option("--size", metavar="H W", help="Input height and width in pixels (each at least 32)."),
@@ -29,6 +34,22 @@ CheckpointArgument = Annotated[
 ]
 
 
+class LineLogHandler(logging.Handler):
+    """Log records as one line each on the stderr console (``warning: photos/a.jpg: ...``), never wrapped into
+    a column as rich's own handler does, so that a line names its file whole; printed above a live progress bar."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = f"{record.levelname.lower()}: {self.format(record)}"
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise from a handler
+            self.handleError(record)
+
+
 def check_size(size: tuple[int, int] | None, default: tuple[int, int], option: str = "--size") -> tuple[int, int]:
     """Validate an (H, W) option: both within 32..8192."""
     h, w = size or default
@@ -37,12 +58,14 @@ def check_size(size: tuple[int, int] | None, default: tuple[int, int], option: s
     return h, w
 
 
-def progress_bar(label: str):  # type: ignore[no-untyped-def]
-    """A rich progress bar on stderr for long work."""
+def progress_bar(label: str, *, auto_refresh: bool = True):  # type: ignore[no-untyped-def]
+    """A rich progress bar on stderr for long work (``auto_refresh=False``: it redraws only on ``refresh()``, for
+    work whose output is captured meanwhile)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
+        auto_refresh=auto_refresh,
     )
 
 
@@ -72,6 +95,17 @@ class StepProgress:
             self.progress.refresh()
 
         return update
+
+
+def check_data(data: str | None, split: str, strict: bool) -> None:
+    """Open ``--data`` before any work: a photo folder is decoded once here, so that a file that does not read
+    is named once on the terminal (or, with ``--strict``, is the command's one-line error), before the
+    converters' output is captured. Later passes over the same folder reuse the verdicts."""
+    if data is None:
+        return
+    from segformer_edge.data import open_source
+
+    open_source(data, split, strict=strict)
 
 
 def step_progress() -> StepProgress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +15,8 @@ from .common import (
     CheckpointArgument,
     JsonFlag,
     SizeOption,
+    StrictFlag,
+    check_data,
     check_size,
     console,
     err_console,
@@ -73,7 +76,8 @@ VERIFY_HELP = """Run an artifact and the float model on the same images and repo
 
 Reports max_abs_diff, cosine and psnr_db of the logits, NaN/inf counts, pixel_agreement and agreement mIoU
 of the masks against the float model's, and mIoU of both against the labels where --data has them.
-Exits 1 when parity fails (NaN or inf in the output always fails), 2 on bad input.
+Exits 1 when parity fails (NaN or inf in the output always fails), 2 on bad input. The runtimes' own
+output goes to REPORT/verify.log with --report (--verbose shows it on the terminal).
 With --device ssh://[user@]host[:port] the artifact runs on that board (its 'segformer-edge[runtime]' install,
 through your ssh) while the float model runs here: the board's kernels checked against the same reference.
 
@@ -149,6 +153,7 @@ def export(
     budget_granularity: Annotated[str, typer.Option(help="--budget: layer (whole layer groups first, then split into blocks and single layers, quantizing back every part the budget allows: more measurements, see benchmarks/BUDGET.md) or group (the 4 stages and 2 decoder parts only: at most 12 quantized models measured).")] = "layer",
     layers: Annotated[bool, typer.Option("--layers", help="Parity per stage too (verify --layers), recorded in the manifest.")] = False,
     outliers: Annotated[str, typer.Option(help="int8: activation-outlier handling before every target's quantizer: auto (what measurably lowers the int8 error on the calibration images), none, smoothquant, bias_correction or smoothquant+bias_correction.")] = "auto",
+    strict: StrictFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     from segformer_edge.converters.base import ExportOptions
@@ -166,6 +171,7 @@ def export(
     options = ExportOptions(precision=precision, size=(h, w), input_kind=input_kind, output=output, mask_size=mask_size,
                             layout=layout, dynamic=dynamic, image_input=image_input, target_options=_target_options(target_option))  # fmt: skip
     _plan_all(model, names, options, out, method, outliers, scheme)  # every target refuses what it cannot honour before any work
+    check_data(data, "val", strict)
     quant = _quant_spec(model, path, options, data, calibration, calibration_images, method, budget, outliers, scheme)
     search = None if budget is None else (budget, budget_granularity)
     rows = []
@@ -204,29 +210,22 @@ def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, bud
     import tempfile
     from dataclasses import replace
 
-    from segformer_edge.converters.int8 import budget_spec
     from segformer_edge.converters.parity import ParityFailed
     from segformer_edge.converters.pipeline import export_artifact
 
     line = progress.line(f"{name} {options.precision}")
-    if quant is not None and budget is not None:
-        measured = [0]
-
-        def count(k: int) -> None:
-            measured[0] += k
-            line(f"budget search: {measured[0]} quantized models measured")
-
-        count(0)
-        with tempfile.TemporaryDirectory() as tmp:
-            quant = budget_spec(model, name, options, quant, budget[0], Path(tmp), progress=count, granularity=budget[1])
-    try:
-        artifact, report = export_artifact(model, name, replace(options), out, checkpoint=path, quant=quant,
-                                           verify=verify, verify_data=data, verify_images=verify_images, on_step=line,
-                                           capture_output=not STATE["verbose"], layers=layers)  # fmt: skip
-    except ParityFailed as exc:
-        line("parity FAILED", done=True)
-        return {"target": name, "precision": options.precision, "status": "FAILED", "error": str(exc), "exit_code": 1,
-                "artifact": str(exc.failed), **_figures(exc.report)}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        budget_log = Path(tmp) / "budget.log"
+        if quant is not None and budget is not None:
+            quant = _budget_search(model, name, options, quant, budget, Path(tmp), line, budget_log)
+        try:
+            artifact, report = export_artifact(model, name, replace(options), out, checkpoint=path, quant=quant,
+                                               verify=verify, verify_data=data, verify_images=verify_images, on_step=line,
+                                               capture_output=not STATE["verbose"], layers=layers, prior_log=budget_log)  # fmt: skip
+        except ParityFailed as exc:
+            line("parity FAILED", done=True)
+            return {"target": name, "precision": options.precision, "status": "FAILED", "error": str(exc), "exit_code": 1,
+                    "artifact": str(exc.failed), **_figures(exc.report)}  # fmt: skip
     manifest = artifact.manifest
     status = manifest["parity"]["status"]
     line(status, done=True)
@@ -236,6 +235,25 @@ def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, bud
         row["float_groups"] = manifest["quantization"]["float_groups"]
         row["outliers"] = _outliers_summary(manifest["quantization"]["applied"].get("outliers") or {})
     return row
+
+
+def _budget_search(model: Any, name: str, options: Any, quant: Any, budget: tuple[float, str], workdir: Path,
+                   line: Any, log: Path) -> Any:  # fmt: skip
+    """``quant`` with the float layers --budget allows; the quantizers' and runtimes' output goes to ``log`` (the
+    head of the artifact's export.log), the count of models measured to the target's progress line."""
+    from segformer_edge.converters.int8 import budget_spec
+    from segformer_edge.logs import OutputCapture
+
+    measured = [0]
+    with OutputCapture(log, enabled=not STATE["verbose"]) as output:
+
+        def count(k: int) -> None:
+            measured[0] += k
+            with output.paused():
+                line(f"budget search: {measured[0]} quantized models measured")
+
+        count(0)
+        return budget_spec(model, name, options, quant, budget[0], workdir, progress=count, granularity=budget[1])
 
 
 def _outliers_summary(record: dict[str, Any]) -> str:
@@ -337,6 +355,7 @@ def verify(
     layers: Annotated[bool, typer.Option("--layers", help="Compare the stage outputs too, in a debug graph of the same recipe, and name the first that diverges.")] = False,
     report: Annotated[Path | None, typer.Option("--report", help="Write per-image PNGs (input, float, artifact, disagreement), report.md and report.json here.")] = None,
     calibration: Annotated[Path | None, typer.Option(help="--layers on int8: the calibration folder the artifact was made with (default: pick it again).")] = None,
+    strict: StrictFlag = False,
     as_json: JsonFlag = False,
     device: Annotated[str | None, typer.Option(help="Run the artifact on a board: ssh://[user@]host[:port] (the float model runs here).")] = None,
     device_python: Annotated[str, typer.Option(help="--device: the board's Python that has segformer-edge[runtime].")] = "python3",
@@ -347,8 +366,10 @@ def verify(
 
     from segformer_edge.converters.base import read_manifest
     from segformer_edge.converters.parity import default_thresholds, verify_artifact
+    from segformer_edge.logs import OutputCapture
 
     manifest = read_manifest(artifact).manifest
+    check_data(data, "val", strict)
     limits = default_thresholds(manifest)  # the precision it computes in (a runtime hint may lower it)
     overrides = {"max_abs_diff": max_abs_diff, "pixel_agreement": min_pixel_agreement, "miou_drop": max_miou_drop}
     limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})
@@ -365,7 +386,12 @@ def verify(
         if layers:
             raise typer.BadParameter("--layers runs a debug graph here, not on the board: drop --layers or --device", param_hint="--layers")
         remote = RemoteRunner(SshDevice.parse(device, python=device_python, timeout=device_timeout), artifact)
-    with err_console.status("verifying ..."), remote if remote is not None else nullcontext():
+    # The runtimes and quantizers talk on stderr (XNNPACK, absl, deprecations): to REPORT/verify.log, else nowhere
+    # (--verbose shows it). No spinner: while captured it could not reach the terminal.
+    log = os.devnull if report is None else report / "verify.log"
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+    with OutputCapture(log, enabled=not STATE["verbose"]), remote if remote is not None else nullcontext():
         report = verify_artifact(artifact, checkpoint=ckpt, data=data, num_images=num_images, thresholds=limits, layers=layers,
                                  report_dir=report, calibration=calibration, runner=remote)  # fmt: skip
     if remote is not None:

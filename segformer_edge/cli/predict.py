@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .common import STATE, JsonFlag, SizeOption, check_size, console, progress_bar
+from .common import STATE, JsonFlag, SizeOption, StrictFlag, check_size, console, progress_bar
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,13 +44,14 @@ def predict(
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Overlay opacity.")] = 0.5,
     compare: Annotated[str | None, typer.Option("--compare", help="Artifacts: the float checkpoint (or Hub id) it was exported from; writes NAME_diff.png and prints the pixel agreement.")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Artifacts: the runtime's thread count (default: its own).")] = None,
+    strict: StrictFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     from segformer_edge.predict import image_items
 
     if mode not in ("whole", "slide"):
         raise typer.BadParameter(f"{mode!r}: choose whole or slide", param_hint="--mode")
-    items = image_items(images)
+    items = image_items(images, strict=strict)  # every photo decoded once: a bad file is named before any work
     folder = _artifact_folder(model)
     if folder is not None:
         run, palette, reference = _artifact(folder, size, mode, compare, threads)
@@ -60,7 +61,6 @@ def predict(
                                      param_hint="--compare")  # fmt: skip
         run, palette = _checkpoint(model, size, mode)
         reference = None
-    _check_images(items)  # every image is read once first: a bad file fails before anything is written
     records = _predict_all(items, run, reference, palette, out, alpha)
     _report(records, out, reference is not None, as_json)
 
@@ -127,13 +127,6 @@ def _checkpoint(model: str, size: tuple[int, int] | None, mode: str) -> tuple[Ca
     net = load_pretrained(builtin_checkpoint() if model == "reference" else resolve_checkpoint(model))
     target = check_size(size, net.meta.input_size)
     return (lambda image: predict_mask(net, image, size=target, mode=mode)), list(net.meta.palette)
-
-
-def _check_images(items: list[Any]) -> None:
-    from segformer_edge.data.folders import read_image
-
-    for item in items:
-        read_image(item.path)
 
 
 def _predict_all(items: list[Any], run: Callable[[np.ndarray], np.ndarray], reference: Callable[[np.ndarray], np.ndarray] | None,

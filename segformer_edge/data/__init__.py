@@ -9,6 +9,8 @@ pairs with their :class:`LabelSpace` (or None). ``spec`` is one of:
 - a folder of images without masks (directly or in subfolders), a glob pattern such as ``photos/*.jpg``, or
   either of them prefixed with ``images:`` (which also reads a labelled layout's images without their masks).
   This is what users have most often: see :class:`Source` for what such a source does and does not carry.
+  Such a source is checked as it opens: a file that does not read is skipped with one warning naming it
+  (``Source.skipped`` lists them), and is an error only with ``strict=True`` or when no file reads.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .folders import (
     IMAGE_SUFFIXES,
     LabelSpace,
     Sample,
+    check_photos,
     detect_layout,
     find_images,
     find_samples,
@@ -36,7 +39,7 @@ from .folders import (
 )
 from .synthetic import CLASSES, PALETTE, SyntheticScenes
 
-__all__ = ["IGNORE_INDEX", "SYNTHETIC_SIZE", "LabelSpace", "Source", "open_source", "synthetic_labels"]
+__all__ = ["IGNORE_INDEX", "SYNTHETIC_SIZE", "LabelSpace", "Source", "list_photos", "open_source", "synthetic_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,9 @@ class Source:
       False, ``labels`` is None (the images carry no label space: the model's own classes apply), and
       ``load(i)`` returns ``(image, None)``. Both splits hold every image, sorted by path. Callers that
       need a reference take the float model's predictions (DESIGN.md, "The user's data"); code that reads
-      ``source.labels.num_classes`` must check ``has_masks`` first.
+      ``source.labels.num_classes`` must check ``has_masks`` first. Only photos that read are in it:
+      ``skipped`` lists the files left out (``{"file", "reason"}``) and ``notes`` what was converted in the
+      others (path -> phrases: 16-bit scaled, transparency flattened, ...).
     """
 
     name: str
@@ -71,6 +76,8 @@ class Source:
     labels: LabelSpace | None
     samples: list[Sample] = field(default_factory=list)
     synthetic: SyntheticScenes | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: dict[str, list[str]] = field(default_factory=dict)
     _cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict, repr=False)
 
     @property
@@ -82,7 +89,7 @@ class Source:
         """This source's label space, or a DataError saying that ``purpose`` needs masks (``hint``: what to do
         instead, appended to the message)."""
         if self.labels is None:
-            shown = self.name[len(IMAGES_PREFIX) :] if self.name.startswith(IMAGES_PREFIX) else self.name
+            shown = self.name.removeprefix(IMAGES_PREFIX)
             raise DataError(
                 f"{shown}: {purpose} needs masks, and these are images without masks; give a labelled dataset "
                 f"(ADE20K, Cityscapes, images/ + masks/ + classes.json, or synthetic){hint}"
@@ -118,12 +125,16 @@ class Source:
         return self
 
 
-def open_source(spec: str | Path, split: str, *, seed: int = 0, size: tuple[int, int] | None = None) -> Source:
+def open_source(spec: str | Path, split: str, *, seed: int = 0, size: tuple[int, int] | None = None,
+                strict: bool = False) -> Source:  # fmt: skip
     """Open ``split`` (``train`` or ``val``) of a data source; see the module docstring for ``spec``.
+
+    ``strict``: a photo folder or glob with a file that does not read is an error naming that file, instead of
+    the file being skipped with a warning.
 
     Raises:
         DataError: an unknown split; a missing path; a labelled layout with a missing mask or classes file;
-            a folder or glob without any image (the message names it).
+            a folder or glob without any image, or without any readable image (the message names it).
     """
     text = str(spec)
     m = re.fullmatch(r"synthetic(?::(\d+))?", text)
@@ -136,35 +147,46 @@ def open_source(spec: str | Path, split: str, *, seed: int = 0, size: tuple[int,
         scenes = SyntheticScenes(split, num, size or SYNTHETIC_SIZE, seed)
         return Source("synthetic", split, synthetic_labels(), synthetic=scenes)
     if text.startswith(IMAGES_PREFIX):
-        return _image_source(text[len(IMAGES_PREFIX) :], split)
+        return _image_source(text[len(IMAGES_PREFIX) :], split, strict)
     path = Path(text)
     if path.is_dir() and detect_layout(path) is None:
-        return _image_source(text, split)
+        return _image_source(text, split, strict)
     if not path.exists() and _GLOB_CHARS.search(text):
-        return _image_source(text, split)
+        return _image_source(text, split, strict)
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        return _image_source(text, split)
+        return _image_source(text, split, strict)
     samples, labels, layout = find_samples(path, split)
     logger.info("%s: %s layout, %d %s pairs", text, layout, len(samples), split)
     return Source(f"{layout}:{text}", split, labels, samples=samples)
 
 
-def _image_source(spec: str, split: str) -> Source:
-    """Images without masks from a folder (recursively), a glob pattern or one image file."""
-    if split not in SYNTHETIC_COUNTS:
-        raise DataError(f"unknown split {split!r}; choose train or val")
+def list_photos(spec: str) -> list[Sample]:
+    """The image files of a folder (recursively), a glob pattern or one image file, by name only (nothing read).
+
+    Raises:
+        DataError: no such path; a folder or pattern without image files; a file that is not an image file.
+    """
     path = Path(spec)
     if path.is_dir():
         samples = find_images(path)
         if (missing := missing_masks(path)) is not None:
             logger.warning("%s: %s; reading every image under it without masks", spec, missing)
-    elif path.is_file():
+        return samples
+    if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise DataError(f"{path}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        samples = [Sample(path, None)]
-    elif _GLOB_CHARS.search(spec):
-        samples = glob_images(spec)
-    else:
-        raise DataError(f"{spec}: no such folder, image or glob pattern")
-    logger.info("%s: %d images without masks (both splits use all of them)", spec, len(samples))
-    return Source(f"{IMAGES_PREFIX}{spec}", split, None, samples=samples)
+        return [Sample(path, None)]
+    if _GLOB_CHARS.search(spec):
+        return glob_images(spec)
+    raise DataError(f"{spec}: no such folder, image or glob pattern")
+
+
+def _image_source(spec: str, split: str, strict: bool = False) -> Source:
+    """Images without masks from a folder (recursively), a glob pattern or one image file: those that read."""
+    if split not in SYNTHETIC_COUNTS:
+        raise DataError(f"unknown split {split!r}; choose train or val")
+    checked = check_photos(list_photos(spec), spec, strict=strict)
+    logger.info("%s: %d images without masks (both splits use all of them), %d skipped", spec, len(checked.samples),
+                len(checked.skipped))  # fmt: skip
+    return Source(f"{IMAGES_PREFIX}{spec}", split, None, samples=checked.samples, skipped=checked.skipped,
+                  notes=checked.notes)  # fmt: skip

@@ -48,6 +48,9 @@ class CalibrationSet:
     checkpoint_sha256: str | None = None
     masks: np.ndarray | None = None  # (N, H, W) uint8 labels (the float model's, where the data has none)
     masks_from: str = "labels"  # "labels" (the dataset's masks) or "float model" (its predictions)
+    # What `calibrate --sensitivity` measured on the set (a SensitivityReport): not part of the set's identity (not
+    # hashed), saved apart as sensitivity.json/.md/.png.
+    sensitivity: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -79,6 +82,10 @@ class CalibrationSet:
             "images": len(self.images), "size": list(self.size), "indices": self.indices, "coverage": self.coverage,
             "masks_from": self.masks_from, "sha256": self.sha256, "checkpoint_sha256": self.checkpoint_sha256,
         }  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """What calibration.json records, with the sensitivity ranking where one was measured."""
+        return {**self.info(), **({"sensitivity": self.sensitivity.to_dict()} if self.sensitivity is not None else {})}
 
     def reference(self) -> dict[str, Any]:
         """What a manifest records of the set: where it came from and its hash, not its images."""

@@ -1,4 +1,5 @@
-"""``segformer-edge bench``."""
+"""``segformer-edge bench``: options parsed, :func:`segformer_edge.api.bench` called, its records printed and written
+(JSON, Markdown, a plot)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import console, progress_bar
+from .common import api_options, console, step_progress
 
 HELP = """Measure latency of artifacts where they will run: cold load, first inference, p50/p90/p99,
 mean and std, throughput, peak RSS and file size, per thread count.
@@ -59,33 +60,14 @@ def bench(
     rounds: Annotated[int, typer.Option(min=1, help="Measure everything this many times; records pool the runs.")] = 1,
     floor: Annotated[bool, typer.Option("--floor", help="Probe the GEMM rates; add each artifact's distance from its floor.")] = False,
 ) -> None:
-    from segformer_edge.converters.base import ArtifactError, read_manifest
-    from segformer_edge.converters.bench import bench_paired
+    from segformer_edge import api
     from segformer_edge.io import atomic_write_json, atomic_write_text
 
-    from .common import resolve_checkpoint
-
     counts = _threads(threads)
-    if checkpoint is not None:
-        checkpoint = str(resolve_checkpoint(checkpoint))
-    manifests = [read_manifest(p) for p in artifacts]  # every artifact is checked before anything runs
-    size = None
-    if compare_torch:
-        sizes = {m.input_spec.size for m in manifests}
-        size = sizes.pop() if len(sizes) == 1 else None
-        if size is None:
-            raise typer.BadParameter("--compare-torch needs artifacts of one static input size", param_hint="--compare-torch")
-    steps = rounds * len(artifacts) * len(counts) * (2 if compare_torch else 1)
-    old = next((m for m in manifests if m.manifest.get("network_macs") is None), None) if floor else None
-    if old is not None:
-        raise ArtifactError(f"{old.folder}: its manifest has no network_macs (exported before --floor existed): export it again")
-    with progress_bar("bench") as bar:
-        task = bar.add_task("bench", total=steps)
-        records = bench_paired(
-            list(artifacts), counts, warmup=warmup, runs=runs, rounds=rounds, compare_torch=compare_torch,
-            checkpoint=checkpoint, size=size, compute_units=compute_units, profile=profile, floor=floor,
-            on_step=lambda: bar.advance(task),
-        )  # fmt: skip
+    with api_options(), step_progress() as progress:
+        records = [r.to_dict() for r in api.bench(list(artifacts), threads=counts, warmup=warmup, runs=runs, rounds=rounds,
+                                                  compare_torch=compare_torch, model=checkpoint, compute_units=compute_units,
+                                                  profile=profile, floor=floor, on_step=progress.step)]  # fmt: skip
     table = _markdown(records)
     console.print(table, markup=False, soft_wrap=True)
     probes = {(r["threads"], r["floor_gemm"]["precision"]): r["floor_gemm"] for r in records if "floor_gemm" in r}

@@ -52,6 +52,9 @@ class CalibrationSet:
     skipped: list[dict[str, str]] = field(default_factory=list)  # photos of ``data`` that do not read: file, reason
     converted: dict[str, list[str]] = field(default_factory=dict)  # chosen photos that were converted: file -> notes
     folder: Path | None = field(default=None, compare=False, repr=False)  # where it was saved or loaded from, if anywhere
+    # What `calibrate --sensitivity` measured on the set (a SensitivityReport): not part of the set's identity (not
+    # hashed), saved apart as sensitivity.json/.md/.png.
+    sensitivity: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,6 +89,10 @@ class CalibrationSet:
             "masks_from": self.masks_from, "sha256": self.sha256, "checkpoint_sha256": self.checkpoint_sha256,
             "skipped": self.skipped, "converted": self.converted,
         }  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """What calibration.json records, with the sensitivity ranking where one was measured."""
+        return {**self.info(), **({"sensitivity": self.sensitivity.to_dict()} if self.sensitivity is not None else {})}
 
     def reference(self) -> dict[str, Any]:
         """What a manifest records of the set: where it came from and its hash, not its images."""

@@ -106,6 +106,11 @@ class SensitivityReport:
     def ranked(self) -> list[str]:
         return [r["unit"] for r in self.rows]
 
+    def to_dict(self) -> dict[str, Any]:
+        """What sensitivity.json holds."""
+        return {"target": self.target, "method": self.method, "granularity": self.granularity, "miou_float": self.miou_float,
+                "held_out": self.held_out, "all_int8": self.all_int8, "drop": self.drop_key, "units": self.rows}  # fmt: skip
+
 
 def held_out(calib: CalibrationSet) -> tuple[CalibrationSet, np.ndarray, np.ndarray]:
     """(the set the quantizer calibrates on, held-out images, their masks): the last quarter of the set (at
@@ -285,10 +290,7 @@ def write_report(report: SensitivityReport, folder: Path) -> None:
     from segformer_edge.io import atomic_path, atomic_write_text
 
     layer = report.all_int8 is not None  # a layer-granularity report carries the all-int8 measurement
-    atomic_write_text(folder / "sensitivity.json", json.dumps({
-        "target": report.target, "method": report.method, "granularity": report.granularity,
-        "miou_float": report.miou_float, "held_out": report.held_out, "all_int8": report.all_int8, "drop": report.drop_key,
-        "units": report.rows}, indent=2) + "\n")  # fmt: skip
+    atomic_write_text(folder / "sensitivity.json", json.dumps(report.to_dict(), indent=2) + "\n")
     lines = [f"Measured with the {report.target} quantizer ({report.method}) on {report.held_out} held-out images."]
     if report.all_int8 is not None:
         drop = report.all_int8[report.drop_key]

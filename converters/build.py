@@ -27,7 +27,7 @@ from segformer_edge.inputs import InputSpec
 
 from . import get_target
 from .base import MANIFEST_FORMAT, TAPS, Artifact, ExportOptions, ExportPlan, conversion_error, file_sha256
-from .reference import checkpoint_digest
+from .reference import checkpoint_digest, state_digest
 
 if TYPE_CHECKING:
     import torch
@@ -134,7 +134,7 @@ def rewrite_outliers(model: Any, plan: ExportPlan) -> tuple[Any, dict[str, Any]]
             raise ExportError(f"{plan.target.name}: --outliers {quant.outliers} needs calibration images (--data or --calibration)")
         return model, {"mode": "auto", "applied": [], "note": "no calibration images to measure on"}
     spec = plan.graph_input.float_spec
-    key = {"format": DECISION_FORMAT, "model_state": _state_digest(model), "calibration": quant.calibration.sha256,
+    key = {"format": DECISION_FORMAT, "model_state": state_digest(model), "calibration": quant.calibration.sha256,
            "outliers": quant.outliers, "weights": quant.weights, "scheme": quant.scheme, "input": repr(spec)}  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     if digest not in _OUTLIER_CACHE:  # every target of one run, and later runs, share the decision: measured once
@@ -192,15 +192,6 @@ def _write_decision(calibration: Any, digest: str, key: dict[str, str], decision
             continue
         return str(path)
     return None
-
-
-def _state_digest(model: Any) -> str:
-    """sha256 of a model's parameters and buffers (names, shapes, values)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def quantize(module: torch.nn.Module, example: torch.Tensor, plan: ExportPlan) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -291,8 +282,10 @@ def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowere
         "target_options": plan.target_options,
         "network_macs": _network_macs(model, options.size),
         "quantization": None,
+        # A model trained in memory has no file: its name and sha256 are None, its parameters' digest identifies it.
         "checkpoint": {"name": checkpoint.name if checkpoint else None,
-                       "sha256": checkpoint_digest(checkpoint) if checkpoint else None},  # fmt: skip
+                       "sha256": checkpoint_digest(checkpoint) if checkpoint else None,
+                       "state_sha256": state_digest(model)},  # fmt: skip
         "tool_versions": plan.target.tool_versions(),
     }
     if plan.quant is not None:

@@ -22,15 +22,17 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "check_reference",
     "checkpoint_digest",
     "data_record",
     "float_labeler",
-    "float_logits_of",
     "float_logits",
+    "float_logits_of",
     "load_reference",
     "open_verify_data",
     "quarter_up",
     "softmax",
+    "state_digest",
     "upsampled",
     "upsampled_argmax",
     "uses_builtin_labels",
@@ -39,6 +41,27 @@ __all__ = [
 
 def checkpoint_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else file_sha256(path)
+
+
+def state_digest(model: Any) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes, values): what identifies a model that has
+    no checkpoint file (one trained in memory), and the same for a checkpoint and the model loaded from it."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_reference(artifact: Artifact, model: Any, source: str = "the model", option: str = "--checkpoint") -> None:
+    """Refuse a float model whose parameters are not those the artifact was exported from (its manifest's
+    ``checkpoint.state_sha256``; manifests written before it existed are not checked)."""
+    expected = (artifact.manifest.get("checkpoint") or {}).get("state_sha256")
+    if expected and state_digest(model) != expected:
+        raise CheckpointError(
+            f"{source}: this is not the model {artifact.folder.name} was exported from (its parameters differ from "
+            f"those recorded, state sha256 {expected[:12]}...); pass the right {option}"
+        )
 
 
 def float_logits(model: Any, spec: InputSpec, images: np.ndarray) -> np.ndarray:
@@ -99,14 +122,23 @@ def load_reference(artifact: Artifact, checkpoint: str | Path | None, option: st
     with a CheckpointError naming ``option`` when its sha256 is not the one the manifest records."""
     from segformer_edge.weights import builtin_checkpoint, load_pretrained
 
+    record = artifact.manifest.get("checkpoint") or {}
+    if checkpoint is None and record.get("state_sha256") and not record.get("sha256"):
+        raise CheckpointError(
+            f"{artifact.folder.name} was exported from a model in memory, not from a checkpoint file: verify it with "
+            f"that model (segformer_edge.verify(artifact, model=...)), or save it with save_checkpoint and pass {option}"
+        )
     ckpt = Path(checkpoint) if checkpoint is not None else builtin_checkpoint()
-    expected = (artifact.manifest.get("checkpoint") or {}).get("sha256")
+    expected = record.get("sha256")
     if expected and checkpoint_digest(ckpt) != expected:
         raise CheckpointError(
             f"{ckpt}: this is not the checkpoint {artifact.folder.name} was exported from "
             f"({artifact.manifest['checkpoint'].get('name')}); pass the right {option}"
         )
-    return load_pretrained(ckpt)
+    model = load_pretrained(ckpt)
+    if not expected:  # exported from a model in memory: its parameters are what identify it
+        check_reference(artifact, model, str(ckpt), option)
+    return model
 
 
 def open_verify_data(data: str | None, model: Any) -> tuple[Any, str, bool]:

@@ -1,7 +1,8 @@
 """segformer-edge: SegFormer from training to the edge.
 
 The public API is imported lazily, so that ``import segformer_edge`` (and the CLI's ``--help``) does not
-import torch.
+import torch: the model (:mod:`.model`, :mod:`.weights`) and the workflow of the CLI as Python functions
+(:mod:`.api`: ``export``, ``verify``, ``calibrate``, ``bench``, ``predict``, ``open_artifact``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +25,35 @@ _LAZY = {
     "VARIANTS": "segformer_edge.model",
     "load_pretrained": "segformer_edge.weights",
     "save_checkpoint": "segformer_edge.weights",
+    "export": "segformer_edge.api",
+    "verify": "segformer_edge.api",
+    "calibrate": "segformer_edge.api",
+    "bench": "segformer_edge.api",
+    "predict": "segformer_edge.api",
+    "open_artifact": "segformer_edge.api",
+    "Artifact": "segformer_edge.api",
+    "ParityReport": "segformer_edge.api",
+    "BenchRecord": "segformer_edge.api",
+    "Predictions": "segformer_edge.api",
+    "CalibrationSet": "segformer_edge.calibration.calibset",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
+    from .api import (
+        Artifact,
+        BenchRecord,
+        CalibrationSet,
+        ParityReport,
+        Predictions,
+        bench,
+        calibrate,
+        export,
+        open_artifact,
+        predict,
+        verify,
+    )
     from .model import VARIANTS, ModelMeta, SegFormer, SegFormerConfig, create_model
     from .weights import load_pretrained, save_checkpoint
 
@@ -38,6 +64,23 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'segformer_edge' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """``segformer_edge.predict`` is the API's function, although a submodule has that name too.
+
+    Importing a submodule binds it on its package; for ``predict`` that binding is dropped, so the name stays the
+    function (served by ``__getattr__``). The module itself is reached as always: ``from segformer_edge.predict
+    import ...``, or ``sys.modules["segformer_edge.predict"]``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "predict" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 class _SourceTreeFinder(importlib.abc.MetaPathFinder):

@@ -6,7 +6,17 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DataError", "DeviceError", "ExportError", "SegformerEdgeError"]
+from typing import Any
+
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "DeviceError",
+    "ExportError",
+    "ExportFailed",
+    "OptionError",
+    "SegformerEdgeError",
+]
 
 
 class SegformerEdgeError(Exception):
@@ -29,3 +39,34 @@ class ExportError(SegformerEdgeError, RuntimeError):
 
 class DeviceError(SegformerEdgeError, RuntimeError):
     """A remote device (``--device ssh://...`` or ``adb``) cannot be reached, lacks what the run needs, or failed."""
+
+
+class OptionError(SegformerEdgeError, ValueError):
+    """An option (a keyword of the Python API, a flag of the CLI) is out of range or does not go with another.
+
+    ``option`` is the CLI flag it names (``--size``): the CLI shows it as a usage error of that flag, exactly as
+    Typer shows its own; the message is the same from Python and from the CLI.
+    """
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+class ExportFailed(SegformerEdgeError):
+    """Some targets of a many-target export failed; the others landed.
+
+    Attributes:
+        targets: Every target asked for, in order.
+        artifacts: The artifacts that landed, by target (``segformer_edge.api.Artifact``).
+        errors: What each failed target raised, by target (a parity failure is a ``ParityFailed``: the
+            artifact was kept aside as ``NAME.failed/``).
+    """
+
+    def __init__(self, targets: list[str], artifacts: dict[str, Any], errors: dict[str, SegformerEdgeError]) -> None:
+        lines = "; ".join(str(exc) if str(exc).startswith(f"{name}") else f"{name}: {exc}" for name, exc in errors.items())
+        super().__init__(f"{len(errors)} of {len(targets)} targets failed: {lines}")
+        self.targets = targets
+        self.artifacts = artifacts
+        self.errors = errors
+        self.exit_code = max(exc.exit_code for exc in errors.values())

@@ -1,4 +1,5 @@
-"""``segformer-edge bench``."""
+"""``segformer-edge bench``: options parsed, :func:`segformer_edge.api.bench` called, its records printed and written
+(JSON, Markdown, a plot)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import console, progress_bar
+from .common import api_options, console, step_progress
 
 HELP = """Measure latency of artifacts where they will run: cold load, first inference, p50/p90/p99,
 mean and std, throughput, peak RSS and file size, per thread count.
@@ -72,65 +73,16 @@ def bench(
     device_tool: Annotated[Path | None, typer.Option(help="--device adb: the runtime's benchmark binary for Android (arm64).")] = None,
     device_timeout: Annotated[float, typer.Option(min=1, help="--device: seconds one step on the device may take.")] = 1800,
 ) -> None:
-    from segformer_edge.converters.base import ArtifactError, read_manifest
-    from segformer_edge.converters.bench import bench_paired
+    from segformer_edge import api
     from segformer_edge.io import atomic_write_json, atomic_write_text
 
-    from .common import resolve_checkpoint
-
     counts = _threads(threads)
-    if device is not None and device.split(":", 1)[0] == "adb":
-        refused = {"--compare-torch": compare_torch, "--profile": profile, "--floor": floor, "--checkpoint": checkpoint is not None,
-                   "--compute-units": compute_units != "all", "--rounds": rounds != 1,
-                   "--device-python": device_python != "python3"}  # fmt: skip
-        for flag, given in refused.items():
-            if given:
-                raise typer.BadParameter(f"{flag} cannot be honoured with --device adb (the runtime's own benchmark binary runs "
-                                         "there, once per artifact and thread count)", param_hint="--device")  # fmt: skip
-    if checkpoint is not None:
-        checkpoint = str(resolve_checkpoint(checkpoint))
-    manifests = [read_manifest(p) for p in artifacts]  # every artifact is checked before anything runs
-    size = None
-    if compare_torch:
-        sizes = {m.input_spec.size for m in manifests}
-        size = sizes.pop() if len(sizes) == 1 else None
-        if size is None:
-            raise typer.BadParameter("--compare-torch needs artifacts of one static input size", param_hint="--compare-torch")
-    steps = rounds * len(artifacts) * len(counts) * (2 if compare_torch else 1)
-    old = next((m for m in manifests if m.manifest.get("network_macs") is None), None) if floor else None
-    if old is not None:
-        raise ArtifactError(f"{old.folder}: its manifest has no network_macs (exported before --floor existed): export it again")
-    if device is not None and device.split(":", 1)[0] == "adb":
-        from segformer_edge.converters.adb import bench_over_adb
-
-        with progress_bar("bench") as bar:
-            task = bar.add_task("bench", total=rounds * len(artifacts) * len(counts))
-            records = bench_over_adb(device, list(artifacts), counts, tool=device_tool, warmup=warmup, runs=runs, rounds=rounds,
-                                     timeout=device_timeout, on_step=lambda: bar.advance(task))  # fmt: skip
-    elif device is not None:
-        from segformer_edge.converters.remote import SshDevice, bench_over_ssh
-
-        if device_tool is not None:
-            raise typer.BadParameter("--device-tool is for --device adb; over ssh the board's own runtime runs", param_hint="--device-tool")
-        target = SshDevice.parse(device, python=device_python, timeout=device_timeout)
-        with progress_bar("bench") as bar:
-            task = bar.add_task("bench", total=steps)
-            records, _ = bench_over_ssh(
-                target, list(artifacts), counts, warmup=warmup, runs=runs, rounds=rounds, compare_torch=compare_torch,
-                checkpoint=checkpoint, size=size, compute_units=compute_units, profile=profile, floor=floor,
-                on_step=lambda: bar.advance(task),
-            )  # fmt: skip
-    else:
-        if device_tool is not None or device_python != "python3":
-            flag = "--device-tool" if device_tool is not None else "--device-python"
-            raise typer.BadParameter(f"{flag} needs --device", param_hint=flag)
-        with progress_bar("bench") as bar:
-            task = bar.add_task("bench", total=steps)
-            records = bench_paired(
-                list(artifacts), counts, warmup=warmup, runs=runs, rounds=rounds, compare_torch=compare_torch,
-                checkpoint=checkpoint, size=size, compute_units=compute_units, profile=profile, floor=floor,
-                on_step=lambda: bar.advance(task),
-            )  # fmt: skip
+    with api_options(), step_progress() as progress:
+        records = [r.to_dict() for r in api.bench(list(artifacts), threads=counts, warmup=warmup, runs=runs, rounds=rounds,
+                                                  compare_torch=compare_torch, model=checkpoint, compute_units=compute_units,
+                                                  profile=profile, floor=floor, device=device, device_python=device_python,
+                                                  device_tool=device_tool, device_timeout=device_timeout,
+                                                  on_step=progress.step)]  # fmt: skip
     table = _markdown(records)
     console.print(table, markup=False, soft_wrap=True)
     for line in _board_lines(records):

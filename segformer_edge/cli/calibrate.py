@@ -1,4 +1,4 @@
-"""``segformer-edge calibrate``."""
+"""``segformer-edge calibrate``: options parsed, :func:`segformer_edge.api.calibrate` called, its summary printed."""
 
 from __future__ import annotations
 
@@ -7,18 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import (
-    STATE,
-    CheckpointArgument,
-    SizeOption,
-    StrictFlag,
-    check_data,
-    check_size,
-    console,
-    err_console,
-    progress_bar,
-    resolve_checkpoint,
-)
+from .common import STATE, CheckpointArgument, SizeOption, StrictFlag, api_options, console, step_progress
 
 HELP = """Pick and record a calibration set for INT8, optionally with a per-layer-group sensitivity analysis.
 
@@ -59,34 +48,13 @@ def calibrate(
 ) -> None:
     import numpy as np
 
-    from segformer_edge.calibration.sensitivity import GRANULARITIES
-    from segformer_edge.calibration.spec import LAYER_GROUPS, QuantSpec
-    from segformer_edge.converters.int8 import calibration_for
-    from segformer_edge.weights import load_pretrained
+    from segformer_edge import api
 
-    quant = QuantSpec(method=method, outliers=outliers)  # validates the method and outlier mode before any work
-    if outliers != "auto" and not sensitivity:
-        raise typer.BadParameter("--outliers applies to --sensitivity (export takes its own --outliers)", param_hint="--outliers")
-    if granularity not in GRANULARITIES:
-        raise typer.BadParameter(f"{granularity}: choose {' or '.join(GRANULARITIES)}", param_hint="--granularity")
-    if granularity != "group" and not sensitivity:
-        raise typer.BadParameter("--granularity applies to --sensitivity", param_hint="--granularity")
-    chosen = None if groups is None else [g.strip() for g in groups.split(",") if g.strip()]
-    if chosen is not None:
-        if granularity != "layer":
-            raise typer.BadParameter("--groups applies to --granularity layer", param_hint="--groups")
-        unknown = [g for g in chosen if g not in LAYER_GROUPS]
-        if unknown or not chosen:
-            raise typer.BadParameter(f"{', '.join(unknown) or '(none)'}: choose from {', '.join(LAYER_GROUPS)}", param_hint="--groups")
-    check_data(data, "train", strict)
-    path = resolve_checkpoint(checkpoint)
-    model = load_pretrained(path)
-    h, w = check_size(size, model.meta.input_size)
-    if sensitivity:
-        target = _int8_target(target)
-    with err_console.status("picking calibration images ..."):
-        calib = calibration_for(model, path, (h, w), data=data, num_images=num_images, method=method, seed=seed)
-    calib.save(out)
+    with api_options(), step_progress() as progress:
+        calib = api.calibrate(checkpoint, data, num_images=num_images, method=method, size=size, seed=seed, out=out,
+                              sensitivity=sensitivity, target=target, outliers=outliers, granularity=granularity, groups=groups,
+                              strict=strict, capture_output=not STATE["verbose"], on_step=progress.step)  # fmt: skip
+    h, w = calib.size
     counts = np.array(list(calib.coverage.values()))
     covered = int((counts > 0).sum())
     top = sorted(calib.coverage.items(), key=lambda kv: -kv[1])[:5]
@@ -97,50 +65,4 @@ def calibrate(
         markup=False, soft_wrap=True,
     )  # fmt: skip
     if sensitivity:
-        import tempfile
-
-        from segformer_edge.calibration.recipes import reuse_exports
-        from segformer_edge.calibration.sensitivity import analyse, quantizable_layers, write_report
-        from segformer_edge.calibration.spec import WRAPPER, group_of
-        from segformer_edge.converters.base import ExportOptions
-        from segformer_edge.converters.build import plan_export
-        from segformer_edge.converters.int8 import quantized_predictor
-        from segformer_edge.converters.reference import float_labeler, float_logits_of
-        from segformer_edge.logs import OutputCapture
-
-        options = ExportOptions(precision="int8", size=(h, w))
-        # The quantizers and runtimes talk on stderr (absl, XNNPACK, deprecations): into OUT/sensitivity.log. The
-        # bar refreshes only between measurements, with the capture paused.
-        with tempfile.TemporaryDirectory() as tmp, progress_bar(f"sensitivity ({target})", auto_refresh=False) as bar, \
-                OutputCapture(out / "sensitivity.log", enabled=not STATE["verbose"]) as output:  # fmt: skip
-            spec = plan_export(model, target, options, tmp, quant.with_(calibration=calib)).quant or quant
-            labeler = float_labeler(model, (h, w))
-            layers = quantizable_layers(model) if granularity == "layer" else None
-            if layers is not None and chosen is not None:
-                layers = [name for name in layers if group_of(WRAPPER + name) in chosen]
-            task = bar.add_task("sensitivity", total=len(LAYER_GROUPS) if layers is None else len(layers) + 1)
-
-            def advance(k: int) -> None:
-                with output.paused():
-                    bar.advance(task, k)
-                    bar.refresh()
-
-            advance(0)
-            with reuse_exports():
-                report = analyse(calib, spec, lambda q: quantized_predictor(model, target, options, q, Path(tmp)),
-                                 lambda images: np.stack([labeler(im) for im in images]), model.config.num_classes,
-                                 target=target, layers=layers, progress=advance,
-                                 float_logits=float_logits_of(model, (h, w)))  # fmt: skip
-        write_report(report, out)
         console.print((out / "sensitivity.md").read_text(), markup=False)
-
-
-def _int8_target(name: str | None) -> str:
-    from segformer_edge.converters import get_target, target_names
-    from segformer_edge.errors import ExportError
-
-    if name is None:
-        return next(n for n in target_names() if "int8" in get_target(n).precisions)
-    if "int8" not in get_target(name).precisions:
-        raise ExportError(f"{name}: this target has no int8; --sensitivity needs a target that quantizes")
-    return name

@@ -1,10 +1,16 @@
-"""Shared pieces of the CLI: consoles, option types and small parsers. Imports no torch."""
+"""Shared pieces of the CLI: consoles, option types and small parsers. Imports no torch.
+
+The commands are a thin layer over :mod:`segformer_edge.api`: parse options, call it, print. :func:`api_options` shows
+the API's option errors as Typer shows its own, :class:`StepProgress` draws the API's step callbacks.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -70,20 +76,53 @@ def progress_bar(label: str, *, auto_refresh: bool = True):  # type: ignore[no-u
 
 
 class StepProgress:
-    """One progress line per target on stderr, showing the step it is in (plan, capture, quantize, lower, ...)."""
+    """One progress line per target on stderr, showing the step it is in (plan, capture, quantize, lower, ...).
 
-    def __init__(self) -> None:
+    Tasks named in ``transient`` (the calibration that comes before every target) show a spinner while they run,
+    gone when they are done or when the command stops with an error. The lines start with the first other task.
+    """
+
+    def __init__(self, transient: tuple[str, ...] = ("calibration",)) -> None:
         from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
                                  auto_refresh=False)  # fmt: skip
+        self.lines: dict[str, Any] = {}
+        self.transient = transient
+        self.status: Any = None
+        self.started = False
 
     def __enter__(self) -> StepProgress:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        self._stop_status()
+        if self.started:
+            self.progress.stop()
+
+    def _stop_status(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+    def step(self, task: str, step: str, done: bool = False) -> None:
+        """The API's step callback (``on_step``): one line per task, made when it is first heard of."""
+        if task in self.transient and not self.started:
+            if done:
+                self._stop_status()
+            elif self.status is None:
+                self.status = err_console.status(f"{step} ...")
+                self.status.start()
+            else:
+                self.status.update(f"{step} ...")
+            return
+        self._stop_status()
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        if task not in self.lines:
+            self.lines[task] = self.line(task)
+        self.lines[task](step, done=done)
 
     def line(self, label: str):  # type: ignore[no-untyped-def]
         """A new line for ``label``; returns the function that sets its current step (``done=True``: its
@@ -118,10 +157,18 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
     Raises:
         CheckpointError: no such path, or a Hub id that cannot be resolved (see ``segformer_edge.hub``).
     """
-    if path is not None:
-        from segformer_edge.hub import resolve_model_path
+    from segformer_edge.api import checkpoint_path
 
-        return resolve_model_path(path)
-    from segformer_edge.weights import builtin_checkpoint
+    return checkpoint_path(path)
 
-    return builtin_checkpoint()
+
+@contextlib.contextmanager
+def api_options() -> Iterator[None]:
+    """An option error of the API (:class:`~segformer_edge.errors.OptionError`) as a usage error of its flag, as Typer
+    shows its own (exit code 2)."""
+    from segformer_edge.errors import OptionError
+
+    try:
+        yield
+    except OptionError as exc:
+        raise typer.BadParameter(str(exc), param_hint=exc.option) from exc

@@ -1,28 +1,16 @@
-"""``segformer-edge export`` and ``segformer-edge verify``."""
+"""``segformer-edge export`` and ``segformer-edge verify``: options parsed, :func:`segformer_edge.api.export` and
+:func:`segformer_edge.api.verify` called, their results printed (a table, or the rows as JSON)."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from .common import (
-    STATE,
-    CheckpointArgument,
-    JsonFlag,
-    SizeOption,
-    StrictFlag,
-    check_data,
-    check_size,
-    console,
-    err_console,
-    resolve_checkpoint,
-    step_progress,
-)
+from .common import STATE, CheckpointArgument, JsonFlag, SizeOption, StrictFlag, api_options, console, step_progress
 
 # Parity images by default: what the data has, up to this many (converters.parity.VERIFY_IMAGES; the CLI stays torch-free).
 VERIFY_IMAGES = 32
@@ -91,15 +79,6 @@ Examples:
 """
 
 
-def _targets(target: str) -> list[str]:
-    from segformer_edge.converters import get_target, target_names
-
-    if target == "all":
-        return target_names(in_all=True)
-    get_target(target)  # an unknown name is one clear error listing the registered targets
-    return [target]
-
-
 def _target_options(values: list[str] | None) -> dict[str, str]:
     options = {}
     for item in values or []:
@@ -156,120 +135,40 @@ def export(
     strict: StrictFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
-    from segformer_edge.converters.base import ExportOptions
-    from segformer_edge.errors import SegformerEdgeError
-    from segformer_edge.weights import load_pretrained
+    from segformer_edge import api
+    from segformer_edge.converters.parity import ParityFailed
+    from segformer_edge.errors import ExportFailed
 
-    if budget_granularity not in ("layer", "group"):
-        raise typer.BadParameter(f"{budget_granularity}: choose layer or group", param_hint="--budget-granularity")
-    if budget_granularity != "layer" and budget is None:
-        raise typer.BadParameter("--budget-granularity applies to --budget", param_hint="--budget-granularity")
-    names = _targets(target)
-    path = resolve_checkpoint(checkpoint)
-    model = load_pretrained(path)
-    h, w = check_size(size, model.meta.input_size)
-    options = ExportOptions(precision=precision, size=(h, w), input_kind=input_kind, output=output, mask_size=mask_size,
-                            layout=layout, dynamic=dynamic, image_input=image_input, target_options=_target_options(target_option))  # fmt: skip
-    _plan_all(model, names, options, out, method, outliers, scheme)  # every target refuses what it cannot honour before any work
-    check_data(data, "val", strict)
-    quant = _quant_spec(model, path, options, data, calibration, calibration_images, method, budget, outliers, scheme)
-    search = None if budget is None else (budget, budget_granularity)
-    rows = []
-    with step_progress() as progress:
-        for name in names:
-            try:
-                rows.append(_export_one(model, path, name, options, quant, search, out, data, verify, verify_images, progress,
-                                        layers))  # fmt: skip
-            except SegformerEdgeError as exc:
-                if len(names) == 1:
-                    raise
-                rows.append({"target": name, "precision": precision, "status": "error", "error": str(exc),
-                             "exit_code": exc.exit_code})  # fmt: skip
+    targets: list[str] | None = None  # in order, where some failed
+    errors: dict[str, Any] = {}
+    with api_options(), step_progress() as progress:
+        try:
+            done = api.export(checkpoint, target, precision, data, out, size=size, output=output, mask_size=mask_size,
+                              input_kind=input_kind, layout=layout, dynamic=dynamic, image_input=image_input, verify=verify,
+                              verify_images=verify_images, calibration=calibration, calibration_images=calibration_images,
+                              method=method, scheme=scheme, budget=budget, budget_granularity=budget_granularity, layers=layers,
+                              outliers=outliers, strict=strict, capture_output=not STATE["verbose"], on_step=progress.step,
+                              **_target_options(target_option))  # fmt: skip
+            artifacts = done if isinstance(done, dict) else {target: done}
+        except ExportFailed as exc:  # some of several targets failed: a row each
+            targets, artifacts, errors = exc.targets, exc.artifacts, exc.errors
+        except ParityFailed as exc:  # one target: its artifact was kept aside; the row says why
+            targets, artifacts, errors = [exc.report["target"]], {}, {exc.report["target"]: exc}
+    rows = [artifacts[n].to_dict() if n in artifacts else api.failure_record(n, precision, errors[n]) for n in targets or artifacts]
     if as_json:
         console.print_json(json.dumps(rows))
     else:
-        _print_table(rows, f"{Path(str(path)).name} -> {out}/")
+        source = checkpoint if checkpoint is not None else _builtin_name()
+        _print_table(rows, f"{Path(str(source)).name} -> {out}/")
     codes = [r.get("exit_code", 0) for r in rows]
     if any(codes):
         sys.exit(max(codes))
 
 
-def _plan_all(model: Any, names: list[str], options: Any, out: Path, method: str, outliers: str, scheme: str) -> None:
-    """Check the options against every chosen target first: one clear error, nothing converted or written."""
-    from segformer_edge.calibration.spec import QuantSpec
-    from segformer_edge.converters.build import plan_export
+def _builtin_name() -> str:
+    from segformer_edge.weights import builtin_checkpoint
 
-    quant = QuantSpec(scheme=scheme, method=method, outliers=outliers) if options.precision == "int8" else None
-    for name in names:
-        plan_export(model, name, options, out, quant, check_calibration=False)
-
-
-def _export_one(model: Any, path: Path, name: str, options: Any, quant: Any, budget: tuple[float, str] | None, out: Path,
-                data: str | None, verify: bool, verify_images: int, progress: Any, layers: bool) -> dict[str, Any]:  # fmt: skip
-    """Export one target and return its row (a failed parity is a row with exit code 1)."""
-    import tempfile
-    from dataclasses import replace
-
-    from segformer_edge.converters.parity import ParityFailed
-    from segformer_edge.converters.pipeline import export_artifact
-
-    line = progress.line(f"{name} {options.precision}")
-    with tempfile.TemporaryDirectory() as tmp:
-        budget_log = Path(tmp) / "budget.log"
-        if quant is not None and budget is not None:
-            quant = _budget_search(model, name, options, quant, budget, Path(tmp), line, budget_log)
-        try:
-            artifact, report = export_artifact(model, name, replace(options), out, checkpoint=path, quant=quant,
-                                               verify=verify, verify_data=data, verify_images=verify_images, on_step=line,
-                                               capture_output=not STATE["verbose"], layers=layers, prior_log=budget_log)  # fmt: skip
-        except ParityFailed as exc:
-            line("parity FAILED", done=True)
-            return {"target": name, "precision": options.precision, "status": "FAILED", "error": str(exc), "exit_code": 1,
-                    "artifact": str(exc.failed), **_figures(exc.report)}  # fmt: skip
-    manifest = artifact.manifest
-    status = manifest["parity"]["status"]
-    line(status, done=True)
-    row = {"target": name, "precision": options.precision, "status": status, "artifact": str(artifact.folder),
-           "size_mb": manifest["size_bytes"] / 1e6, **_figures(report)}  # fmt: skip
-    if quant is not None:
-        row["float_groups"] = manifest["quantization"]["float_groups"]
-        row["outliers"] = _outliers_summary(manifest["quantization"]["applied"].get("outliers") or {})
-    return row
-
-
-def _budget_search(model: Any, name: str, options: Any, quant: Any, budget: tuple[float, str], workdir: Path,
-                   line: Any, log: Path) -> Any:  # fmt: skip
-    """``quant`` with the float layers --budget allows; the quantizers' and runtimes' output goes to ``log`` (the
-    head of the artifact's export.log), the count of models measured to the target's progress line."""
-    from segformer_edge.converters.int8 import budget_spec
-    from segformer_edge.logs import OutputCapture
-
-    measured = [0]
-    with OutputCapture(log, enabled=not STATE["verbose"]) as output:
-
-        def count(k: int) -> None:
-            measured[0] += k
-            with output.paused():
-                line(f"budget search: {measured[0]} quantized models measured")
-
-        count(0)
-        return budget_spec(model, name, options, quant, budget[0], workdir, progress=count, granularity=budget[1])
-
-
-def _outliers_summary(record: dict[str, Any]) -> str:
-    """One phrase for what the outlier handling applied: ``smoothquant (a=0.6)``, ``none``."""
-    applied = record.get("applied") or []
-    parts = [f"smoothquant (a={record['smoothquant']['alpha']:g})" if name == "smoothquant" else name for name in applied]
-    reused = " (decision reused)" if (record.get("decision") or {}).get("reused") else ""
-    return (" + ".join(parts) or "none") + reused
-
-
-def _figures(report: dict[str, Any] | None) -> dict[str, Any]:
-    if report is None:
-        return {}
-    return {key: report.get(key) for key in ("max_abs_diff", "pixel_agreement", "agreement_miou", "miou_drop_points",
-                                             "estimated_miou_drop_points", "estimated_miou_drop_stderr", "verdict_basis",
-                                             "images", "executor", "nonfinite", "nonfinite_float", "data")}  # fmt: skip
+    return builtin_checkpoint().name
 
 
 def _drop_cell(row: dict[str, Any]) -> str:
@@ -324,26 +223,6 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
             console.print(error, markup=False, soft_wrap=True)
 
 
-def _quant_spec(model: Any, path: Path, options: Any, data: str | None, calibration: Path | None, images: int,
-                method: str, budget: float | None, outliers: str, scheme: str = "static") -> Any:  # fmt: skip
-    """The int8 recipe with its calibration set (loaded and checked, or picked now), or None for float exports."""
-    if options.precision != "int8":
-        if calibration is not None or budget is not None or outliers != "auto" or scheme != "static":
-            raise typer.BadParameter("--calibration, --budget, --outliers and --scheme apply to --precision int8", param_hint="--precision")
-        return None
-    from segformer_edge.calibration.spec import QuantSpec
-    from segformer_edge.converters.int8 import calibration_for
-
-    quant = QuantSpec(scheme=scheme, method=method, outliers=outliers)  # validates the scheme, method and outlier mode before any work
-    if scheme != "static" and data is None and calibration is None:
-        return quant  # dynamic and weight-only int8 need no calibration images (only --outliers measures on them)
-    with err_console.status("calibrating ..."):
-        calib = calibration_for(model, path, options.size, data=data, calibration=calibration, num_images=images, method=method)
-    if method == "auto" and calibration is not None:
-        quant = quant.with_(method=calib.method)  # what `calibrate --method` recorded
-    return quant.with_(calibration=calib)
-
-
 def verify(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder (or its model file).")],
     checkpoint: Annotated[str | None, typer.Option(help="The float checkpoint or Hub id (default: the built-in model).")] = None,
@@ -361,41 +240,15 @@ def verify(
     device_python: Annotated[str, typer.Option(help="--device: the board's Python that has segformer-edge[runtime].")] = "python3",
     device_timeout: Annotated[float, typer.Option(min=1, help="--device: seconds the board may take to answer.")] = 1800,
 ) -> None:
-    from contextlib import nullcontext
-    from dataclasses import replace
+    from segformer_edge import api
 
-    from segformer_edge.converters.base import read_manifest
-    from segformer_edge.converters.parity import default_thresholds, verify_artifact
-    from segformer_edge.logs import OutputCapture
-
-    manifest = read_manifest(artifact).manifest
-    check_data(data, "val", strict)
-    limits = default_thresholds(manifest)  # the precision it computes in (a runtime hint may lower it)
-    overrides = {"max_abs_diff": max_abs_diff, "pixel_agreement": min_pixel_agreement, "miou_drop": max_miou_drop}
-    limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})
-    ckpt = resolve_checkpoint(checkpoint) if checkpoint is not None else None
-    remote: Any = None
-    if device is None and device_python != "python3":
-        raise typer.BadParameter("--device-python needs --device", param_hint="--device-python")
-    if device is not None:
-        from segformer_edge.converters.remote import RemoteRunner, SshDevice
-
-        if not device.startswith("ssh://"):
-            raise typer.BadParameter(f"{device}: verify runs artifacts on ssh://[user@]host[:port] boards only (adb has no Python "
-                                     "to return outputs; bench --device adb measures latency there)", param_hint="--device")  # fmt: skip
-        if layers:
-            raise typer.BadParameter("--layers runs a debug graph here, not on the board: drop --layers or --device", param_hint="--layers")
-        remote = RemoteRunner(SshDevice.parse(device, python=device_python, timeout=device_timeout), artifact)
-    # The runtimes and quantizers talk on stderr (XNNPACK, absl, deprecations): to REPORT/verify.log, else nowhere
-    # (--verbose shows it). No spinner: while captured it could not reach the terminal.
-    log = os.devnull if report is None else report / "verify.log"
-    if report is not None:
-        report.mkdir(parents=True, exist_ok=True)
-    with OutputCapture(log, enabled=not STATE["verbose"]), remote if remote is not None else nullcontext():
-        report = verify_artifact(artifact, checkpoint=ckpt, data=data, num_images=num_images, thresholds=limits, layers=layers,
-                                 report_dir=report, calibration=calibration, runner=remote)  # fmt: skip
-    if remote is not None:
-        report["device"] = {"url": device, "board": remote.facts}
+    # No spinner: the runtimes' output is captured meanwhile (REPORT/verify.log), so it could not reach the terminal.
+    with api_options():
+        report = api.verify(artifact, checkpoint, data, num_images=num_images, max_abs_diff=max_abs_diff,
+                            min_pixel_agreement=min_pixel_agreement, max_miou_drop=max_miou_drop, layers=layers,
+                            report_dir=report, calibration=calibration, strict=strict, device=device,
+                            device_python=device_python, device_timeout=device_timeout,
+                            capture_output=not STATE["verbose"]).to_dict()  # fmt: skip
     if as_json:
         console.print_json(json.dumps(report, default=_json_float))
     else:

@@ -177,6 +177,25 @@ def test_errors_are_the_projects_with_the_clis_messages(exported: dict[str, Any]
         se.calibrate(model, photos, sensitivity=True, granularity="layer", groups="stage9")
     with pytest.raises(DataError, match="uint8"):
         exported["artifacts"]["onnx"].run(np.zeros((8, 8, 3), np.float32))
+    # The CLI's --device and --strict are the API's keywords, refused where they cannot be honoured, on the same flag.
+    onnx = exported["artifacts"]["onnx"]
+    with pytest.raises(OptionError, match="--device-tool needs --device") as caught:
+        se.bench(onnx, device_tool="benchmark_model")
+    assert caught.value.option == "--device-tool"
+    with pytest.raises(OptionError, match="--compare-torch cannot be honoured with --device adb"):
+        se.bench(onnx, device="adb", compare_torch=True)
+    with pytest.raises(OptionError, match="--device-tool is for --device adb"):
+        se.bench(onnx, device="ssh://pi@board", device_tool="benchmark_model")
+    with pytest.raises(OptionError, match="ssh://.*boards only") as caught:
+        se.verify(onnx, model=model, data=photos, device="adb")
+    assert caught.value.option == "--device"
+    with pytest.raises(OptionError, match="--layers runs a debug graph here"):
+        se.verify(onnx, model=model, data=photos, device="ssh://pi@board", layers=True)
+    mixed = make_photo_folder(tmp_path / "mixed", n=2)
+    (mixed / "notes.jpg").write_text("not a photo")
+    with pytest.raises(DataError, match="notes.jpg"):
+        se.predict(onnx, mixed, strict=True, keep_masks=False)
+    assert len(se.predict(onnx, mixed).masks or []) == 2  # without strict: left out with one warning
 
 
 @pytest.fixture

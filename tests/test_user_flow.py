@@ -149,7 +149,9 @@ def test_int8_export_to_every_target_on_photos(exported: tuple[list[dict[str, An
     names = "\n".join(p.stem for p in _photo_paths(photos)[:4])
     for row in rows:
         assert row["status"] == "passed", row
-        assert row["pixel_agreement"] >= 0.98 and row["miou_drop_points"] <= 1.0, row
+        # Photos without masks: no mIoU drop against labels is claimed; the estimated drop is what is judged.
+        assert row["miou_drop_points"] is None and row["verdict_basis"] == "estimate", row
+        assert row["pixel_agreement"] >= 0.98 and row["estimated_miou_drop_points"] <= 1.0, row
         manifest = _manifest(Path(row["artifact"]))
         assert manifest["num_classes"] == 150 and manifest["class_names"][149] == "LABEL_149"
         assert manifest["checkpoint"]["name"] == model.name
@@ -324,9 +326,10 @@ def test_int8_without_data_says_to_pass_data(model: Path, tmp_path: Path) -> Non
 def test_fp32_without_data_says_which_images_it_used(model: Path, tmp_path: Path) -> None:
     code, out, err = cli(["export", model, "--target", "onnx", *SIZE, "--out", tmp_path / "x"])
     assert code == 0, out + err
-    assert "parity on 4 images of synthetic (images only; the float model's predictions are the reference)" in said(out), out
+    # --verify-images defaults to 32 (what the data has, up to 32); the synthetic scenes have that many.
+    assert "parity on 32 images of synthetic (images only; the float model's predictions are the reference)" in said(out), out
     data = _manifest(tmp_path / "x" / "segformer-custom_onnx_fp32")["parity"]["data"]
-    assert data["spec"] == "synthetic" and data["images"] == 4 and "float model" in data["usage"]
+    assert data["spec"] == "synthetic" and data["images"] == 32 and "float model" in data["usage"]
 
 
 def test_two_class_transformers_model_loads_and_exports(photos: Path, tmp_path: Path) -> None:

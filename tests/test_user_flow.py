@@ -149,7 +149,9 @@ def test_int8_export_to_every_target_on_photos(exported: tuple[list[dict[str, An
     names = "\n".join(p.stem for p in _photo_paths(photos)[:4])
     for row in rows:
         assert row["status"] == "passed", row
-        assert row["pixel_agreement"] >= 0.98 and row["miou_drop_points"] <= 1.0, row
+        # photos without masks: the drop is estimated (the label drop is not claimed)
+        assert row["pixel_agreement"] >= 0.98 and row["miou_drop_points"] is None, row
+        assert row["verdict_basis"] == "estimate" and row["estimated_miou_drop_points"] <= 1.0, row
         manifest = _manifest(Path(row["artifact"]))
         assert manifest["num_classes"] == 150 and manifest["class_names"][149] == "LABEL_149"
         assert manifest["checkpoint"]["name"] == model.name

@@ -111,7 +111,9 @@ def _check_common(folder: Path) -> dict[str, Any]:
     manifest = read_manifest(folder).manifest  # the sha256 covers the .pte, Vela's reports and the TOSA graphs
     parity = manifest["parity"]
     assert parity["status"] == "passed", parity
-    assert parity["pixel_agreement"] >= INT8.pixel_agreement and parity["miou_drop_points"] <= INT8.miou_drop, parity
+    # int8 is held to its mIoU drop: against the synthetic scenes' labels here (the built-in model's label space)
+    assert parity["verdict_basis"] == "labels" and parity["miou_drop_points"] <= INT8.miou_drop, parity
+    assert parity["pixel_agreement"] >= 0.98, parity
     assert parity["executor"].startswith("TOSA reference model") and parity["images"] == 4
     assert manifest["quantization"]["applied"]["quantizer"] == "EthosUQuantizer"
     files = {p.relative_to(folder / "model.ethos-u").as_posix() for p in (folder / "model.ethos-u").rglob("*") if p.is_file()}

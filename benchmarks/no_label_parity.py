@@ -123,6 +123,7 @@ def render(result: dict[str, Any]) -> str:
         "# The no-label parity verdict against the labels",
         "",
         f"Written by `benchmarks/no_label_parity.py` on {result['date']} ({result['machine']}; {result['versions']}).",
+        *(["", f"**{result['note']}** (`--from-log`): the rows below are all that run measured."] if result.get("note") else []),
         "",
         "Trained transformers SegFormers whose labels are known (`tests/labelled.py`: real photo crops, each pixel's",
         "class its blurred colour's HSV bin), artifacts of them good and deliberately damaged, each verified twice on the",
@@ -160,6 +161,20 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _machine() -> str:
+    import os
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores"
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in ("torch", "executorch", "ai-edge-litert", "onnxruntime", "transformers"))
+
+
 def _median_gap(rows: list[dict[str, Any]]) -> float:
     """The median of (label drop - estimated drop) over the rows."""
     gaps = sorted(r["label_miou_drop"] - r["estimated_miou_drop"] for r in rows)
@@ -172,24 +187,24 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     parser.add_argument("--models", default=",".join(MODELS), help="which models (comma-separated)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/no_label_parity"))
+    parser.add_argument("--from-log", type=Path, help="collect the rows a run logged (one per artifact) from its log, "
+                        "for a run that was stopped before it wrote the .json")  # fmt: skip
     args = parser.parse_args()
     out_json, out_md = HERE / "no_label_parity.json", HERE / "NO_LABEL_PARITY.md"
-    if not args.render:
-        import ai_edge_litert
-        import executorch
-        import onnxruntime
-        import torch
+    if args.from_log is not None:
+        import ast
 
+        lines = [line for line in args.from_log.read_text(errors="replace").splitlines() if " {'model': " in line]
+        rows = [ast.literal_eval(line[line.index("{'model': ") :]) for line in lines]
+        result = {"date": datetime.date.today().isoformat(), "machine": _machine(), "versions": _versions(), "rows": rows,
+                  "note": f"collected from the log of a run stopped after {len(rows)} artifacts"}  # fmt: skip
+        out_json.write_text(json.dumps(result, indent=1))
+    elif not args.render:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         rows = []
         for name in args.models.split(","):
             rows += measure_model(name, args.work)
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), platform.processor())  # fmt: skip
-        result = {"date": datetime.date.today().isoformat(), "machine": f"{cpu}, {len(__import__('os').sched_getaffinity(0))} cores",
-                  "versions": f"torch {torch.__version__}, executorch {executorch.version.__version__}, "
-                              f"ai-edge-litert {ai_edge_litert.__version__}, onnxruntime {onnxruntime.__version__}",
-                  "rows": rows}  # fmt: skip
+        result = {"date": datetime.date.today().isoformat(), "machine": _machine(), "versions": _versions(), "rows": rows}
         out_json.write_text(json.dumps(result, indent=1))
     out_md.write_text(render(json.loads(out_json.read_text())) + "\n")
     print(out_md.read_text())

@@ -248,7 +248,8 @@ def test_outlier_options_are_checked(trained: SegFormer, tmp_path: Path, capsys)
     assert not (tmp_path / "o").exists()
 
 
-def test_the_decision_is_recorded_beside_the_calibration_set_and_reused(stressed, calib: CalibrationSet, tmp_path: Path) -> None:
+def test_the_decision_is_recorded_beside_the_calibration_set_and_reused(stressed, calib: CalibrationSet, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """One measurement for every target and later runs: the second target in this process, and a fresh process,
     reapply the recorded decision (the same rewritten weights) instead of measuring; a damaged record is measured anew."""
     import json
@@ -259,6 +260,8 @@ def test_the_decision_is_recorded_beside_the_calibration_set_and_reused(stressed
     from segformer_edge.converters.build import plan_export, rewrite_outliers
 
     model, ckpt = stressed
+    # A cache of its own: another test of this process may have recorded the same decision in the session's cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     saved = CalibrationSet.load(calib.save(tmp_path / "calib"))  # as `export --calibration DIR` loads it
     folded = fold_batch_norm(model)
     options = ExportOptions(size=SIZE, precision="int8")

@@ -133,10 +133,13 @@ def test_registry_is_the_only_list_of_targets() -> None:
     own = {name: Path(path.split(":")[0].replace("segformer_edge.converters.", "converters/") + ".py") for name, path in _BUILTIN.items()}
     code = [p for p in (root / "segformer_edge").rglob("*.py")] + [p for p in (root / "converters").glob("*.py")]
     code += list((root / "calibration").glob("*.py"))
+    # The device paths name the runtimes whose own on-device tools they drive (adb: benchmark_model, executor_runner,
+    # onnxruntime_perf_test; the ssh worker: the runtime package each artifact needs); the API's docstring is documentation.
+    exempt = {Path("converters/__init__.py"), Path("converters/adb.py"), Path("converters/remote_worker.py"), Path("segformer_edge/api.py")}
     offenders = []
     for path in code:
         rel = path.relative_to(root)
-        if rel == Path("converters/__init__.py"):
+        if rel in exempt:
             continue
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             stripped = line.strip()

@@ -161,7 +161,8 @@ class _Session:
         self.write((json.dumps({"protocol": PROTOCOL, **request}) + "\n").encode())
 
     def _drain(self) -> None:
-        assert self.proc.stderr is not None
+        if self.proc.stderr is None:  # started without a stderr pipe: nothing to collect
+            return
         for chunk in iter(lambda: self.proc.stderr.read(4096), b""):  # type: ignore[union-attr]
             self._stderr.append(chunk)
 
@@ -408,7 +409,8 @@ class RemoteRunner:
         return self
 
     def _frame(self) -> bytes:
-        assert self._session is not None
+        if self._session is None:
+            raise DeviceError(f"{self.device.url}: the board's runner is not started; use it inside `with RemoteRunner(...)`")
         deadline = time.monotonic() + self.device.timeout
         reader = _DeadlineReader(self._session, deadline)
         try:

@@ -104,7 +104,10 @@ logger = logging.getLogger(__name__)
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MIN_GAIN = 0.2  # "auto" applies a rewrite only where it lowers the measured error by at least 20% (beyond noise)
 SEARCH_IMAGES = 8  # calibration images the strength search runs on (statistics use all of them)
-BATCH = 4  # images per forward pass
+BATCH = 4  # images per forward pass, at most ...
+BATCH_PIXELS = 512 * 512  # ... and at most this many input pixels: a b2 pass at 512x512 holds ~0.5 GB per image in
+# its decoder (four 768-channel maps at 1/4 size, concatenated) and the measures' hooks copy layer inputs; a batch of
+# 4 there peaked at 6.2 GB (benchmarks/EXPORT_SCALE.md). Large images gain nothing from batching on a CPU.
 
 
 class OutlierError(ExportError):
@@ -181,9 +184,15 @@ def migrate(model: nn.Module, site: NormSite, s: Tensor) -> None:
         layer.weight.mul_(_input_channel_view(layer, s))  # (out, C[, kh, kw]) * (1, C[, 1, 1])
 
 
+def _batch_size(inputs: Tensor) -> int:
+    """Images per forward pass for inputs (N, 3, H, W): BATCH, fewer where that would pass BATCH_PIXELS."""
+    return max(1, min(BATCH, BATCH_PIXELS // max(1, inputs.shape[-2] * inputs.shape[-1])))
+
+
 def _batches(inputs: Tensor) -> Iterator[Tensor]:
-    for start in range(0, len(inputs), BATCH):
-        yield inputs[start : start + BATCH]  # (b, 3, H, W)
+    size = _batch_size(inputs)
+    for start in range(0, len(inputs), size):
+        yield inputs[start : start + size]  # (b, 3, H, W)
 
 
 @torch.no_grad()
@@ -521,7 +530,7 @@ def _capture(model: nn.Module, inputs: Tensor, sites: list[NormSite], search: in
     consumer's sampled inputs (im2col patches for convs). Memory is bounded by the samples, not the image count."""
     modules = dict(model.named_modules())
     generator = torch.Generator().manual_seed(0)
-    batches = -(-min(len(inputs), search) // BATCH)
+    batches = -(-min(len(inputs), search) // _batch_size(inputs))
     absmax: dict[str, Tensor] = {}
     lo: dict[str, Tensor] = {}
     hi: dict[str, Tensor] = {}
@@ -611,7 +620,7 @@ def _site_error(modules: dict[str, nn.Module], site: NormSite, sample: _SiteSamp
 @torch.no_grad()
 def _check_preserved(original: nn.Module, rewritten: nn.Module, inputs: Tensor) -> float:
     """The largest |logit difference| relative to the largest |logit|; raises where the rewrite changed the function."""
-    x = inputs[:BATCH]  # (b, 3, H, W)
+    x = inputs[: _batch_size(inputs)]  # (b, 3, H, W)
     ref, out = original(x), rewritten(x)  # (b, K, H/4, W/4)
     diff = float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
     if not diff <= 1e-4:

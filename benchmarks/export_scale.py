@@ -1,0 +1,282 @@
+"""What one export costs as the model and the input grow: wall time per phase and peak RSS, each export in a fresh
+process, b0/b1/b2/b5 at 512x512 with 150 classes and b0 at 1024x2048 with 19 classes, int8 and fp32, per target.
+
+Each model is a transformers ``SegformerForSemanticSegmentation`` of the variant's shape (seeded random weights, saved
+with ``save_pretrained``: nothing can be downloaded) and the data a folder of 16 crops of real photos; the export is
+``segformer_edge.export(MODEL, target, precision, data=photos, size=...)`` with its defaults (verify included), as
+``segformer-edge export MODEL --target T --precision P --data photos/ --size HxW`` runs it. Each job runs in its own
+process with an empty ``$XDG_CACHE_HOME`` (no outlier decision recorded by an earlier job is reused: every export
+is measured as a first export), but for ``:warm`` jobs, which share one cache (the first of them makes the decision, the
+others reuse it, as later exports of a user's model do). The phases come from the export's progress steps (the outlier decision is timed
+inside capture); the peak RSS of each phase is sampled every 50 ms, the job's peak is the kernel's (``wait4``'s
+``ru_maxrss``, helper processes included).
+
+``--tree DIR --label before`` runs the same jobs on another checkout of the project (``git worktree add DIR REF``),
+so that before and after are measured by one script on one machine.
+
+    python benchmarks/export_scale.py --only b2:int8:executorch,b2:int8:all     # some jobs (model:precision:target)
+    python benchmarks/export_scale.py                                           # every job (hours on 2 cores)
+    python benchmarks/export_scale.py --tree /tmp/before --label before --only b2:int8:executorch
+    python benchmarks/export_scale.py --render                                  # EXPORT_SCALE.md from the .json
+
+Jobs already in export_scale.json with the same label are measured again only with ``--again``; the .json keeps
+every job's machine and date, and the table says them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+JSON_PATH, MD_PATH = HERE / "export_scale.json", HERE / "EXPORT_SCALE.md"
+TARGETS = ("executorch", "tflite", "onnx", "openvino")
+PHOTOS = 16
+
+# name: (transformers SegformerConfig fields, classes, export size)
+MODELS: dict[str, tuple[dict[str, Any], int, tuple[int, int]]] = {
+    "b0": ({"hidden_sizes": [32, 64, 160, 256], "depths": [2, 2, 2, 2], "decoder_hidden_size": 256}, 150, (512, 512)),
+    "b1": ({"hidden_sizes": [64, 128, 320, 512], "depths": [2, 2, 2, 2], "decoder_hidden_size": 256}, 150, (512, 512)),
+    "b2": ({"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 6, 3], "decoder_hidden_size": 768}, 150, (512, 512)),
+    "b5": ({"hidden_sizes": [64, 128, 320, 512], "depths": [3, 6, 40, 3], "decoder_hidden_size": 768}, 150, (512, 512)),
+    "b0-1024x2048": ({"hidden_sizes": [32, 64, 160, 256], "depths": [2, 2, 2, 2], "decoder_hidden_size": 256}, 19, (1024, 2048)),
+}  # fmt: skip
+
+
+def all_jobs() -> list[str]:
+    """model:precision:target[:warm], in the order they run: b2 int8 per target with the outlier decision recorded by
+    the first of them (warm), b2's --target all, then the issue's matrix (every export its own first: cold)."""
+    warm = [f"b2:int8:{t}:warm" for t in TARGETS]
+    return [*warm, "b2:int8:all", *(f"{m}:{p}:{t}" for m in MODELS for p in ("int8", "fp32") for t in TARGETS)]
+
+
+# The child: one export, its phases and the RSS of each. argv: job json.
+_CHILD = r"""
+import json, os, resource, sys, threading, time
+started = time.perf_counter()
+job = json.loads(sys.argv[1])
+if job.get("tree"):  # another checkout: its package, and its converters/calibration before an installed copy's
+    sys.path.insert(0, job["tree"])
+    import segformer_edge
+    sys.meta_path.sort(key=lambda f: type(f).__name__ != "_SourceTreeFinder")
+    assert segformer_edge.__file__.startswith(job["tree"]), segformer_edge.__file__
+import segformer_edge
+import segformer_edge.converters.build as build
+from segformer_edge.errors import SegformerEdgeError
+
+marks, phase, peaks = [("import", started)], ["import"], {}
+page = os.sysconf("SC_PAGE_SIZE")
+
+def sample():
+    while True:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * page
+        peaks[phase[0]] = max(peaks.get(phase[0], 0), rss)
+        time.sleep(0.05)
+
+threading.Thread(target=sample, daemon=True).start()
+
+def enter(name):
+    marks.append((name, time.perf_counter()))
+    phase[0] = name
+
+def on_step(task, step, done):
+    if task == "calibration":
+        enter("calibration" if not done else "load")
+    elif not done and step != "plan":
+        enter(step)
+
+decide = build.rewrite_outliers
+def rewrite_outliers(model, plan):
+    back = phase[0]  # capture (or the whole CLI export)
+    enter("outlier decision")
+    try:
+        return decide(model, plan)
+    finally:
+        enter(back)
+build.rewrite_outliers = rewrite_outliers
+
+enter("load")
+status, figures, decisions = "landed", {}, {}
+if hasattr(segformer_edge, "export"):  # the Python API: every step heard
+    try:
+        result = segformer_edge.export(job["model"], target=job["target"], precision=job["precision"], data=job["photos"],
+                                       out=job["out"], size=job["size"], on_step=on_step)
+        artifacts = result if isinstance(result, dict) else {job["target"]: result}
+        figures = {name: a.parity.to_dict() if a.parity else None for name, a in artifacts.items()}
+        decisions = {name: ((a.manifest.get("quantization") or {}).get("applied", {}).get("outliers") or {}).get("decision")
+                     for name, a in artifacts.items()}
+    except SegformerEdgeError as exc:
+        status = f"error: {exc}"[:300]
+        report = getattr(exc, "report", None)
+        if report is not None:
+            status, figures = "parity failed", {job["target"]: report}
+else:  # a checkout from before the API: its CLI, in this process (phases: the outlier decision only)
+    from pathlib import Path
+    from segformer_edge.cli.app import main
+    enter("whole export (CLI)")
+    try:
+        main(["export", job["model"], "--target", job["target"], "--precision", job["precision"], "--data", job["photos"],
+              "--out", job["out"], "--size", *map(str, job["size"])])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    status = "landed" if code == 0 else "parity failed" if code == 1 else f"error: exit {code}"
+    for manifest in Path(job["out"]).glob("*/manifest.json"):
+        figures[json.loads(manifest.read_text())["target"]] = json.loads(manifest.read_text()).get("parity")
+enter("done")
+times = {}
+for (name, t0), (_, t1) in zip(marks, marks[1:]):
+    times[name] = times.get(name, 0.0) + t1 - t0
+usage = resource.getrusage(resource.RUSAGE_SELF)
+keep = ("pixel_agreement", "estimated_miou_drop_points", "max_abs_diff", "images", "passed")
+print("RESULT " + json.dumps({"status": status, "phases": times, "phase_peak_rss": peaks, "cpu_s": usage.ru_utime + usage.ru_stime,
+                               "parity": {n: {k: r.get(k) for k in keep} if r else None for n, r in figures.items()},
+                               "decision": {n: ("reused" if d.get("reused") else "made") if d else None for n, d in decisions.items()}}))
+"""
+
+
+def _hf_model(work: Path, name: str) -> Path:
+    """The transformers checkpoint of ``name`` (made once in ``work``)."""
+    folder = work / "models" / name
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    import transformers
+
+    fields, classes, _ = MODELS[name]
+    torch.manual_seed(0)
+    names = {i: f"class_{i}" for i in range(classes)}
+    config = transformers.SegformerConfig(num_labels=classes, id2label=names, label2id={v: k for k, v in names.items()},
+                                          num_attention_heads=[1, 2, 5, 8], sr_ratios=[8, 4, 2, 1], **fields)  # fmt: skip
+    transformers.SegformerForSemanticSegmentation(config).eval().save_pretrained(folder)
+    return folder
+
+
+def run_job(job: str, work: Path, tree: Path | None) -> dict[str, Any]:
+    """One export in a fresh process: its phases, peaks and status."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from conftest import make_photo_folder
+
+    model, precision, target, *cache = job.split(":")
+    photos = work / "photos"
+    if not photos.is_dir():
+        make_photo_folder(photos, n=PHOTOS)
+    size = list(MODELS[model][2])
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {"model": str(_hf_model(work, model)), "precision": precision, "target": target, "photos": str(photos),
+                "out": str(Path(tmp) / "out"), "size": size, "tree": str(tree) if tree else None}  # fmt: skip
+        # A ":warm" job shares one cache with the other warm jobs of the work folder: its outlier decision was recorded
+        # by an earlier export of the same model and photos (the first warm job of a model makes it).
+        xdg = work / "warm-cache" if cache == ["warm"] else Path(tmp) / "cache"
+        env = {**os.environ, "XDG_CACHE_HOME": str(xdg)}
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)], cwd=tmp, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        output = proc.stdout.read() if proc.stdout else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - started
+    line = next((x for x in reversed(output.splitlines()) if x.startswith("RESULT ")), None)
+    if line is None:
+        return {"job": job, "status": f"crashed (exit {proc.returncode}): {output[-300:]}", "wall_s": wall,
+                "peak_rss_mb": usage.ru_maxrss / 1024}  # fmt: skip
+    result = json.loads(line[len("RESULT ") :])
+    return {"job": job, "model": model, "precision": precision, "target": target, "size": size, "classes": MODELS[model][1],
+            "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "cpu_s": round(result["cpu_s"], 1),
+            "status": result["status"], "phases_s": {k: round(v, 1) for k, v in result["phases"].items()},
+            "phase_peak_rss_mb": {k: round(v / 2**20) for k, v in result["phase_peak_rss"].items()},
+            "parity": result["parity"], "outlier_decision": result.get("decision"), "cache": cache[0] if cache else "cold"}  # fmt: skip
+
+
+def _record_head() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    from segformer_edge.converters.bench import machine_info
+
+    return {"date": datetime.date.today().isoformat(), "machine": machine_info(),
+            "versions": {n: version(n) for n in ("torch", "executorch", "ai-edge-litert", "onnxruntime", "openvino", "transformers")}}  # fmt: skip
+
+
+def measure(args: argparse.Namespace) -> None:
+    record = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {"rows": []}
+    jobs = args.only.split(",") if args.only else all_jobs()
+    for job in jobs:
+        if job.split(":")[0] not in MODELS:
+            raise SystemExit(f"{job}: unknown model; choose one of {', '.join(MODELS)}")
+        if not args.again and any(r["job"] == job and r.get("label") == args.label for r in record["rows"]):
+            print(f"{job} ({args.label}): measured already (--again measures it again)")
+            continue
+        print(f"{job} ({args.label}) ...", flush=True)
+        row = {**run_job(job, args.work, args.tree), "label": args.label, **_record_head()}
+        print(f"  {row['status']}: {row['wall_s']:.0f} s, peak {row['peak_rss_mb']} MB, {row.get('phases_s')}", flush=True)
+        record["rows"] = [r for r in record["rows"] if not (r["job"] == job and r.get("label") == args.label)] + [row]
+        tmp = JSON_PATH.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(JSON_PATH)
+
+
+PHASES = ("import", "load", "calibration", "capture", "outlier decision", "quantize", "lower", "verify", "record",
+          "whole export (CLI)")
+
+
+def render(record: dict[str, Any]) -> str:
+    rows = sorted(record["rows"], key=lambda r: (all_jobs().index(r["job"]) if r["job"] in all_jobs() else 99, r["label"] != "before"))
+    machines = sorted({f"{r['machine'].get('cpu', r['machine']['machine'])}, {r['machine']['cpus']} CPUs" for r in rows})
+    lines = ["# Export at scale: wall time per phase and peak RSS", "",
+             f"Written by `python benchmarks/export_scale.py` from benchmarks/export_scale.json ({len(rows)} exports, "
+             f"{', '.join(sorted({r['date'] for r in rows}))}; {'; '.join(machines)}). Each export ran in a fresh process: "
+             f"transformers-saved models of each variant's shape (seeded random weights), "
+             f"{PHOTOS} crops of real photos as `--data`, the export's defaults (int8: calibration on the {PHOTOS} photos, "
+             "`--outliers auto`; verify on them), seconds of wall time per phase; peak RSS is the process's (helpers included). "
+             "`before` rows ran the same script on an older checkout (`--tree`).", "",
+             "`decision`: whether the export made its outlier decision (`made`) or reused the one an earlier export of the "
+             "same model and photos recorded (`reused`: the `:warm` jobs after the first, and every target after the "
+             "first in `--target all`); `-` for fp32.", "",
+             "| model | size | classes | precision | target | code | decision | status | wall | peak RSS | "
+             + " | ".join(PHASES) + " |", "|---" * (10 + len(PHASES)) + "|"]  # fmt: skip
+    for r in rows:
+        if "phases_s" not in r:
+            lines.append(f"| {r['job']} | | | | | {r['label']} | | {r['status']} | {r['wall_s']:.0f} s | {r['peak_rss_mb']} MB |" + " |" * len(PHASES))
+            continue
+        phases = " | ".join(f"{r['phases_s'][p]:.0f}" if p in r["phases_s"] else "" for p in PHASES)
+        decision = ", ".join(sorted({d for d in (r.get("outlier_decision") or {}).values() if d})) or "-"
+        lines.append(f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['classes']} | {r['precision']} | {r['target']} | {r['label']} "
+                     f"| {decision} | {r['status']} | {r['wall_s'] / 60:.1f} min | {r['peak_rss_mb'] / 1024:.2f} GB | {phases} |")  # fmt: skip
+    peaks = [r for r in rows if r.get("phase_peak_rss_mb")]
+    if peaks:
+        lines += ["", "Peak RSS of each phase (MB, sampled every 50 ms):", "",
+                  "| model | precision | target | code | " + " | ".join(PHASES) + " |", "|---" * (4 + len(PHASES)) + "|"]  # fmt: skip
+        for r in peaks:
+            cells = " | ".join(str(r["phase_peak_rss_mb"].get(p, "")) for p in PHASES)
+            lines.append(f"| {r['model']} | {r['precision']} | {r['target']} | {r['label']} | {cells} |")
+    versions = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in rows})
+    lines += ["", "Versions: " + "; ".join(versions) + ".", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="comma-separated jobs, model:precision:target (target 'all': every target in one run)")
+    parser.add_argument("--label", default="after", help="what the code measured is (after, before)")
+    parser.add_argument("--tree", type=Path, help="run the jobs on this checkout of the project instead")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "export-scale")
+    parser.add_argument("--again", action="store_true", help="measure jobs already in the .json again")
+    parser.add_argument("--render", action="store_true", help="only rewrite EXPORT_SCALE.md from the .json")
+    args = parser.parse_args()
+    if not args.render:
+        measure(args)
+    MD_PATH.write_text(render(json.loads(JSON_PATH.read_text())))
+    print(MD_PATH.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -6,8 +6,8 @@ with ``save_pretrained``: nothing can be downloaded) and the data a folder of 16
 ``segformer_edge.export(MODEL, target, precision, data=photos, size=...)`` with its defaults (verify included), as
 ``segformer-edge export MODEL --target T --precision P --data photos/ --size HxW`` runs it. Each job runs in its own
 process with an empty ``$XDG_CACHE_HOME`` (no outlier decision recorded by an earlier job is reused: every export
-is measured as a first export), but for ``:warm`` jobs, which share one cache (the first of them makes the decision, the
-others reuse it, as later exports of a user's model do). The phases come from the export's progress steps (the outlier decision is timed
+is measured as a first export), but for ``:warm`` jobs, which share one cache: the first warm job of a model makes the
+decision and the others reuse it, as a user's later exports of a model do (each row says which). The phases come from the export's progress steps (the outlier decision is timed
 inside capture); the peak RSS of each phase is sampled every 50 ms, the job's peak is the kernel's (``wait4``'s
 ``ru_maxrss``, helper processes included).
 
@@ -52,10 +52,10 @@ MODELS: dict[str, tuple[dict[str, Any], int, tuple[int, int]]] = {
 
 
 def all_jobs() -> list[str]:
-    """model:precision:target[:warm], in the order they run: b2 int8 per target with the outlier decision recorded by
-    the first of them (warm), b2's --target all, then the issue's matrix (every export its own first: cold)."""
+    """model:precision:target[:warm], in the order they run: the issue's matrix (every export its own first: cold), b2
+    int8 per target with the outlier decision recorded before (warm), and b2's --target all."""
     warm = [f"b2:int8:{t}:warm" for t in TARGETS]
-    return [*warm, "b2:int8:all", *(f"{m}:{p}:{t}" for m in MODELS for p in ("int8", "fp32") for t in TARGETS)]
+    return [*(f"{m}:{p}:{t}" for m in MODELS for p in ("int8", "fp32") for t in TARGETS), *warm, "b2:int8:all"]
 
 
 # The child: one export, its phases and the RSS of each. argv: job json.
@@ -73,6 +73,7 @@ import segformer_edge.converters.build as build
 from segformer_edge.errors import SegformerEdgeError
 
 marks, phase, peaks = [("import", started)], ["import"], {}
+target_peaks, current = {}, [""]  # per target of the run: its peak RSS
 page = os.sysconf("SC_PAGE_SIZE")
 
 def sample():
@@ -80,6 +81,8 @@ def sample():
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * page
         peaks[phase[0]] = max(peaks.get(phase[0], 0), rss)
+        if current[0]:
+            target_peaks[current[0]] = max(target_peaks.get(current[0], 0), rss)
         time.sleep(0.05)
 
 threading.Thread(target=sample, daemon=True).start()
@@ -93,6 +96,8 @@ def on_step(task, step, done):
         enter("calibration" if not done else "load")
     elif not done and step != "plan":
         enter(step)
+    if task != "calibration":
+        current[0] = task.split()[0]
 
 decide = build.rewrite_outliers
 def rewrite_outliers(model, plan):
@@ -138,7 +143,7 @@ for (name, t0), (_, t1) in zip(marks, marks[1:]):
     times[name] = times.get(name, 0.0) + t1 - t0
 usage = resource.getrusage(resource.RUSAGE_SELF)
 keep = ("pixel_agreement", "estimated_miou_drop_points", "max_abs_diff", "images", "passed")
-print("RESULT " + json.dumps({"status": status, "phases": times, "phase_peak_rss": peaks, "cpu_s": usage.ru_utime + usage.ru_stime,
+print("RESULT " + json.dumps({"status": status, "phases": times, "phase_peak_rss": peaks, "target_peak_rss": target_peaks, "cpu_s": usage.ru_utime + usage.ru_stime,
                                "parity": {n: {k: r.get(k) for k in keep} if r else None for n, r in figures.items()},
                                "decision": {n: ("reused" if d.get("reused") else "made") if d else None for n, d in decisions.items()}}))
 """
@@ -175,7 +180,7 @@ def run_job(job: str, work: Path, tree: Path | None) -> dict[str, Any]:
         spec = {"model": str(_hf_model(work, model)), "precision": precision, "target": target, "photos": str(photos),
                 "out": str(Path(tmp) / "out"), "size": size, "tree": str(tree) if tree else None}  # fmt: skip
         # A ":warm" job shares one cache with the other warm jobs of the work folder: its outlier decision was recorded
-        # by an earlier export of the same model and photos (the first warm job of a model makes it).
+        # by an earlier export of the same model and photos (the first warm job of a model makes it: its row says so).
         xdg = work / "warm-cache" if cache == ["warm"] else Path(tmp) / "cache"
         env = {**os.environ, "XDG_CACHE_HOME": str(xdg)}
         started = time.perf_counter()
@@ -194,6 +199,7 @@ def run_job(job: str, work: Path, tree: Path | None) -> dict[str, Any]:
             "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "cpu_s": round(result["cpu_s"], 1),
             "status": result["status"], "phases_s": {k: round(v, 1) for k, v in result["phases"].items()},
             "phase_peak_rss_mb": {k: round(v / 2**20) for k, v in result["phase_peak_rss"].items()},
+            "target_peak_rss_mb": {k: round(v / 2**20) for k, v in result.get("target_peak_rss", {}).items()},
             "parity": result["parity"], "outlier_decision": result.get("decision"), "cache": cache[0] if cache else "cold"}  # fmt: skip
 
 
@@ -238,9 +244,9 @@ def render(record: dict[str, Any]) -> str:
              f"{PHOTOS} crops of real photos as `--data`, the export's defaults (int8: calibration on the {PHOTOS} photos, "
              "`--outliers auto`; verify on them), seconds of wall time per phase; peak RSS is the process's (helpers included). "
              "`before` rows ran the same script on an older checkout (`--tree`).", "",
-             "`decision`: whether the export made its outlier decision (`made`) or reused the one an earlier export of the "
-             "same model and photos recorded (`reused`: the `:warm` jobs after the first, and every target after the "
-             "first in `--target all`); `-` for fp32.", "",
+             "`decision`: whether the export made its outlier decision (`made`: a first export of the model and photos) or "
+             "reused the one an earlier export recorded (`reused`: the `:warm` jobs after the first of a model, every target "
+             "but the first in `--target all`); `-` for fp32.", "",
              "| model | size | classes | precision | target | code | decision | status | wall | peak RSS | "
              + " | ".join(PHASES) + " |", "|---" * (10 + len(PHASES)) + "|"]  # fmt: skip
     for r in rows:
@@ -258,6 +264,11 @@ def render(record: dict[str, Any]) -> str:
         for r in peaks:
             cells = " | ".join(str(r["phase_peak_rss_mb"].get(p, "")) for p in PHASES)
             lines.append(f"| {r['model']} | {r['precision']} | {r['target']} | {r['label']} | {cells} |")
+    for r in rows:
+        if len(r.get("target_peak_rss_mb") or {}) > 1:
+            lines += ["", f"{r['model']} {r['precision']} --target {r['target']} ({r['label']}): the process's RSS at its "
+                      "highest while each target ran, in order: "
+                      + ", ".join(f"{t} {mb / 1024:.2f} GB" for t, mb in r["target_peak_rss_mb"].items()) + "."]  # fmt: skip
     versions = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in rows})
     lines += ["", "Versions: " + "; ".join(versions) + ".", ""]
     return "\n".join(lines)

@@ -230,6 +230,60 @@ def measure(args: argparse.Namespace) -> None:
         tmp.replace(JSON_PATH)
 
 
+LIMITS = {"wall_s": 180.0, "peak_gib": 4.0, "all_ratio": 2.5, "big_gib": 24.0}  # issue 27's acceptance
+
+
+def _parity(r: dict[str, Any]) -> str:
+    """'(parity on 16 images: pixel agreement 92.4%, estimated mIoU drop 0.001)' from a row's parity block."""
+    report = next(iter((r.get("parity") or {}).values()), None) or {}
+    if not report:
+        return ""
+    drop = report.get("estimated_miou_drop_points")
+    return (f"(parity on {report['images']} images: pixel agreement {100 * report['pixel_agreement']:.1f}%"
+            + (f", estimated mIoU drop {drop:.3f}" if drop is not None else "") + ")")
+
+
+def _summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 27's acceptance, read from the rows: what holds and what does not."""
+
+    def find(job: str, label: str = "after") -> dict[str, Any] | None:
+        return next((r for r in rows if r["job"] == job and r["label"] == label and r["status"] == "landed"), None)
+
+    def fits(r: dict[str, Any]) -> str:
+        ok = r["wall_s"] <= LIMITS["wall_s"] and r["peak_rss_mb"] / 1024 <= LIMITS["peak_gib"]
+        return f"{r['wall_s'] / 60:.1f} min, {r['peak_rss_mb'] / 1024:.2f} GiB ({'within' if ok else 'NOT within'})"
+
+    out = ["What the rows say of the goals (b2 at 512x512 int8 within 3 min and 4 GiB per target with verify; "
+           "`--target all` within 2.5x one target; b5 int8 and b0 at 1024x2048 fp32 within 24 GiB):", ""]  # fmt: skip
+    for target in TARGETS:
+        cold, warm = find(f"b2:int8:{target}"), find(f"b2:int8:{target}:warm")
+        parts = [f"decision made in the export: {fits(cold)}" if cold else None,
+                 f"decision recorded by an earlier export: {fits(warm)}" if warm else None]  # fmt: skip
+        if any(parts):
+            out.append(f"- b2 int8 {target}: " + "; ".join(p for p in parts if p) + ".")
+    before = next((r for r in rows if r["job"] == "b2:int8:executorch" and r["label"] == "before"), None)
+    after = find("b2:int8:executorch")
+    if before and after:
+        out.append(f"- b2 int8 executorch, the code before issue 27 (its CLI): {before['wall_s'] / 60:.1f} min, "
+                   f"{before['peak_rss_mb'] / 1024:.2f} GiB, {before['status']} {_parity(before)}; after: "
+                   f"{after['wall_s'] / 60:.1f} min, {after['peak_rss_mb'] / 1024:.2f} GiB, {after['status']} {_parity(after)}.")  # fmt: skip
+    every = [r for r in rows if r["job"] == "b2:int8:all" and r["status"] == "landed"]
+    one = find("b2:int8:executorch")
+    for r in every:
+        if one:
+            ratio = r["wall_s"] / one["wall_s"]
+            out.append(f"- b2 int8 --target all ({r['label']}; {len(r['outlier_decision'])} targets: "
+                       f"{', '.join(r['outlier_decision'])}): {r['wall_s'] / 60:.1f} min, {ratio:.2f}x the executorch export "
+                       f"alone ({'within' if ratio <= LIMITS['all_ratio'] else 'NOT within'} 2.5x), peak "
+                       f"{r['peak_rss_mb'] / 1024:.2f} GiB.")  # fmt: skip
+    for r in rows:
+        if r["model"] in ("b5", "b0-1024x2048") and r.get("status"):
+            ok = r["status"] == "landed" and r["peak_rss_mb"] / 1024 <= LIMITS["big_gib"]
+            out.append(f"- {r['model']} {r['precision']} {r['target']}: {r['status']}, {r['wall_s'] / 60:.1f} min, peak "
+                       f"{r['peak_rss_mb'] / 1024:.2f} GiB ({'within' if ok else 'NOT within'} 24 GiB).")  # fmt: skip
+    return out
+
+
 PHASES = ("import", "load", "calibration", "capture", "outlier decision", "quantize", "lower", "verify", "record",
           "whole export (CLI)")
 
@@ -247,6 +301,7 @@ def render(record: dict[str, Any]) -> str:
              "`decision`: whether the export made its outlier decision (`made`: a first export of the model and photos) or "
              "reused the one an earlier export recorded (`reused`: the `:warm` jobs after the first of a model, every target "
              "but the first in `--target all`); `-` for fp32.", "",
+             *_summary(rows), "",
              "| model | size | classes | precision | target | code | decision | status | wall | peak RSS | "
              + " | ".join(PHASES) + " |", "|---" * (10 + len(PHASES)) + "|"]  # fmt: skip
     for r in rows:
@@ -256,10 +311,10 @@ def render(record: dict[str, Any]) -> str:
         phases = " | ".join(f"{r['phases_s'][p]:.0f}" if p in r["phases_s"] else "" for p in PHASES)
         decision = ", ".join(sorted({d for d in (r.get("outlier_decision") or {}).values() if d})) or "-"
         lines.append(f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['classes']} | {r['precision']} | {r['target']} | {r['label']} "
-                     f"| {decision} | {r['status']} | {r['wall_s'] / 60:.1f} min | {r['peak_rss_mb'] / 1024:.2f} GB | {phases} |")  # fmt: skip
+                     f"| {decision} | {r['status']} | {r['wall_s'] / 60:.1f} min | {r['peak_rss_mb'] / 1024:.2f} GiB | {phases} |")  # fmt: skip
     peaks = [r for r in rows if r.get("phase_peak_rss_mb")]
     if peaks:
-        lines += ["", "Peak RSS of each phase (MB, sampled every 50 ms):", "",
+        lines += ["", "Peak RSS of each phase (MiB, sampled every 50 ms):", "",
                   "| model | precision | target | code | " + " | ".join(PHASES) + " |", "|---" * (4 + len(PHASES)) + "|"]  # fmt: skip
         for r in peaks:
             cells = " | ".join(str(r["phase_peak_rss_mb"].get(p, "")) for p in PHASES)
@@ -268,7 +323,7 @@ def render(record: dict[str, Any]) -> str:
         if len(r.get("target_peak_rss_mb") or {}) > 1:
             lines += ["", f"{r['model']} {r['precision']} --target {r['target']} ({r['label']}): the process's RSS at its "
                       "highest while each target ran, in order: "
-                      + ", ".join(f"{t} {mb / 1024:.2f} GB" for t, mb in r["target_peak_rss_mb"].items()) + "."]  # fmt: skip
+                      + ", ".join(f"{t} {mb / 1024:.2f} GiB" for t, mb in r["target_peak_rss_mb"].items()) + "."]  # fmt: skip
     versions = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in rows})
     lines += ["", "Versions: " + "; ".join(versions) + ".", ""]
     return "\n".join(lines)

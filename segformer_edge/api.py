@@ -521,28 +521,11 @@ def export(
             if single or len(names) == 1:
                 raise
             errors[name] = exc
-        finally:
-            if len(names) > 1:
-                _release_memory()
     if single:
         return artifacts[names[0]]
     if errors:
         raise ExportFailed(names, artifacts, errors)
     return artifacts
-
-
-def _release_memory() -> None:
-    """Hand back to the OS what a finished target of a run freed: its graphs' reference cycles collected, then
-    glibc's heap trimmed (elsewhere a no-op), so that the next target starts from the run's own footprint, not
-    from the last one's high-water mark (benchmarks/EXPORT_SCALE.md: b2 int8 --target all)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _check_data(data: str | None, split: str, strict: bool) -> None:

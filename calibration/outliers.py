@@ -106,8 +106,9 @@ MIN_GAIN = 0.2  # "auto" applies a rewrite only where it lowers the measured err
 SEARCH_IMAGES = 8  # calibration images the strength search runs on (statistics use all of them)
 BATCH = 4  # images per forward pass, at most ...
 BATCH_PIXELS = 512 * 512  # ... and at most this many input pixels: a b2 pass at 512x512 holds ~0.5 GB per image in
-# its decoder (four 768-channel maps at 1/4 size, concatenated) and the measures' hooks copy layer inputs; a batch of
-# 4 there peaked at 6.2 GB (benchmarks/EXPORT_SCALE.md). Large images gain nothing from batching on a CPU.
+# its decoder (four 768-channel maps at 1/4 size, concatenated) and the measures' hooks copy layer inputs. The b2 int8
+# export's peak was in the decision, in batches of 4: 7.6 GiB; one image at a time, the whole export peaks at 2.5 GiB
+# (benchmarks/EXPORT_SCALE.md, before and after). Large images gain nothing from batching on a CPU.
 
 
 class OutlierError(ExportError):

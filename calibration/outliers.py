@@ -38,7 +38,9 @@ measured only for the baseline and for the best strength, with the input ranges 
 other layer's float input), and only where the candidate can still win: a rewrite that lowers no site's (or, for
 bias correction, no layer's) own error by :data:`MIN_GAIN` cannot lower the model's by that much either. The
 result, an :class:`OutlierDecision` (what was chosen and measured, with the channel maxima or bias shifts that
-redo the rewrite without measuring), is what the export records and reuses. ``strategy="full"`` is the search
+redo the rewrite without measuring), is what the export records and reuses. Each pass runs on a budget of input pixels
+(:func:`search_images`): the search on up to 8 images and 1 M pixels (4 images at 512x512), the statistics on up to
+2 M (all of 16 images at 362x362 or less; 8 at 512x512); the record names both counts. ``strategy="full"`` is the search
 before: every candidate measured on the whole model (benchmarks/OUTLIER_DECISION.md compares the two).
 
 Measured and left out (benchmarks/OUTLIER_REWRITES.md: simulated W8A8 error of the built-in B0 at 128x128
@@ -78,6 +80,8 @@ from .spec import OUTLIER_MODES
 __all__ = [
     "ALPHAS",
     "OUTLIER_MODES",
+    "SEARCH_PIXELS",
+    "STAT_PIXELS",
     "STRATEGIES",
     "NormSite",
     "OutlierDecision",
@@ -93,6 +97,7 @@ __all__ = [
     "norm_sites",
     "outlier_ratio",
     "quantize_weight",
+    "search_images",
     "shift_biases",
     "smooth",
 ]
@@ -103,7 +108,13 @@ logger = logging.getLogger(__name__)
 # weights (RepQ-ViT's scale reparameterization of post-LayerNorm activations). Below 0.5 never won a search.
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MIN_GAIN = 0.2  # "auto" applies a rewrite only where it lowers the measured error by at least 20% (beyond noise)
-SEARCH_IMAGES = 8  # calibration images the strength search runs on (statistics use all of them)
+SEARCH_IMAGES = 8  # calibration images the strength search runs on, at most ...
+SEARCH_PIXELS = 4 * 512 * 512  # ... and at most this many input pixels (at least MIN_SEARCH images) ...
+STAT_PIXELS = 8 * 512 * 512  # ... and the statistics (channel maxima, bias shifts) this many (all images up to it).
+MIN_SEARCH = 2  # Every pass of the decision costs a forward per image: at b2 512x512 ~2.5 s with the measures' hooks,
+# and a first int8 export runs ~7 passes (capture, the baseline and each candidate that can win, the bias statistics).
+# 8 images of 128x128 (the tests' and the reference model's) are 0.13 M pixels; 4 of 512x512 already hold 1 M, with
+# 16x the tokens per image: the search keeps 8 images up to 362x362 and then bounds pixels, not images.
 BATCH = 4  # images per forward pass, at most ...
 BATCH_PIXELS = 512 * 512  # ... and at most this many input pixels: a b2 pass at 512x512 holds ~0.5 GB per image in
 # its decoder (four 768-channel maps at 1/4 size, concatenated) and the measures' hooks copy layer inputs. The b2 int8
@@ -183,6 +194,13 @@ def migrate(model: nn.Module, site: NormSite, s: Tensor) -> None:
     for name in site.consumers:
         layer = modules[name]
         layer.weight.mul_(_input_channel_view(layer, s))  # (out, C[, kh, kw]) * (1, C[, 1, 1])
+
+
+def search_images(inputs: Tensor, pixels: int = SEARCH_PIXELS, most: int = SEARCH_IMAGES) -> int:
+    """How many of the calibration images (N, 3, H, W) a pass of the decision runs on: ``most``, fewer where they
+    would hold more than ``pixels`` input pixels, never fewer than :data:`MIN_SEARCH` (nor than there are)."""
+    per_image = max(1, inputs.shape[-2] * inputs.shape[-1])
+    return min(len(inputs), max(MIN_SEARCH, min(most, pixels // per_image)))
 
 
 def _batch_size(inputs: Tensor) -> int:
@@ -630,7 +648,7 @@ def _check_preserved(original: nn.Module, rewritten: nn.Module, inputs: Tensor) 
 
 
 STRATEGIES = ("local", "full")
-DECISION_FORMAT = "segformer-edge-outlier-decision/1"
+DECISION_FORMAT = "segformer-edge-outlier-decision/2"  # 2: images bounded by pixels
 
 
 @dataclass
@@ -712,20 +730,24 @@ def decide_outliers(
     if mode == "none":
         return OutlierDecision({"mode": "none", "applied": []}, {})
     sites, skipped = norm_sites(model)
+    calibration_images = len(inputs)
+    search = search_images(inputs)
+    inputs = inputs[: search_images(inputs, STAT_PIXELS, len(inputs))]  # (n, 3, H, W): what the statistics see
     if strategy == "local":
-        captured = _capture(model, inputs, sites, SEARCH_IMAGES)
+        captured = _capture(model, inputs, sites, search)
         reference, absmax = captured.reference, captured.absmax
     else:
         with torch.no_grad():
-            reference = torch.cat([model(b) for b in _batches(inputs[:SEARCH_IMAGES])])  # (n, K, H/4, W/4)
+            reference = torch.cat([model(b) for b in _batches(inputs[:search])])  # (n, K, H/4, W/4)
     measured_with = "caller's measure" if measure is not None else SimulatedInt8.metric
     simulated = measure is None and strategy == "local"  # its input ranges are known from the capture pass
     if measure is None:
-        measure = SimulatedInt8(inputs[:SEARCH_IMAGES], reference, weights)
+        measure = SimulatedInt8(inputs[:search], reference, weights)
     want_smooth = mode in ("auto", "smoothquant", "smoothquant+bias_correction")
     want_bias = mode in ("auto", "bias_correction", "smoothquant+bias_correction")
     before = measure(model, ranges=captured.ranges) if simulated else measure(model)  # type: ignore[call-arg]
-    record: dict[str, Any] = {"mode": mode, "applied": [], "metric": measured_with, "images": min(len(inputs), SEARCH_IMAGES),
+    record: dict[str, Any] = {"mode": mode, "applied": [], "metric": measured_with, "images": search,
+                              "statistics_images": len(inputs), "calibration_images": calibration_images,
                               "strategy": strategy, "error_before": before}  # fmt: skip
     arrays: dict[str, Tensor] = {}
     best, best_err = model, before
@@ -792,7 +814,7 @@ def decide_outliers(
                 best, best_err = candidate, err
     if want_bias:
         best_ranges = None if strategy != "local" else ranges if best is not model else captured.ranges
-        shifts, share = bias_statistics(best, inputs, weights, best_ranges)
+        shifts, share = bias_statistics(best, inputs, weights, best_ranges, search=search)
         info = _bias_info(shifts, weights)
         if share is not None and mode == "auto" and share < min_gain:
             # Bias correction changes each layer's own error by the bound above; where no layer's falls by
@@ -840,7 +862,7 @@ def handle_outliers(
             ``auto``: each is applied only where it lowers the measured error by ``min_gain`` or more.
         weights: The int8 weight granularity the target will use (``per_channel`` or ``per_tensor``).
         measure: Error of a candidate float model in int8, lower is better (default :class:`SimulatedInt8`
-            on the first ``SEARCH_IMAGES`` calibration images).
+            on the first :func:`search_images` calibration images).
         alphas: SmoothQuant strengths to search.
         min_gain: For ``auto``, the relative error reduction a rewrite must bring to be kept.
         strategy: ``local`` or ``full`` (see :func:`decide_outliers`).

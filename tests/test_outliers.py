@@ -18,14 +18,17 @@ import torch
 from conftest import flat, run_cli
 from segformer_edge.calibration.calibset import CalibrationSet, select_calibration_set
 from segformer_edge.calibration.outliers import (
+    STAT_PIXELS,
     OutlierError,
     channel_absmax,
     correct_bias,
+    decide_outliers,
     handle_outliers,
     inject_outliers,
     norm_sites,
     outlier_ratio,
     quantize_weight,
+    search_images,
 )
 from segformer_edge.calibration.spec import QuantSpec
 from segformer_edge.converters import get_target
@@ -116,6 +119,22 @@ def test_auto_leaves_a_model_without_outliers_alone(trained: SegFormer, calib: C
     assert _same_state(_state(model), _state(folded))
     assert set(record["smoothquant"]["candidates"]) == {"0.5", "0.6", "0.7", "0.8", "0.9", "1"}
     assert record["bias_correction"]["applied"] is False and record["error_after"] == record["error_before"]
+    assert (record["images"], record["statistics_images"], record["calibration_images"]) == (8, 16, 16)  # 64x64: all
+
+
+def test_the_decision_runs_on_a_budget_of_pixels(stressed) -> None:
+    """Large images: the search runs on fewer of them (4 at 512x512, never under 2), the statistics on up to twice
+    that, and the record says how many; the rewrite is still measured and applied."""
+    model, _ = stressed
+    photos = torch.rand(10, 3, 512, 512) * 2 - 1  # (N, 3, H, W)
+    assert [search_images(photos[:n]) for n in (1, 3, 10)] == [1, 3, 4]
+    assert search_images(torch.empty(16, 3, 1024, 2048, device="meta")) == 2
+    assert search_images(torch.empty(16, 3, 362, 362, device="meta")) == 8
+    assert search_images(photos, STAT_PIXELS, len(photos)) == 8
+    decision = decide_outliers(fold_batch_norm(model), photos, "smoothquant")
+    record = decision.record
+    assert (record["images"], record["statistics_images"], record["calibration_images"]) == (4, 8, 10), record
+    assert record["applied"] == ["smoothquant"] and record["error_after"] < record["error_before"], record
 
 
 def test_bias_correction_cancels_the_mean_weight_error(trained: SegFormer, calib: CalibrationSet) -> None:

@@ -203,12 +203,20 @@ def run_job(job: str, work: Path, tree: Path | None) -> dict[str, Any]:
             "parity": result["parity"], "outlier_decision": result.get("decision"), "cache": cache[0] if cache else "cold"}  # fmt: skip
 
 
-def _record_head() -> dict[str, Any]:
+def _commit(tree: Path | None) -> str:
+    """The measured checkout's commit, ``+`` where its tracked files had changes."""
+    where = str(tree or HERE.parent)
+    head = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    return head + ("+" if dirty else "") if head else "unknown"
+
+
+def _record_head(tree: Path | None = None) -> dict[str, Any]:
     from importlib.metadata import version
 
     from segformer_edge.converters.bench import machine_info
 
-    return {"date": datetime.date.today().isoformat(), "machine": machine_info(),
+    return {"date": datetime.date.today().isoformat(), "machine": machine_info(), "commit": _commit(tree),
             "versions": {n: version(n) for n in ("torch", "executorch", "ai-edge-litert", "onnxruntime", "openvino", "transformers")}}  # fmt: skip
 
 
@@ -222,7 +230,7 @@ def measure(args: argparse.Namespace) -> None:
             print(f"{job} ({args.label}): measured already (--again measures it again)")
             continue
         print(f"{job} ({args.label}) ...", flush=True)
-        row = {**run_job(job, args.work, args.tree), "label": args.label, **_record_head()}
+        row = {**run_job(job, args.work, args.tree), "label": args.label, **_record_head(args.tree)}
         print(f"  {row['status']}: {row['wall_s']:.0f} s, peak {row['peak_rss_mb']} MB, {row.get('phases_s')}", flush=True)
         record["rows"] = [r for r in record["rows"] if not (r["job"] == job and r.get("label") == args.label)] + [row]
         tmp = JSON_PATH.with_suffix(".json.tmp")
@@ -279,7 +287,7 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if r["model"] in ("b5", "b0-1024x2048") and r.get("status"):
             ok = r["status"] == "landed" and r["peak_rss_mb"] / 1024 <= LIMITS["big_gib"]
-            out.append(f"- {r['model']} {r['precision']} {r['target']}: {r['status']}, {r['wall_s'] / 60:.1f} min, peak "
+            out.append(f"- {r['model']} {r['precision']} {r['target']} ({r['label']}): {r['status']}, {r['wall_s'] / 60:.1f} min, peak "
                        f"{r['peak_rss_mb'] / 1024:.2f} GiB ({'within' if ok else 'NOT within'} 24 GiB).")  # fmt: skip
     return out
 
@@ -297,7 +305,9 @@ def render(record: dict[str, Any]) -> str:
              f"transformers-saved models of each variant's shape (seeded random weights), "
              f"{PHOTOS} crops of real photos as `--data`, the export's defaults (int8: calibration on the {PHOTOS} photos, "
              "`--outliers auto`; verify on them), seconds of wall time per phase; peak RSS is the process's (helpers included). "
-             "`before` rows ran the same script on an older checkout (`--tree`).", "",
+             "`code`: what was measured and its commit (`+`: with uncommitted changes); `before` rows ran the same script on an "
+             "older checkout (`--tree`), `stop 30` rows the code that landed before the sampled histogram and the decision's "
+             "pixel budget.", "",
              "`decision`: whether the export made its outlier decision (`made`: a first export of the model and photos) or "
              "reused the one an earlier export recorded (`reused`: the `:warm` jobs after the first of a model, every target "
              "but the first in `--target all`); `-` for fp32.", "",
@@ -310,7 +320,7 @@ def render(record: dict[str, Any]) -> str:
             continue
         phases = " | ".join(f"{r['phases_s'][p]:.0f}" if p in r["phases_s"] else "" for p in PHASES)
         decision = ", ".join(sorted({d for d in (r.get("outlier_decision") or {}).values() if d})) or "-"
-        lines.append(f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['classes']} | {r['precision']} | {r['target']} | {r['label']} "
+        lines.append(f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['classes']} | {r['precision']} | {r['target']} | {r['label']} ({r.get('commit', '?')}) "
                      f"| {decision} | {r['status']} | {r['wall_s'] / 60:.1f} min | {r['peak_rss_mb'] / 1024:.2f} GiB | {phases} |")  # fmt: skip
     peaks = [r for r in rows if r.get("phase_peak_rss_mb")]
     if peaks:

@@ -79,7 +79,7 @@ class SampledHistogramObserver(HistogramObserver):
     values, its exact minimum and maximum among them.
 
     ``torch.histc`` over every value was ~40% of a PT2E calibration pass at 512x512 (b2's decoder concatenation alone
-    holds 50 M values per image); benchmarks/EXPORT_SCALE.md measures the time saved and the calibrated scales against
+    holds 50 M values per image); benchmarks/HISTOGRAM_SAMPLE.md measures the time saved and the calibrated scales against
     the full histogram's. Tensors up to :attr:`sample` values are histogrammed whole, exactly as before. The sample is
     every ``p``-th value, ``p`` a prime that divides none of the tensor's dimensions: a stride that divided the
     channel count would see only some channels of a (tokens, C) activation.

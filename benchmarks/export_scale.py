@@ -204,10 +204,12 @@ def run_job(job: str, work: Path, tree: Path | None) -> dict[str, Any]:
 
 
 def _commit(tree: Path | None) -> str:
-    """The measured checkout's commit, ``+`` where its tracked files had changes."""
+    """The measured checkout's commit, ``+`` where its package code (not the benchmarks or docs) had changes."""
     where = str(tree or HERE.parent)
     head = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    code = ["segformer_edge", "converters", "calibration", "pyproject.toml"]
+    dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no", "--", *code],
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
     return head + ("+" if dirty else "") if head else "unknown"
 
 
@@ -264,9 +266,11 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
     out = ["What the rows say of the goals (b2 at 512x512 int8 within 3 min and 4 GiB per target with verify; "
            "`--target all` within 2.5x one target; b5 int8 and b0 at 1024x2048 fp32 within 24 GiB):", ""]  # fmt: skip
     for target in TARGETS:
-        cold, warm = find(f"b2:int8:{target}"), find(f"b2:int8:{target}:warm")
-        parts = [f"decision made in the export: {fits(cold)}" if cold else None,
-                 f"decision recorded by an earlier export: {fits(warm)}" if warm else None]  # fmt: skip
+        parts = []
+        for r in (find(f"b2:int8:{target}"), find(f"b2:int8:{target}:warm")):
+            if r is not None:  # a warm job made the decision where it ran first: the row says which
+                made = "made" in (r.get("outlier_decision") or {}).values()
+                parts.append(f"{'decision made in the export' if made else 'decision recorded by an earlier export'}: {fits(r)}")
         if any(parts):
             out.append(f"- b2 int8 {target}: " + "; ".join(p for p in parts if p) + ".")
     before = next((r for r in rows if r["job"] == "b2:int8:executorch" and r["label"] == "before"), None)
@@ -276,8 +280,9 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
                    f"{before['peak_rss_mb'] / 1024:.2f} GiB, {before['status']} {_parity(before)}; after: "
                    f"{after['wall_s'] / 60:.1f} min, {after['peak_rss_mb'] / 1024:.2f} GiB, {after['status']} {_parity(after)}.")  # fmt: skip
     every = [r for r in rows if r["job"] == "b2:int8:all" and r["status"] == "landed"]
-    one = find("b2:int8:executorch")
-    for r in every:
+    for r in every:  # against the single export of the same code (its commit)
+        one = next((o for o in rows if o["job"] == "b2:int8:executorch" and o["status"] == "landed"
+                    and o.get("commit", "").rstrip("+") == r.get("commit", "").rstrip("+")), None)  # fmt: skip
         if one:
             ratio = r["wall_s"] / one["wall_s"]
             out.append(f"- b2 int8 --target all ({r['label']}; {len(r['outlier_decision'])} targets: "

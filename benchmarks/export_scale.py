@@ -310,7 +310,7 @@ def render(record: dict[str, Any]) -> str:
              f"transformers-saved models of each variant's shape (seeded random weights), "
              f"{PHOTOS} crops of real photos as `--data`, the export's defaults (int8: calibration on the {PHOTOS} photos, "
              "`--outliers auto`; verify on them), seconds of wall time per phase; peak RSS is the process's (helpers included). "
-             "`code`: what was measured and its commit (`+`: with uncommitted changes); `before` rows ran the same script on an "
+             "`code`: what was measured and its commit (`+`: with uncommitted changes to the package code); `before` rows ran the same script on an "
              "older checkout (`--tree`), `stop 30` rows the code that landed before the sampled histogram and the decision's "
              "pixel budget.", "",
              "`decision`: whether the export made its outlier decision (`made`: a first export of the model and photos) or "

@@ -26,7 +26,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 JSON_PATH, MD_PATH = HERE / "histogram_sample.json", HERE / "HISTOGRAM_SAMPLE.md"
-MODES = {"full histogram (torchao HistogramObserver)": 1 << 62, "sampled histogram (~1 M values)": None}
 
 
 def _scales(graph_module: Any) -> list[float]:
@@ -38,12 +37,12 @@ def _scales(graph_module: Any) -> list[float]:
 def measure_model(name: str, work: Path) -> dict[str, Any]:
     import torch
     from export_scale import MODELS, PHOTOS, _hf_model
-
-    import segformer_edge.converters.build as build
     from segformer_edge.calibration import recipes
     from segformer_edge.calibration.spec import QuantSpec
+    from segformer_edge.converters import build
     from segformer_edge.converters.base import ExportOptions
     from segformer_edge.converters.int8 import calibration_for
+
     from segformer_edge.weights import load_pretrained
 
     sys.path.insert(0, str(HERE.parent / "tests"))
@@ -63,8 +62,10 @@ def measure_model(name: str, work: Path) -> dict[str, Any]:
         reference = [module(x) for x in inputs]  # (1, K, H/4, W/4) float logits each
     rows, graphs = [], {}
     default = recipes.SampledHistogramObserver.sample
-    for mode, sample in MODES.items():
-        recipes.SampledHistogramObserver.sample = sample or default
+    # mode -> the observer's sample size: one above any tensor's size histograms every value (torchao's own path)
+    modes = {"full histogram (torchao HistogramObserver)": 1 << 62, f"sampled histogram (~{default / 2**20:g} M values)": default}
+    for mode, sample in modes.items():
+        recipes.SampledHistogramObserver.sample = sample
         try:
             with build.shared_provenance():
                 started = time.perf_counter()

@@ -275,6 +275,8 @@ def test_the_sampled_histogram_keeps_every_channel_and_leaves_small_tensors_exac
     sampled, full = activation_observer("mse")(), HistogramObserver(eps=2**-12)
     sampled(tokens), full(tokens)
     assert float(sampled.min_val) == float(tokens.min()) and float(sampled.max_val) == float(tokens.max())
+    counted = float(sampled.histogram.sum())  # the values histogrammed: a sample (every 3rd, the extremes), not all 2 M
+    assert float(full.histogram.sum()) == tokens.numel() and tokens.numel() / 4 < counted < tokens.numel() / 2, counted
     edges = torch.linspace(float(sampled.min_val), float(sampled.max_val), sampled.bins + 1)
     outer = (edges[:-1].abs() > 6) & (edges[1:].abs() > 6)  # bins only the outlier channel reaches (|40 z| > 6)
     share = float(sampled.histogram[outer].sum() / sampled.histogram.sum())

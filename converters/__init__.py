@@ -18,7 +18,7 @@ from segformer_edge.errors import ExportError
 if TYPE_CHECKING:
     from .base import Target
 
-__all__ = ["ENTRY_POINT_GROUP", "get_target", "register", "target_names", "unregister"]
+__all__ = ["ENTRY_POINT_GROUP", "get_target", "register", "registry_entry", "target_names", "unregister"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ def register(target: str | type[Target], path: str | None = None) -> None:
         if not target.name:
             raise ValueError(f"{target.__name__}: a target class needs a name")
         _registry[target.name] = target
+
+
+def registry_entry(name: str) -> str | type[Target]:
+    """What ``name`` is registered as (an import path or a class): what a worker process registers to see the same
+    target, where it was registered in this process only."""
+    _load_plugins()
+    entry = _registry.get(name)
+    if entry is None:
+        raise ExportError(f"unknown target {name!r}; choose one of {', '.join(_registry)} or all")
+    return entry
 
 
 def unregister(name: str) -> None:

@@ -50,6 +50,10 @@ MANIFEST_FORMAT = "segformer-edge-artifact/1"
 OUTPUT_KINDS = ("logits", "mask", "probs")
 MASK_SIZES = ("full", "quarter", "full-exact")
 PRECISIONS = ("fp32", "fp16", "int8")
+# The decoder's formulation in the exported graph (see segformer_edge.model.ProjectedHead): ``projected`` folds the
+# fuse conv and BatchNorm into the stage projections before upsampling (the same function, a fraction of the MACs);
+# ``as-trained`` keeps concat + fuse conv; ``auto`` projects unless a float-kept layer lies in the decoder.
+DECODER_FORMS = ("auto", "projected", "as-trained")
 
 
 class ArtifactError(SegformerEdgeError, ValueError):
@@ -86,6 +90,9 @@ class ExportOptions:
         layout: ``nchw`` or ``nhwc`` (what mobile camera pipelines hand over).
         dynamic: Dynamic H and W.
         image_input: A camera-frame image input of the runtime, normalisation folded in.
+        decoder: The decoder's formulation in the graph (:data:`DECODER_FORMS`): ``projected`` runs the fuse conv
+            (and BatchNorm) folded into the four stage projections before upsampling, ``as-trained`` the
+            concatenation and fuse conv, ``auto`` projected unless an int8 export keeps a decoder layer float.
         target_options: Options of the target itself (``--target-option KEY=VALUE``), checked by the target.
     """
 
@@ -99,8 +106,11 @@ class ExportOptions:
     image_input: bool = False
     target_options: dict[str, str] = field(default_factory=dict)
     taps: bool = False  # a debug graph: the stage outputs and the fused decoder feature as extra outputs
+    decoder: str = "auto"  # see DECODER_FORMS
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODER_FORMS:
+            raise ExportError(f"--decoder {self.decoder}: choose one of {', '.join(DECODER_FORMS)}")
         if self.precision not in PRECISIONS:
             raise ExportError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.input_kind not in INPUT_KINDS:

@@ -40,6 +40,8 @@ __all__ = [
     "build_manifest",
     "calibration_inputs",
     "capture",
+    "decoder_form",
+    "float_model",
     "lower",
     "plan_export",
     "quantize",
@@ -82,27 +84,44 @@ def plan_export(model: Any, target_name: str, options: ExportOptions, out_dir: s
         calib = quant.require_calibration(target_name)
         if calib.size != tuple(options.size):
             raise DataError(f"calibration images are {calib.size[0]}x{calib.size[1]} but the export is {options.size[0]}x{options.size[1]}")
+    decoder_form(options, quant)  # --decoder projected with a float-kept decoder layer: refused here
     target_options = target.plan(options, quant)
     folder = Path(out_dir) / artifact_name(model.config.variant, target_name, options, quant.scheme if quant else "static")
     return ExportPlan(target, options, quant, target_options, folder, options.input_spec(model.meta, target.integer_input),
                       options.graph_spec(model.meta), model.meta, model.config.variant)  # fmt: skip
 
 
+def decoder_form(options: ExportOptions, quant: QuantSpec | None) -> dict[str, str]:
+    """The decoder's formulation in the exported graph, and why (recorded in the manifest as ``decoder``).
+
+    ``projected`` (:class:`segformer_edge.model.ProjectedHead`) is the same function with the fuse conv folded into
+    the stage projections. It has no fuse conv, so a QuantSpec that keeps a decoder layer float (``decoder.head``,
+    ``decoder.fuse``, ``decoder.linear_c.N``) gets the decoder as trained under ``auto``, and an error under
+    ``projected``: the float-kept layer must exist as the user named it."""
+    kept = [m for m in quant.float_modules if m == "model.decoder" or m.startswith("model.decoder.")] if quant is not None else []
+    if options.decoder == "as-trained":
+        return {"form": "as-trained", "why": "--decoder as-trained"}
+    if kept:
+        names = ", ".join(m.removeprefix("model.") for m in kept)
+        if options.decoder == "projected":
+            raise ExportError(f"--decoder projected folds the decoder's fuse conv into its stage projections, but {names} "
+                              "is kept float: use --decoder auto or as-trained, or keep no decoder layer float")  # fmt: skip
+        return {"form": "as-trained", "why": f"{names} kept float: the projected decoder has no such layer"}
+    return {"form": "projected", "why": "fuse conv and BatchNorm folded into the stage projections, before upsampling"}
+
+
 def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
     """The module the target converts (float model + graph edges + its swaps), an example input, and what the
     outlier handling did (empty for float exports).
 
-    For int8 the float model is a rewritten copy (BatchNorm folded, then the QuantSpec's outlier handling);
-    ``model`` itself, the reference of verify, is never changed.
+    The float model is :func:`float_model`'s rewritten copy; ``model`` itself, the reference of verify, is never
+    changed.
     """
     import torch
 
-    from .graph import EdgeModule, fold_batch_norm
+    from .graph import EdgeModule
 
-    outliers: dict[str, Any] = {}
-    if plan.quant is not None:
-        model = fold_batch_norm(model)  # the quantizers see conv + bias, not conv + BatchNorm
-        model, outliers = rewrite_outliers(model, plan)
+    model, outliers = float_model(model, plan)
     edge = EdgeModule(model, plan.graph_input, plan.options.output, plan.options.taps, plan.options.mask_size,
                       runner_up=plan.target.mask_runner_up)  # fmt: skip
     takes_plan = "plan" in inspect.signature(plan.target.prepare).parameters  # a plugin's older override may not
@@ -110,6 +129,19 @@ def capture(model: Any, plan: ExportPlan) -> tuple[torch.nn.Module, torch.Tensor
     shape = plan.graph_input.shape
     example = torch.randint(0, 256, shape, dtype=torch.uint8) if plan.graph_input.kind == "uint8" else torch.rand(shape)
     return module, example, outliers
+
+
+def float_model(model: Any, plan: ExportPlan) -> tuple[Any, dict[str, Any]]:
+    """The float model a target converts, as a rewritten copy, and what the outlier handling did (empty for float
+    exports): the decoder in its form (:func:`decoder_form`), BatchNorm folded for int8 either way (the quantizers
+    see conv + bias), then the QuantSpec's outlier handling, measured on the graph that is quantized."""
+    from .graph import fold_batch_norm, project_decoder
+
+    if decoder_form(plan.options, plan.quant)["form"] == "projected":
+        model = project_decoder(model)  # a copy; its BatchNorm folded with the fuse conv
+    elif plan.quant is not None:
+        model = fold_batch_norm(model)
+    return rewrite_outliers(model, plan) if plan.quant is not None else (model, {})
 
 
 def rewrite_outliers(model: Any, plan: ExportPlan) -> tuple[Any, dict[str, Any]]:
@@ -280,7 +312,8 @@ def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowere
         "output": {"kind": options.output, "shape": out_shape, "dtype": "int32" if options.output == "mask" else "float32",
                    **mask_record, **({"taps": list(TAPS)} if options.taps else {})},
         "target_options": plan.target_options,
-        "network_macs": _network_macs(model, options.size),
+        "decoder": decoder_form(options, plan.quant),
+        "network_macs": _network_macs(model, options.size, decoder_form(options, plan.quant)["form"] == "projected"),
         "quantization": None,
         # A model trained in memory has no file: its name and sha256 are None, its parameters' digest identifies it.
         "checkpoint": {"name": checkpoint.name if checkpoint else None,
@@ -289,7 +322,8 @@ def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowere
         "tool_versions": plan.target.tool_versions(),
     }
     if plan.quant is not None:
-        manifest["quantization"] = {**plan.quant.to_manifest(), "batch_norm": "folded into the decoder's fuse conv",
+        folded_into = "the decoder's stage projections" if manifest["decoder"]["form"] == "projected" else "the decoder's fuse conv"
+        manifest["quantization"] = {**plan.quant.to_manifest(), "batch_norm": f"folded into {folded_into}",
                                     "applied": {**quantized, **actual_quant}}  # fmt: skip
     manifest.update(lowered)
     manifest["file"] = file.name
@@ -299,13 +333,14 @@ def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowere
     return manifest
 
 
-def _network_macs(model: Any, size: tuple[int, int]) -> int | None:
-    """The float network's multiply-accumulates (convs, linears, attention matmuls) for one image at ``size``:
-    bench's floor (``--floor``) is these at this machine's GEMM rate. Counted on the meta device."""
+def _network_macs(model: Any, size: tuple[int, int], projected: bool) -> int | None:
+    """The exported network's multiply-accumulates (convs, linears, attention matmuls) for one image at ``size``,
+    with the decoder in the graph's formulation: bench's floor (``--floor``) is these at this machine's GEMM rate.
+    Counted on the meta device."""
     from segformer_edge.profile import model_stats
 
     try:
-        return int(model_stats(model.config, size)["macs"])
+        return int(model_stats(model.config, size, projected=projected)["macs"])
     except ValueError:  # smaller than SegFormer's 32x32 minimum: not a size an artifact is made at
         return None
 

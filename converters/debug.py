@@ -56,6 +56,7 @@ def _options_of(manifest: dict[str, Any]) -> ExportOptions:
         precision=manifest["precision"], size=tuple(spec["size"]), input_kind="uint8" if spec.get("image") else spec["kind"],
         output=manifest["output"]["kind"], mask_size=manifest["output"].get("size", "full"), layout=spec["layout"], dynamic=bool(spec.get("dynamic_hw")),
         image_input=bool(spec.get("image")), target_options=dict(manifest.get("target_options") or {}), taps=True,
+        decoder=(manifest.get("decoder") or {}).get("form", "as-trained"),  # manifests before the record: as trained
     )  # fmt: skip
 
 
@@ -200,7 +201,7 @@ def _conclusion(first: str | None, taps: list[dict[str, Any]], precision: str) -
     if first is None:
         return "every tap stays above the threshold: the artifact follows the float model through the network"
     tap = next(t for t in taps if t["tap"] == first)
-    where = {"fused": "the decoder's fuse (the concatenated stage projections, conv, ReLU)",
+    where = {"fused": "the decoder's fuse (the stage projections, their upsampling and fuse, ReLU)",
              "logits": "the classifier"}.get(first, f"encoder {first.replace('stage', 'stage ')}")  # fmt: skip
     if tap["nonfinite_fraction"] > 0:
         cause = "NaN or inf appear there" + (" (fp16 overflow is the usual cause: keep that part in fp32)" if precision == "fp16" else "")

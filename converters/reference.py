@@ -7,6 +7,8 @@ against it, :mod:`.int8` uses its masks where the user's photos have no labels, 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,6 +24,8 @@ from .base import Artifact, file_sha256
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "check_reference",
@@ -77,10 +81,41 @@ def float_logits(model: Any, spec: InputSpec, images: np.ndarray) -> np.ndarray:
     x = spec.float_spec(images)  # (N, 3, H, W) float32, normalised
     logits = _FLOAT_MEMO.get(model, x)
     if logits is None:
-        with torch.no_grad():
-            logits = model(torch.from_numpy(x)).numpy()
+        shared = _FLOAT_MEMO.shared_file(model, x)
+        logits = _read_shared(shared)
+        if logits is None:
+            with torch.no_grad():
+                logits = model(torch.from_numpy(x)).numpy()
+            _write_shared(shared, logits)
         _FLOAT_MEMO.put(model, x, logits)
     return logits
+
+
+# Targets exported side by side (converters/side_by_side.py) are separate processes: each has its own memo. The
+# float logits one of them computes are left in this folder (named by the model state's digest and the input's) for
+# the others, so that the run's float model still runs once on each image.
+SHARED_LOGITS_ENV = "SEGFORMER_EDGE_SHARED_LOGITS"
+
+
+def _read_shared(path: Path | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_shared(path: Path | None, logits: np.ndarray) -> None:
+    if path is None:
+        return
+    from segformer_edge.io import atomic_path
+
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, logits, allow_pickle=False)
+    except OSError as exc:
+        logger.info("float logits not shared with the other targets (%s)", exc)
 
 
 class _FloatMemo:
@@ -97,10 +132,21 @@ class _FloatMemo:
         self._state: tuple[Any, ...] = ()
         self._entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._bytes = 0
+        self._digest: str | None = None  # the model state's sha256, when a shared file needed it
 
     @staticmethod
     def _state_of(model: Any) -> tuple[Any, ...]:
         return tuple((id(t), t._version) for t in model.state_dict(keep_vars=True).values())
+
+    def shared_file(self, model: Any, x: np.ndarray) -> Path | None:
+        """Where the logits of ``x`` are shared between the processes of one run (None outside such a run, or for a
+        model the memo cannot keep)."""
+        folder = os.environ.get(SHARED_LOGITS_ENV)
+        if not folder or not self._slot(model):
+            return None
+        if self._digest is None:
+            self._digest = state_digest(model)
+        return Path(folder) / f"{self._digest[:24]}-{self._key(x).hex()[:32]}.npy"
 
     def _slot(self, model: Any) -> bool:
         """Whether the entries are this model's as it is now (else they are dropped); False for one it cannot keep."""
@@ -128,7 +174,7 @@ class _FloatMemo:
             self._bytes -= old.nbytes
 
     def clear(self) -> None:
-        self._model, self._state = None, ()
+        self._model, self._state, self._digest = None, (), None
         self._entries.clear()
         self._bytes = 0
 

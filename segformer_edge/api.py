@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -64,6 +65,8 @@ __all__ = [
     "target_list",
     "verify",
 ]
+
+logger = logging.getLogger(__name__)
 
 ModelLike: TypeAlias = "str | Path | SegFormer | None"
 ArtifactLike: TypeAlias = "str | Path | base.Artifact"
@@ -462,6 +465,8 @@ def export(
     layout: str = "nchw",
     dynamic: bool = False,
     image_input: bool = False,
+    decoder: str = "auto",
+    jobs: int | None = None,
     verify: bool = True,
     verify_images: int = VERIFY_IMAGES,
     calibration: str | Path | CalibrationSet | None = None,
@@ -503,7 +508,7 @@ def export(
     step = on_step or _no_step
     h, w = _size(size, net.meta.input_size)
     export_options = ExportOptions(precision=precision, size=(h, w), input_kind=input_kind, output=output, mask_size=mask_size,
-                                   layout=layout, dynamic=dynamic, image_input=image_input,
+                                   layout=layout, dynamic=dynamic, image_input=image_input, decoder=decoder,
                                    target_options={key: str(value) for key, value in options.items()})  # fmt: skip
     _plan_all(net, names, export_options, Path(out), method, outliers, scheme)  # every target refuses what it cannot honour first
     data = str(data) if data is not None else None
@@ -511,12 +516,22 @@ def export(
     quant = _quant_spec(net, path, export_options, data, calibration, calibration_images, method, budget, outliers, scheme, step)
     search = None if budget is None else (budget, budget_granularity)
     single = isinstance(target, str) and target != "all"
+    calls = {name: {"model": net, "path": path, "name": name, "options": export_options, "quant": quant, "budget": search,
+                    "out": Path(out), "data": data, "verify": verify, "verify_images": verify_images, "layers": layers,
+                    "capture_output": capture_output} for name in names}  # fmt: skip
+    outcomes = _export_side_by_side(calls, jobs, step) if len(names) > 1 else None
     artifacts: dict[str, Artifact] = {}
     errors: dict[str, SegformerEdgeError] = {}
     for name in names:
+        if outcomes is not None:
+            status, value = outcomes[name]
+            if status == "ok":
+                artifacts[name] = value
+            else:
+                errors[name] = value
+            continue
         try:
-            artifacts[name] = _export_one(net, path, name, export_options, quant, search, Path(out), data, verify, verify_images,
-                                          layers, capture_output, step)  # fmt: skip
+            artifacts[name] = _export_one(**calls[name], step=step)
         except SegformerEdgeError as exc:
             if single or len(names) == 1:
                 raise
@@ -526,6 +541,52 @@ def export(
     if errors:
         raise ExportFailed(names, artifacts, errors)
     return artifacts
+
+
+def _export_side_by_side(calls: dict[str, dict[str, Any]], jobs: int | None, step: StepCallback) -> dict[str, tuple[str, Any]] | None:
+    """Several targets ``jobs`` at a time in worker processes (:mod:`.converters.side_by_side`), after the outlier
+    decision they share was made here once; None where they run one after the other in this process (one job, or a
+    model or target class that does not pickle: a module holding a lambda or a hook, a class defined in a function)."""
+    import pickle
+
+    from .converters import registry_entry
+    from .converters.side_by_side import default_jobs, run_side_by_side
+
+    if jobs is not None and jobs < 1:
+        raise OptionError(f"--jobs {jobs}: at least 1", "--jobs")
+    first = next(iter(calls.values()))
+    jobs = min(jobs or default_jobs(len(calls)), len(calls))
+    if jobs < 2:
+        return None
+    targets = {name: registry_entry(name) for name in calls}
+    try:
+        pickle.dumps((first["model"], targets), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - whatever keeps them from pickling, the targets still run, serially
+        logger.info("the targets run one after the other: the model or a target class does not pickle (%s)", exc)
+        return None
+    _decide_outliers_once(first, step)
+    return run_side_by_side(_export_one, calls, jobs, step, targets)
+
+
+def _decide_outliers_once(call: dict[str, Any], step: StepCallback) -> None:
+    """Make (or read) the int8 outlier decision every target shares before the targets start, so that no two workers
+    make it at once: each reads it back from where it was recorded (its manifest says so)."""
+    quant = call["quant"]
+    if quant is None or quant.calibration is None or quant.outliers == "none" or call["budget"] is not None:
+        return
+    from .converters.build import float_model, plan_export
+    from .logs import OutputCapture
+
+    step("outliers", "deciding", False)
+    try:
+        plan = plan_export(call["model"].eval(), call["name"], call["options"], call["out"], quant)
+        with tempfile.TemporaryDirectory() as tmp, OutputCapture(Path(tmp) / "decision.log", enabled=call["capture_output"]):
+            _, record = float_model(call["model"], plan)
+    except SegformerEdgeError as exc:  # each target meets it again and reports it as its own error
+        step("outliers", f"not decided: {exc}", True)
+        return
+    applied = record.get("applied") or []
+    step("outliers", f"{len(applied)} rewrite(s) applied" if applied else "nothing applied", True)
 
 
 def _check_data(data: str | None, split: str, strict: bool) -> None:

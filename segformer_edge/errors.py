@@ -20,9 +20,22 @@ __all__ = [
 
 
 class SegformerEdgeError(Exception):
-    """Base class of the errors caused by the user's input (files, options, data)."""
+    """Base class of the errors caused by the user's input (files, options, data).
+
+    It pickles with its attributes whatever its constructor takes: a target exported in a worker process
+    (:mod:`segformer_edge.converters.side_by_side`) hands its error back as a value."""
 
     exit_code: int = 2
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restore, (type(self), self.args, dict(self.__dict__))
+
+
+def _restore(cls: type[SegformerEdgeError], args: tuple[Any, ...], state: dict[str, Any]) -> SegformerEdgeError:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 class CheckpointError(SegformerEdgeError, ValueError):

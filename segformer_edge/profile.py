@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import SegFormer, SegFormerConfig
+from .model import ProjectedHead, SegFormer, SegFormerConfig
 
 __all__ = ["model_stats"]
 
@@ -20,8 +20,10 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def model_stats(config: SegFormerConfig, size: tuple[int, int] = (512, 512)) -> dict[str, Any]:
-    """Parameters (encoder, decoder, total), MACs at ``size`` and the shape of each stage, for batch 1.
+def model_stats(config: SegFormerConfig, size: tuple[int, int] = (512, 512), projected: bool = False) -> dict[str, Any]:
+    """Parameters (encoder, decoder, total), MACs at ``size`` and the shape of each stage, for batch 1; with
+    ``projected`` the decoder as exported by default (:class:`ProjectedHead`: the fuse conv folded into the stage
+    projections before upsampling).
 
     Runs on the meta device: no memory is allocated and no arithmetic is done, so even b5 is instant.
     """
@@ -30,6 +32,8 @@ def model_stats(config: SegFormerConfig, size: tuple[int, int] = (512, 512)) -> 
         raise ValueError(f"input size {h}x{w} is too small: SegFormer needs H, W >= 32")
     with torch.device("meta"):
         model = SegFormer(config).eval()
+        if projected:
+            model.decoder = ProjectedHead(model.decoder)
         x = torch.empty(1, config.in_chans, h, w)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

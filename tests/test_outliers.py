@@ -231,7 +231,9 @@ def test_ethos_u_quantizer_survives_outliers_and_fails_without_handling(stressed
 
 
 def test_cli_default_int8_survives_outliers_onnx(stressed, calib: CalibrationSet, tmp_path: Path, capsys) -> None:
-    """`export --precision int8` as a user runs it (ONNX Runtime), and `--outliers none` failing parity."""
+    """`export --precision int8` as a user runs it (ONNX Runtime), and `--outliers none` missing the thresholds the
+    handled artifact meets (under the default ones it may land: the projected decoder quantizes each stage's
+    projection on its own scale, where the concatenation of the decoder as trained shared one)."""
     _, ckpt = stressed
     folder = calib.save(tmp_path / "calib")
     args = ["export", ckpt, "--precision", "int8", "--target", "onnx", "--size", "64", "64", "--calibration", folder,
@@ -243,7 +245,10 @@ def test_cli_default_int8_survives_outliers_onnx(stressed, calib: CalibrationSet
     report = verify_artifact(artifact, checkpoint=ckpt, num_images=VERIFY_IMAGES, thresholds=STRICT)
     assert report["passed"] and report["pixel_agreement"] >= 0.99 and report["miou_drop_points"] <= 1.0, report
     code, out, err = run_cli([*args, "--outliers", "none", "--out", tmp_path / "none"], capsys)
-    assert code == 1 and "parity failed" in flat(out), out + err
+    assert code in (0, 1) and "int8 outlier handling: onnx none" in flat(out), out + err
+    (off,) = (tmp_path / "none").iterdir()  # landed, or kept aside as NAME.failed
+    report = verify_artifact(off, checkpoint=ckpt, num_images=VERIFY_IMAGES, thresholds=STRICT)
+    assert not report["passed"] and (report["pixel_agreement"] < 0.99 or report["miou_drop_points"] > 1.0), report
 
 
 def test_outlier_options_are_checked(trained: SegFormer, tmp_path: Path, capsys) -> None:

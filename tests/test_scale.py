@@ -1,0 +1,123 @@
+"""What keeps an export's cost down as the model grows (issue 27): the projected decoder, the same function with its
+fuse conv folded into the stage projections, and several targets exported side by side in worker processes that
+share one outlier decision and one float pass per image."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, make_photo_folder, save_hf_model
+from segformer_edge.calibration.spec import QuantSpec
+from segformer_edge.converters import reference
+from segformer_edge.converters.base import ExportOptions
+from segformer_edge.converters.build import decoder_form, plan_export
+from segformer_edge.converters.graph import fold_batch_norm, project_decoder
+from segformer_edge.converters.parity import ParityFailed
+from segformer_edge.converters.pipeline import export_artifact
+
+import segformer_edge as se
+from segformer_edge.errors import ExportError, OptionError
+from segformer_edge.inputs import InputSpec
+from segformer_edge.model import ProjectedHead, SegFormer, SegFormerConfig
+from segformer_edge.profile import model_stats
+
+SIZE = (64, 64)
+
+
+@pytest.fixture
+def model() -> SegFormer:
+    torch.manual_seed(0)
+    model = SegFormer(SegFormerConfig(**TINY, num_classes=8)).eval()
+    bn = model.decoder.bn
+    with torch.no_grad():  # statistics and an affine that are not the identity, so that folding them is exercised
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_(1.0, 0.3)
+        bn.bias.normal_(0, 0.3)
+    return model
+
+
+def test_the_projected_decoder_is_the_decoder_as_trained(model: SegFormer) -> None:
+    x = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        features = model.encoder(x)
+        reference_logits = model.decoder(features)  # (2, K, 24, 40)
+        for head in (ProjectedHead(model.decoder), ProjectedHead(fold_batch_norm(model).decoder)):  # BatchNorm, or folded
+            out = head.eval()(features)
+            assert out.shape == reference_logits.shape
+            assert (out - reference_logits).abs().max() <= 1e-4 * reference_logits.abs().max()
+        assert torch.allclose(project_decoder(model)(x), reference_logits, atol=1e-4 * float(reference_logits.abs().max()))
+    assert isinstance(model.decoder.bn, torch.nn.BatchNorm2d)  # the model itself is untouched
+    # Its MACs: the 4C -> C fuse conv at 1/4 resolution is gone, nothing else changed.
+    c, (h, w) = model.config.decoder_dim, (96, 160)
+    trained, projected = model_stats(model.config, (h, w))["macs"], model_stats(model.config, (h, w), projected=True)["macs"]
+    assert trained - projected == (h // 4) * (w // 4) * 4 * c * c
+
+
+def test_the_decoder_form_is_recorded_and_an_option_it_cannot_honour_refused(model: SegFormer, tmp_path: Path) -> None:
+    artifact, _ = export_artifact(model, "onnx", ExportOptions(size=SIZE), tmp_path, verify_data="synthetic:4", verify_images=4)
+    manifest = json.loads((artifact.folder / "manifest.json").read_text())
+    assert manifest["decoder"]["form"] == "projected" and manifest["parity"]["passed"]
+    assert manifest["network_macs"] == model_stats(model.config, SIZE, projected=True)["macs"]
+    import onnx
+
+    ops = [node.op_type for node in onnx.load(artifact.file).graph.node]
+    assert "Concat" not in ops and ops.count("Resize") == 3  # no concatenation: three upsampled projections, summed
+
+    head = QuantSpec(float_groups=("decoder.head",))
+    int8 = ExportOptions(size=SIZE, precision="int8")
+    assert decoder_form(int8, head) == {"form": "as-trained", "why": "decoder.fuse, decoder.classifier kept float: the projected decoder has no such layer"}
+    with pytest.raises(ExportError, match="--decoder projected folds the decoder's fuse conv .* decoder.fuse, decoder.classifier is kept float"):
+        plan_export(model, "onnx", ExportOptions(size=SIZE, precision="int8", decoder="projected"), tmp_path, head, check_calibration=False)
+    with pytest.raises(ExportError, match="--decoder sideways: choose one of auto, projected, as-trained"):
+        ExportOptions(decoder="sideways")
+
+
+def test_errors_cross_process_boundaries_with_their_attributes(tmp_path: Path) -> None:
+    failed = ParityFailed("onnx: parity failed: agreement 0.5", {"target": "onnx", "pixel_agreement": 0.5}, tmp_path / "x.failed")
+    back = pickle.loads(pickle.dumps(failed))
+    assert type(back) is ParityFailed and str(back) == str(failed) and back.report == failed.report and back.failed == failed.failed
+    assert back.exit_code == 1
+    option = pickle.loads(pickle.dumps(OptionError("--jobs 0: at least 1", "--jobs")))
+    assert option.option == "--jobs" and str(option) == "--jobs 0: at least 1"
+
+
+def test_float_logits_are_shared_between_the_processes_of_a_run(model: SegFormer, tmp_path: Path, monkeypatch) -> None:
+    spec = InputSpec.for_model(model.meta, SIZE)
+    images = np.random.default_rng(0).integers(0, 256, (1, *SIZE, 3), dtype=np.uint8)  # (1, H, W, 3)
+    monkeypatch.setenv(reference.SHARED_LOGITS_ENV, str(tmp_path))
+    first = reference.float_logits(model, spec, images)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    reference._FLOAT_MEMO.clear()  # what another process starts with
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    np.testing.assert_array_equal(reference.float_logits(model, spec, images), first)
+    assert calls == []  # read back, not run again
+    with torch.no_grad():
+        model.decoder.classifier.bias.add_(1.0)  # another model state: its own file
+    reference.float_logits(model, spec, images)
+    assert calls == [1] and len(list(tmp_path.glob("*.npy"))) == 2
+
+
+def test_targets_side_by_side_share_one_outlier_decision(tmp_path: Path) -> None:
+    """int8 to two targets in two worker processes: both land, verified, and reuse the one decision made before
+    they started; each target's steps reached the caller."""
+    folder = save_hf_model(tmp_path / "hf", num_labels=150)
+    photos = make_photo_folder(tmp_path / "photos", n=6)
+    steps: list[tuple[str, str, bool]] = []
+    artifacts = se.export(str(folder), ["onnx", "openvino"], "int8", data=photos, out=tmp_path / "out", size=SIZE, jobs=2,
+                          calibration_images=6, verify_images=4, on_step=lambda task, what, done=False: steps.append((task, what, done)))  # fmt: skip
+    assert list(artifacts) == ["onnx", "openvino"] and all(a.parity.passed for a in artifacts.values())
+    decisions = [a.manifest["quantization"]["applied"]["outliers"]["decision"] for a in artifacts.values()]
+    assert all(d["reused"] for d in decisions) and len({d["key_sha256"] for d in decisions}) == 1, decisions
+    assert {d["from"] for d in decisions} == {str(Path(decisions[0]["from"]))} and Path(decisions[0]["from"]).is_file()
+    tasks = {task for task, _, _ in steps}
+    assert {"onnx int8", "openvino int8", "outliers"} <= tasks, tasks
+    assert ("onnx int8", "verify", False) in steps and ("openvino int8", "verify", False) in steps
+    with pytest.raises(OptionError, match="--jobs 0: at least 1"):
+        se.export(str(folder), ["onnx", "openvino"], "int8", data=photos, out=tmp_path / "out", size=SIZE, jobs=0)

@@ -7,7 +7,9 @@ precision inside XNNPACK, with fp32 at the graph's edges.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -148,12 +150,13 @@ class ExecuTorchTarget(Target):
         program = torch.export.export(module, (example,))
         # XNNPACK's own edge config: no edge-dialect dtype check after every pass (~7% of a b2 lowering); the artifact
         # is checked where it counts, by running it (verify), and the delegation report below reads what was lowered.
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], compile_config=get_xnnpack_edge_compile_config())
+        with idle_xnnpack_passes_skipped() as skipped:
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], compile_config=get_xnnpack_edge_compile_config())
         report = delegation_report(edge.exported_program().graph_module)
         path.write_bytes(edge.to_executorch().buffer)
         if report["portable_ops"]:
             logger.info("executorch: ops left to portable kernels: %s", ", ".join(report["portable_ops"]))
-        lowered: dict[str, Any] = {"delegation": report, "io": program_io(path)}
+        lowered: dict[str, Any] = {"delegation": {**report, "xnnpack_passes_skipped": sorted(set(skipped))}, "io": program_io(path)}
         if plan.quant is not None:
             lowered["quantization"] = {"scheme": quantized_scheme(report)}
         return lowered
@@ -168,6 +171,77 @@ class ExecuTorchTarget(Target):
         from .base import top_ops
 
         return top_ops(profile_etdump(artifact, x, runs))
+
+
+def _is_batch_norm(node: Any) -> bool:
+    return "batch_norm" in str(getattr(node.target, "__name__", node.target))
+
+
+def _is_conv1d(node: Any) -> bool:
+    val = node.meta.get("val")
+    return "convolution" in str(getattr(node.target, "__name__", node.target)) and (val is None or val.dim() != 4)
+
+
+def _is_wide_cat(node: Any) -> bool:
+    return str(getattr(node.target, "__name__", "")) == "aten.cat.default" and len(node.args[0]) > 5
+
+
+def _is_prelu(node: Any) -> bool:
+    return "prelu" in str(getattr(node.target, "__name__", node.target))
+
+
+# XNNPACK's delegate passes (executorch 1.5) that change only graphs holding these ops; on any other graph each one is
+# a full retrace with fake tensors and a check, and changes nothing: 4-6 s apiece for a b2 int8 graph of ~2,700 nodes
+# (~25 s of its ~90 s lowering). Each is still run where its ops are there.
+IDLE_UNLESS: dict[str, Callable[[Any], bool]] = {
+    "PReLUReshapePass": _is_prelu,  # PReLU weights repeated per channel
+    "Conv1dUnsqueezePass": _is_conv1d,  # 1-D convolutions as 2-D
+    "FuseBatchNormPass": _is_batch_norm,  # BatchNorm into the conv or linear before it
+    "DecomposeBatchNorm": _is_batch_norm,  # a BatchNorm left alone as a depthwise conv
+    "DecomposeConcatenate": _is_wide_cat,  # concatenations of more than 5 inputs split
+}
+_VERIFIED_EXECUTORCH = "1.5."  # the version whose XNNPACKPassManager.transform the loop below repeats
+
+
+@contextlib.contextmanager
+def idle_xnnpack_passes_skipped() -> Iterator[list[str]]:
+    """While lowering to XNNPACK: the passes of :data:`IDLE_UNLESS` skipped where the graph has none of their ops
+    (the names of those skipped are appended to the list yielded). The .pte is the same byte for byte (checked on the
+    b2 int8 graph and by tests/test_scale.py); another ExecuTorch version runs every pass, as it comes."""
+    from importlib.metadata import version
+
+    skipped: list[str] = []
+    if not version("executorch").startswith(_VERIFIED_EXECUTORCH):
+        yield skipped
+        return
+    from executorch.backends.xnnpack import _passes
+    from executorch.backends.xnnpack._passes.xnnpack_pass import XNNPACKPass
+    from executorch.exir.pass_base import ExportPass
+    from executorch.exir.program._program import _transform
+
+    original = _passes.XNNPACKPassManager.transform
+
+    def transform(self: Any) -> Any:  # XNNPACKPassManager.transform of executorch 1.5, with the skip
+        ep = self.exported_program
+        for pass_ in self.passes:
+            acts_on = IDLE_UNLESS.get(pass_.__name__)
+            if acts_on is not None and not any(node.op == "call_function" and acts_on(node) for node in ep.graph.nodes):
+                skipped.append(pass_.__name__)
+                continue
+            if issubclass(pass_, XNNPACKPass):
+                transform_pass = pass_(ep)
+            elif issubclass(pass_, ExportPass):
+                transform_pass = pass_()
+            else:
+                raise RuntimeError(f"Expecting ExportPass or ExportPass(), but got pass: {pass_} with type: {type(pass_)}")
+            ep = _transform(ep, transform_pass)
+        return ep
+
+    _passes.XNNPACKPassManager.transform = transform
+    try:
+        yield skipped
+    finally:
+        _passes.XNNPACKPassManager.transform = original
 
 
 def quantized_scheme(report: dict[str, Any]) -> dict[str, Any]:

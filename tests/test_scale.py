@@ -121,3 +121,25 @@ def test_targets_side_by_side_share_one_outlier_decision(tmp_path: Path) -> None
     assert ("onnx int8", "verify", False) in steps and ("openvino int8", "verify", False) in steps
     with pytest.raises(OptionError, match="--jobs 0: at least 1"):
         se.export(str(folder), ["onnx", "openvino"], "int8", data=photos, out=tmp_path / "out", size=SIZE, jobs=0)
+
+
+def test_idle_xnnpack_passes_are_skipped_and_the_program_is_the_same(tmp_path: Path) -> None:
+    """ExecuTorch's XNNPACK passes that find none of their ops are skipped: the .pte is the same byte for byte (fp32
+    here, for the suite's time; benchmarks/XNNPACK_IDLE_PASSES.md checks the b2 int8 graph)."""
+    import segformer_edge.converters.executorch as executorch_target
+    from segformer_edge.converters.build import capture
+
+    torch.manual_seed(0)
+    model = SegFormer(SegFormerConfig(**TINY, num_classes=8)).eval()
+    plan = plan_export(model, "executorch", ExportOptions(size=SIZE), tmp_path, None)
+    module, example, _ = capture(model, plan)
+    skipping = plan.target.convert(module, example, tmp_path / "skip.pte", plan)
+    every = dict(executorch_target.IDLE_UNLESS)
+    executorch_target.IDLE_UNLESS.clear()
+    try:
+        running = plan.target.convert(module, example, tmp_path / "all.pte", plan)
+    finally:
+        executorch_target.IDLE_UNLESS.update(every)
+    assert skipping["delegation"]["xnnpack_passes_skipped"] == sorted(every)  # this graph has none of their ops
+    assert running["delegation"]["xnnpack_passes_skipped"] == []
+    assert (tmp_path / "skip.pte").read_bytes() == (tmp_path / "all.pte").read_bytes()

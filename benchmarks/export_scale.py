@@ -39,6 +39,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 JSON_PATH, MD_PATH = HERE / "export_scale.json", HERE / "EXPORT_SCALE.md"
 TARGETS = ("executorch", "tflite", "onnx", "openvino")
+# Flags after model:precision:target: warm (the outlier decision recorded by an earlier job), jobs1 (--jobs 1: the
+# targets of --target all one after the other), as-trained (--decoder as-trained: the fuse conv as trained).
+FLAGS = ("warm", "jobs1", "as-trained")
 PHOTOS = 16
 
 # name: (transformers SegformerConfig fields, classes, export size)
@@ -76,11 +79,38 @@ marks, phase, peaks = [("import", started)], ["import"], {}
 target_peaks, current = {}, [""]  # per target of the run: its peak RSS
 page = os.sysconf("SC_PAGE_SIZE")
 
+def tree_rss():
+    # RSS of this process and every descendant (targets exported side by side run in worker processes), summed:
+    # pages two processes share count twice, so it errs high.
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, ValueError):
+            pass
+    return total
+
 def sample():
+    tick = 0
     while True:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * page
+        if tick % 5 == 0:  # the tree every 0.25 s: a walk of /proc
+            rss = max(rss, tree_rss())
+        tick += 1
         peaks[phase[0]] = max(peaks.get(phase[0], 0), rss)
+        peaks["tree"] = max(peaks.get("tree", 0), rss)
         if current[0]:
             target_peaks[current[0]] = max(target_peaks.get(current[0], 0), rss)
         time.sleep(0.05)
@@ -113,8 +143,9 @@ enter("load")
 status, figures, decisions = "landed", {}, {}
 if hasattr(segformer_edge, "export"):  # the Python API: every step heard
     try:
+        extra = {k: job[k] for k in ("jobs", "decoder") if job.get(k) is not None}  # options of this stop's code
         result = segformer_edge.export(job["model"], target=job["target"], precision=job["precision"], data=job["photos"],
-                                       out=job["out"], size=job["size"], on_step=on_step)
+                                       out=job["out"], size=job["size"], on_step=on_step, **extra)
         artifacts = result if isinstance(result, dict) else {job["target"]: result}
         figures = {name: a.parity.to_dict() if a.parity else None for name, a in artifacts.items()}
         decisions = {name: ((a.manifest.get("quantization") or {}).get("applied", {}).get("outliers") or {}).get("decision")
@@ -143,7 +174,7 @@ for (name, t0), (_, t1) in zip(marks, marks[1:]):
     times[name] = times.get(name, 0.0) + t1 - t0
 usage = resource.getrusage(resource.RUSAGE_SELF)
 keep = ("pixel_agreement", "estimated_miou_drop_points", "max_abs_diff", "images", "passed")
-print("RESULT " + json.dumps({"status": status, "phases": times, "phase_peak_rss": peaks, "target_peak_rss": target_peaks, "cpu_s": usage.ru_utime + usage.ru_stime,
+print("RESULT " + json.dumps({"status": status, "phases": times, "phase_peak_rss": peaks, "target_peak_rss": target_peaks, "cpu_s": sum(u.ru_utime + u.ru_stime for u in (usage, resource.getrusage(resource.RUSAGE_CHILDREN))),
                                "parity": {n: {k: r.get(k) for k in keep} if r else None for n, r in figures.items()},
                                "decision": {n: ("reused" if d.get("reused") else "made") if d else None for n, d in decisions.items()}}))
 """
@@ -171,17 +202,21 @@ def run_job(job: str, work: Path, tree: Path | None) -> dict[str, Any]:
     sys.path.insert(0, str(HERE.parent / "tests"))
     from conftest import make_photo_folder
 
-    model, precision, target, *cache = job.split(":")
+    model, precision, target, *flags = job.split(":")
+    unknown = set(flags) - set(FLAGS)
+    if unknown:
+        raise SystemExit(f"{job}: unknown flag {', '.join(sorted(unknown))}; choose from {', '.join(FLAGS)}")
     photos = work / "photos"
     if not photos.is_dir():
         make_photo_folder(photos, n=PHOTOS)
     size = list(MODELS[model][2])
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"model": str(_hf_model(work, model)), "precision": precision, "target": target, "photos": str(photos),
-                "out": str(Path(tmp) / "out"), "size": size, "tree": str(tree) if tree else None}  # fmt: skip
+                "out": str(Path(tmp) / "out"), "size": size, "tree": str(tree) if tree else None,
+                "jobs": 1 if "jobs1" in flags else None, "decoder": "as-trained" if "as-trained" in flags else None}  # fmt: skip
         # A ":warm" job shares one cache with the other warm jobs of the work folder: its outlier decision was recorded
         # by an earlier export of the same model and photos (the first warm job of a model makes it: its row says so).
-        xdg = work / "warm-cache" if cache == ["warm"] else Path(tmp) / "cache"
+        xdg = work / "warm-cache" if "warm" in flags else Path(tmp) / "cache"
         env = {**os.environ, "XDG_CACHE_HOME": str(xdg)}
         started = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)], cwd=tmp, env=env,
@@ -195,12 +230,14 @@ def run_job(job: str, work: Path, tree: Path | None) -> dict[str, Any]:
         return {"job": job, "status": f"crashed (exit {proc.returncode}): {output[-300:]}", "wall_s": wall,
                 "peak_rss_mb": usage.ru_maxrss / 1024}  # fmt: skip
     result = json.loads(line[len("RESULT ") :])
+    # The kernel's peak is the largest single process's; with workers side by side their sampled sum is higher.
+    peak = max(usage.ru_maxrss * 1024, result["phase_peak_rss"].get("tree", 0))
     return {"job": job, "model": model, "precision": precision, "target": target, "size": size, "classes": MODELS[model][1],
-            "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "cpu_s": round(result["cpu_s"], 1),
+            "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20), "cpu_s": round(result["cpu_s"], 1),
             "status": result["status"], "phases_s": {k: round(v, 1) for k, v in result["phases"].items()},
             "phase_peak_rss_mb": {k: round(v / 2**20) for k, v in result["phase_peak_rss"].items()},
             "target_peak_rss_mb": {k: round(v / 2**20) for k, v in result.get("target_peak_rss", {}).items()},
-            "parity": result["parity"], "outlier_decision": result.get("decision"), "cache": cache[0] if cache else "cold"}  # fmt: skip
+            "parity": result["parity"], "outlier_decision": result.get("decision"), "cache": "warm" if "warm" in flags else "cold", "flags": flags}  # fmt: skip
 
 
 def _commit(tree: Path | None) -> str:
@@ -279,16 +316,25 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
         out.append(f"- b2 int8 executorch, the code before issue 27 (its CLI): {before['wall_s'] / 60:.1f} min, "
                    f"{before['peak_rss_mb'] / 1024:.2f} GiB, {before['status']} {_parity(before)}; after: "
                    f"{after['wall_s'] / 60:.1f} min, {after['peak_rss_mb'] / 1024:.2f} GiB, {after['status']} {_parity(after)}.")  # fmt: skip
-    every = [r for r in rows if r["job"] == "b2:int8:all" and r["status"] == "landed"]
+    every = [r for r in rows if r["job"] in ("b2:int8:all", "b2:int8:all:jobs1") and r["status"] == "landed"]
     for r in every:  # against the single export of the same code (its commit)
         one = next((o for o in rows if o["job"] == "b2:int8:executorch" and o["status"] == "landed"
                     and o.get("commit", "").rstrip("+") == r.get("commit", "").rstrip("+")), None)  # fmt: skip
         if one:
             ratio = r["wall_s"] / one["wall_s"]
-            out.append(f"- b2 int8 --target all ({r['label']}; {len(r['outlier_decision'])} targets: "
+            how = "one target at a time" if "jobs1" in r["job"] or r["label"] != "after" else "two targets at a time"
+            out.append(f"- b2 int8 --target all ({r['label']}, {how}; {len(r['outlier_decision'])} targets: "
                        f"{', '.join(r['outlier_decision'])}): {r['wall_s'] / 60:.1f} min, {ratio:.2f}x the executorch export "
                        f"alone ({'within' if ratio <= LIMITS['all_ratio'] else 'NOT within'} 2.5x), peak "
                        f"{r['peak_rss_mb'] / 1024:.2f} GiB.")  # fmt: skip
+    for r in rows:  # the decoder as trained beside the projected one, the same job otherwise, in the same stop
+        if r["job"].endswith(":as-trained") and r["status"] == "landed":
+            other = find(r["job"].removesuffix(":as-trained"), r["label"])
+            if other:
+                out.append(f"- {r['model']} {r['precision']} {r['target']}{' (warm)' if 'warm' in r['job'] else ''}: projected "
+                           f"decoder {other['wall_s'] / 60:.1f} min, {other['peak_rss_mb'] / 1024:.2f} GiB {_parity(other)}; "
+                           f"as trained {r['wall_s'] / 60:.1f} min, {r['peak_rss_mb'] / 1024:.2f} GiB {_parity(r)}: "
+                           f"{other['wall_s'] / r['wall_s']:.2f}x the time.")  # fmt: skip
     for r in rows:
         if r["model"] in ("b5", "b0-1024x2048") and r.get("status"):
             ok = r["status"] == "landed" and r["peak_rss_mb"] / 1024 <= LIMITS["big_gib"]
@@ -312,7 +358,10 @@ def render(record: dict[str, Any]) -> str:
              "`--outliers auto`; verify on them), seconds of wall time per phase; peak RSS is the process's (helpers included). "
              "`code`: what was measured and its commit (`+`: with uncommitted changes to the package code); `before` rows ran the same script on an "
              "older checkout (`--tree`), `stop 30` rows the code that landed before the sampled histogram and the decision's "
-             "pixel budget.", "",
+             "pixel budget, `stop 31` rows the code that landed before the projected decoder and the targets side by side "
+             "(`after` rows: this code). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
+             "(`--jobs 1`: the targets of `--target all` one after the other), `as-trained` (`--decoder as-trained`). "
+             "With targets side by side, the peak is the sampled sum of the processes' RSS (shared pages counted twice).", "",
              "`decision`: whether the export made its outlier decision (`made`: a first export of the model and photos) or "
              "reused the one an earlier export recorded (`reused`: the `:warm` jobs after the first of a model, every target "
              "but the first in `--target all`); `-` for fp32.", "",

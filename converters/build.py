@@ -312,8 +312,8 @@ def build_manifest(model: Any, plan: ExportPlan, checkpoint: Path | None, lowere
         "output": {"kind": options.output, "shape": out_shape, "dtype": "int32" if options.output == "mask" else "float32",
                    **mask_record, **({"taps": list(TAPS)} if options.taps else {})},
         "target_options": plan.target_options,
-        "decoder": decoder_form(options, plan.quant),
-        "network_macs": _network_macs(model, options.size, decoder_form(options, plan.quant)["form"] == "projected"),
+        "decoder": (decoder := decoder_form(options, plan.quant)),
+        "network_macs": _network_macs(model, options.size, decoder["form"] == "projected"),
         "quantization": None,
         # A model trained in memory has no file: its name and sha256 are None, its parameters' digest identifies it.
         "checkpoint": {"name": checkpoint.name if checkpoint else None,

@@ -499,6 +499,8 @@ def export(
     """
     from .converters.base import ExportOptions
 
+    if jobs is not None and jobs < 1:  # checked whatever the number of targets: never accepted and then ignored
+        raise OptionError(f"--jobs {jobs}: at least 1", "--jobs")
     if budget_granularity not in ("layer", "group"):
         raise OptionError(f"{budget_granularity}: choose layer or group", "--budget-granularity")
     if budget_granularity != "layer" and budget is None:
@@ -552,8 +554,6 @@ def _export_side_by_side(calls: dict[str, dict[str, Any]], jobs: int | None, ste
     from .converters import registry_entry
     from .converters.side_by_side import default_jobs, run_side_by_side
 
-    if jobs is not None and jobs < 1:
-        raise OptionError(f"--jobs {jobs}: at least 1", "--jobs")
     first = next(iter(calls.values()))
     jobs = min(jobs or default_jobs(len(calls)), len(calls))
     if jobs < 2:

@@ -150,13 +150,15 @@ class ExecuTorchTarget(Target):
         program = torch.export.export(module, (example,))
         # XNNPACK's own edge config: no edge-dialect dtype check after every pass (~7% of a b2 lowering); the artifact
         # is checked where it counts, by running it (verify), and the delegation report below reads what was lowered.
-        with idle_xnnpack_passes_skipped() as skipped:
-            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], compile_config=get_xnnpack_edge_compile_config())
+        partitioner = XnnpackPartitioner()
+        with idle_xnnpack_passes_skipped() as skipped, idle_decompositions_skipped(partitioner) as retraces:
+            edge = to_edge_transform_and_lower(program, partitioner=[partitioner], compile_config=get_xnnpack_edge_compile_config())
         report = delegation_report(edge.exported_program().graph_module)
         path.write_bytes(edge.to_executorch().buffer)
         if report["portable_ops"]:
             logger.info("executorch: ops left to portable kernels: %s", ", ".join(report["portable_ops"]))
-        lowered: dict[str, Any] = {"delegation": {**report, "xnnpack_passes_skipped": sorted(set(skipped))}, "io": program_io(path)}
+        lowered: dict[str, Any] = {"delegation": {**report, "xnnpack_passes_skipped": sorted(set(skipped)),
+                                                  "decompositions_skipped": len(retraces)}, "io": program_io(path)}  # fmt: skip
         if plan.quant is not None:
             lowered["quantization"] = {"scheme": quantized_scheme(report)}
         return lowered
@@ -242,6 +244,59 @@ def idle_xnnpack_passes_skipped() -> Iterator[list[str]]:
         yield skipped
     finally:
         _passes.XNNPACKPassManager.transform = original
+
+
+# Whether :func:`idle_decompositions_skipped` skips (tests and benchmarks/EXECUTORCH_LOWERING.md run both ways).
+SKIP_IDLE_DECOMPOSITIONS = True
+
+
+@contextlib.contextmanager
+def idle_decompositions_skipped(partitioner: Any) -> Iterator[list[int]]:
+    """While lowering for ``partitioner``: the program decomposed once, as ExecuTorch's three decompositions leave it,
+    and the calls that then find nothing to do return the program as it is (the size of each graph so left is appended
+    to the list yielded).
+
+    ExecuTorch 1.5 retraces a program three times before XNNPACK partitions it (``_gen_edge_manager_for_partitioners``,
+    the ``EDGE_DO_NOT_DECOMP`` path XNNPACK's partitioner takes): functionalize (``{}``), decompose by the default table
+    but the partitioner's ops, then by the whole table once the ops it takes are renamed. Here the first call decomposes
+    by the second's table (functionalizing with it: one retrace); the second then finds none of its table's ops, nor
+    the third, which only retraced (each ~10 s of a b2 int8 lowering, 2,660 nodes). ExecuTorch skips the same idle call
+    on its other path, with the same test (``contains_any_call_fn_target_op``); an op the partitioner did not take is
+    still in the third table, and is decomposed by it. The .pte is the same byte for byte (tests/test_scale.py on the
+    tiny graph, benchmarks/EXECUTORCH_LOWERING.md on b2 int8). Another ExecuTorch version runs every call."""
+    from importlib.metadata import version
+
+    skipped: list[int] = []
+    if not SKIP_IDLE_DECOMPOSITIONS or not version("executorch").startswith(_VERIFIED_EXECUTORCH):
+        yield skipped
+        return
+    from executorch.exir.graph_module import contains_any_call_fn_target_op
+    from executorch.exir.program._program import _remove_invalid_ops_for_not_decompose
+    from executorch.exir.tracer import _default_decomposition_table
+    from torch.export import ExportedProgram
+
+    original = ExportedProgram.run_decompositions
+
+    def run_decompositions(self: Any, decomp_table: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or decomp_table is None:  # None: the default table, as ExecuTorch never calls it here
+            return original(self, decomp_table, *args, **kwargs)
+        if type(decomp_table) is dict and not decomp_table:  # {}: functionalize; here by the table ExecuTorch decomposes
+            # by next, in the same retrace. (Its tables are CustomDecompTables, which compare equal to {}: not these.)
+            keep, _ = partitioner.ops_to_not_decompose(self)
+            table = _default_decomposition_table()
+            for op in _remove_invalid_ops_for_not_decompose(keep):
+                table.pop(op, None)
+            return original(self, table)
+        if not contains_any_call_fn_target_op(self.graph_module, decomp_table):
+            skipped.append(len(self.graph.nodes))
+            return self
+        return original(self, decomp_table)
+
+    ExportedProgram.run_decompositions = run_decompositions  # type: ignore[method-assign]
+    try:
+        yield skipped
+    finally:
+        ExportedProgram.run_decompositions = original  # type: ignore[method-assign]
 
 
 def quantized_scheme(report: dict[str, Any]) -> dict[str, Any]:

@@ -125,8 +125,9 @@ def test_targets_side_by_side_share_one_outlier_decision(tmp_path: Path) -> None
 
 
 def test_idle_xnnpack_passes_are_skipped_and_the_program_is_the_same(tmp_path: Path) -> None:
-    """ExecuTorch's XNNPACK passes that find none of their ops are skipped: the .pte is the same byte for byte (fp32
-    here, for the suite's time; benchmarks/XNNPACK_IDLE_PASSES.md checks the b2 int8 graph)."""
+    """ExecuTorch's XNNPACK passes that find none of their ops, and its decompositions whose table finds none, are
+    skipped: the .pte is the same byte for byte (fp32 here, for the suite's time; benchmarks/XNNPACK_IDLE_PASSES.md and
+    EXECUTORCH_LOWERING.md check the b2 int8 graph)."""
     import segformer_edge.converters.executorch as executorch_target
     from segformer_edge.converters.build import capture
 
@@ -137,10 +138,13 @@ def test_idle_xnnpack_passes_are_skipped_and_the_program_is_the_same(tmp_path: P
     skipping = plan.target.convert(module, example, tmp_path / "skip.pte", plan)
     every = dict(executorch_target.IDLE_UNLESS)
     executorch_target.IDLE_UNLESS.clear()
+    executorch_target.SKIP_IDLE_DECOMPOSITIONS = False
     try:
         running = plan.target.convert(module, example, tmp_path / "all.pte", plan)
     finally:
         executorch_target.IDLE_UNLESS.update(every)
+        executorch_target.SKIP_IDLE_DECOMPOSITIONS = True
     assert skipping["delegation"]["xnnpack_passes_skipped"] == sorted(every)  # this graph has none of their ops
-    assert running["delegation"]["xnnpack_passes_skipped"] == []
+    assert skipping["delegation"]["decompositions_skipped"] >= 1  # the third decomposition before partitioning
+    assert running["delegation"]["xnnpack_passes_skipped"] == [] and running["delegation"]["decompositions_skipped"] == 0
     assert (tmp_path / "skip.pte").read_bytes() == (tmp_path / "all.pte").read_bytes()

@@ -324,6 +324,44 @@ def _apply(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)  # (B, out, H', W')
 
 
+def _plain_conv(layer: nn.Module) -> bool:
+    """A conv whose input :func:`_row_sums` reads: zero, numeric padding."""
+    return isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+
+
+def _taps(size: int, kernel: int, stride: int, dilation: int, padding: int) -> list[slice]:
+    """Per kernel tap, the slice of an input axis of ``size`` that the tap reads over every output position (the
+    positions that fall in the zero padding read nothing)."""
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    taps = []
+    for k in range(kernel):
+        offset = k * dilation - padding  # input index read by output position o: o * stride + offset
+        first = max(0, -(offset // stride))  # the first o whose index is >= 0: ceil(-offset / stride)
+        last = min(out - 1, (size - 1 - offset) // stride)  # the last o whose index is < size
+        taps.append(slice(first * stride + offset, last * stride + offset + 1, stride) if last >= first else slice(0, 0))
+    return taps
+
+
+def _row_sums(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer``'s input rows summed over all its rows, float64 out of float32 sums (torch sums float32 in cascades,
+    ~10x faster than in float64): (in,) over the tokens of a linear, (C, kh, kw) over a conv's output positions (each
+    position's patch, zero padding included), read from strided slices of the input, never unfolded."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).sum(0).double()
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    rows, cols = _taps(x.shape[2], kh, sh, dh, ph), _taps(x.shape[3], kw, sw, dw, pw)
+    sums = torch.zeros(x.shape[1], kh, kw, dtype=torch.float64)  # (C, kh, kw)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            sums[:, i, j] = x[:, :, r, c].sum((0, 2, 3))
+    return sums
+
+
+def _rows(layer: nn.Module, y: Tensor) -> Tensor:
+    """A linear's or conv's output as rows (M, out): tokens, or output positions."""
+    return y.flatten(0, -2) if isinstance(layer, nn.Linear) else y.transpose(0, 1).flatten(1).T
+
+
 @torch.no_grad()
 def bias_statistics(model: nn.Module, inputs: Tensor, weights: str = "per_channel",
                     ranges: dict[str, tuple[float, float]] | None = None,
@@ -331,34 +369,33 @@ def bias_statistics(model: nn.Module, inputs: Tensor, weights: str = "per_channe
     """Per biased linear/conv layer, the mean output error its int8 weights add, ``E[(Wq - W) x]`` (out,), and the
     most that correcting it lowers any one layer's own error (a fraction; an upper bound of what it can do).
 
-    The expectation is over the calibration inputs (N, 3, H, W) as the float model sees them, per output
-    channel (over batch, tokens and positions). A layer's own error is its weight-rounding error, or, with
-    ``ranges`` (each layer's int8 input range), its whole simulated W8A8 error ``Wq Q(x) - W x`` on the first
-    ``search`` images (those the measure runs on): subtracting ``mu`` from an error ``e`` of mean ``m`` over ``M``
+    The expectation is over the calibration inputs (N, 3, H, W) as the float model sees them, per output channel (over
+    batch, tokens and positions). A layer is linear in its input: the expectation is ``(Wq - W)`` applied to the mean
+    input row (a conv's mean patch), exact, without running the layer again. A layer's own error is its weight-rounding
+    error, or, with ``ranges`` (each layer's int8 input range), its whole simulated W8A8 error ``Wq Q(x) - W x`` on the
+    first ``search`` images (those the measure runs on): subtracting ``mu`` from an error ``e`` of mean ``m`` over ``M``
     outputs lowers ``sum |e|^2`` by ``M (2 m.mu - |mu|^2)``.
     """
     layers = [(name, m) for name, m in _layers(model) if m.bias is not None]
     quantized = {name: quantize_weight(m.weight, weights) for name, m in layers}
-    sums: dict[str, Tensor] = {}
+    sums: dict[str, Tensor] = {}  # per layer: its input rows summed (in,) or (C, kh, kw), and how many rows
     counts: dict[str, int] = {}
     totals: dict[str, Tensor] = {}  # over the search images: the sum of the whole error, its energy, its count
     energy: dict[str, float] = {}
     searched: dict[str, int] = {}
     whole = [ranges is not None]
 
-    def rows(module: nn.Module, y: Tensor) -> Tensor:
-        return y.flatten(0, -2) if isinstance(module, nn.Linear) else y.transpose(0, 1).flatten(1).T  # (M, out)
-
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
             x = args[0]
-            err = rows(module, _apply(module, x, quantized[name] - module.weight))  # (M, out)
-            sums[name] = sums.get(name, 0) + err.sum(0, dtype=torch.float64)  # (out,)
-            counts[name] = counts.get(name, 0) + err.shape[0]
+            if isinstance(module, nn.Conv2d) and not _plain_conv(module):
+                raise OutlierError(f"{name}: bias statistics read zero-padded convolutions only, not padding {module.padding!r} ({module.padding_mode})")
+            sums[name] = sums.get(name, 0) + _row_sums(module, x)
+            counts[name] = counts.get(name, 0) + out.numel() // out.shape[-1 if isinstance(module, nn.Linear) else 1]
             if not whole[0]:
                 return
             simulated = _apply(module, _fake_quant(x, *ranges[name]), quantized[name])  # type: ignore[index]
-            total = rows(module, simulated) - (rows(module, out) - module.bias)  # (M, out): Wq Q(x) - W x
+            total = _rows(module, simulated) - (_rows(module, out) - module.bias)  # (M, out): Wq Q(x) - W x
             totals[name] = totals.get(name, 0) + total.sum(0, dtype=torch.float64)  # (out,)
             energy[name] = energy.get(name, 0.0) + float(total.pow(2).sum(dtype=torch.float64))
             searched[name] = searched.get(name, 0) + total.shape[0]
@@ -379,7 +416,9 @@ def bias_statistics(model: nn.Module, inputs: Tensor, weights: str = "per_channe
     gain = 0.0
     for name, m in layers:
         if name in sums:
-            mu = sums[name] / counts[name]  # (out,)
+            groups = m.groups if isinstance(m, nn.Conv2d) else 1
+            dw = (quantized[name] - m.weight).double().reshape(groups, m.weight.shape[0] // groups, -1)  # (g, out/g, in/g)
+            mu = (dw @ sums[name].reshape(groups, -1, 1)).flatten() / counts[name]  # (out,): (Wq - W) E[x]
             shifts[name] = mu.to(m.bias.dtype)
             if name in totals:
                 drop = searched[name] * float(2 * (totals[name] / searched[name]).dot(mu) - mu.dot(mu))

@@ -20,6 +20,7 @@ from segformer_edge.calibration.calibset import CalibrationSet, select_calibrati
 from segformer_edge.calibration.outliers import (
     STAT_PIXELS,
     OutlierError,
+    bias_statistics,
     channel_absmax,
     correct_bias,
     decide_outliers,
@@ -155,6 +156,47 @@ def test_bias_correction_cancels_the_mean_weight_error(trained: SegFormer, calib
         after = torch.nn.functional.linear(t, q, fixed.bias).sub(exact).mean(0)
     assert float(plain.abs().max()) > 1e-4
     assert float(after.abs().max()) < float(plain.abs().max()) / 100
+
+
+def test_bias_statistics_read_every_layer_from_its_summed_input(stressed, calib: CalibrationSet) -> None:
+    """The bias shifts of convolutions (strided and padded, depth-wise) and linears, read from each layer's summed input
+    rows (no second run of the layer), equal ``E[(Wq - W) x]`` computed by running the layer; so does the largest layer
+    gain computed with them."""
+    import torch.nn.functional as F
+
+    model = fold_batch_norm(stressed[0])
+    x = _inputs(model, calib)[:8]  # (8, 3, H, W)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.bias is not None}
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = [m.register_forward_pre_hook(lambda m, args, n=name: seen[n].append(args[0])) for name, m in layers.items()]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    inputs = {name: torch.cat(parts) for name, parts in seen.items()}
+    ranges = {name: (min(0.0, float(t.min())) * 0.8, max(0.0, float(t.max())) * 0.8) for name, t in inputs.items()}  # some clipping
+    shifts, gain = bias_statistics(model, x, ranges=ranges, search=len(x))
+
+    def run(m: torch.nn.Module, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # (M, out): every row's output, no bias
+        if isinstance(m, torch.nn.Linear):
+            return F.linear(t, w).flatten(0, -2)
+        return F.conv2d(t, w, None, m.stride, m.padding, m.dilation, m.groups).transpose(0, 1).flatten(1).T
+
+    kinds = set()
+    exact_gain = 0.0
+    for name, m in layers.items():
+        t, q = inputs[name], quantize_weight(m.weight)
+        mu = run(m, t, q - m.weight).double().mean(0)  # (out,)
+        assert torch.allclose(shifts[name].double(), mu, rtol=1e-4, atol=1e-6 * float(mu.abs().max())), name
+        lo, hi = ranges[name]
+        scale = (hi - lo) / 255
+        zero = round(-lo / scale)
+        qt = ((t / scale).round() + zero).clamp(0, 255).sub(zero).mul(scale)
+        e = (run(m, qt, q) - run(m, t, m.weight)).double()  # (M, out) Wq Q(x) - W x
+        exact_gain = max(exact_gain, float(2 * e.mean(0).dot(mu) - mu.dot(mu)) / float(e.pow(2).sum(1).mean()))
+        kinds.add("linear" if isinstance(m, torch.nn.Linear) else f"conv k{m.kernel_size[0]} s{m.stride[0]} g{'>1' if m.groups > 1 else 1}")
+    assert {"linear", "conv k7 s4 g1", "conv k3 s1 g>1"} <= kinds, kinds  # patch embedding, Mix-FFN's depth-wise conv
+    assert exact_gain > 0 and abs(gain - exact_gain) <= 1e-3 * exact_gain, (gain, exact_gain)
 
 
 INT8_TARGETS = ["executorch", "tflite", "coreml", "openvino"]  # onnx goes through the CLI below; ethos-u apart

@@ -23,6 +23,7 @@ from .reference import (
     load_reference,
     open_verify_data,
     quarter_up,
+    reference_form,
     softmax,
     upsampled,
     upsampled_argmax,
@@ -208,6 +209,7 @@ def verify_artifact(
     report["miou_drop_points"] = 100 * (report["miou_float"] - report["miou_artifact"]) if has_masks else None
     report.update(expected.figures(list(manifest.get("class_names") or []) or None))
     report["verdict_basis"] = "labels" if has_masks else "estimate"
+    report["float_reference"] = reference_form(model)  # how the float logits were computed (decoder projected, checked)
     report = judge(report, thresholds or default_thresholds(manifest))
     if layers:
         from .debug import layer_report

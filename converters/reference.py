@@ -6,7 +6,9 @@ against it, :mod:`.int8` uses its masks where the user's photos have no labels, 
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import logging
 import os
 import weakref
@@ -37,6 +39,7 @@ __all__ = [
     "load_reference",
     "open_verify_data",
     "quarter_up",
+    "reference_form",
     "softmax",
     "state_digest",
     "upsampled",
@@ -75,7 +78,8 @@ def float_logits(model: Any, spec: InputSpec, images: np.ndarray) -> np.ndarray:
 
     Remembered (:class:`_FloatMemo`): the calibration set's labels, then the verify of every target of a run, see the
     same photos at the same size, and the float model runs once on each (it is the slowest part of a verify: torch
-    eager runs SegFormer 3-4x slower than the runtimes it is compared with, benchmarks/RESULTS.md)."""
+    eager runs SegFormer 3-4x slower than the runtimes it is compared with, benchmarks/RESULTS.md). It runs with its
+    decoder projected (:func:`reference_form`): the same function, checked against the decoder as trained."""
     import torch
 
     x = spec.float_spec(images)  # (N, 3, H, W) float32, normalised
@@ -85,8 +89,10 @@ def float_logits(model: Any, spec: InputSpec, images: np.ndarray) -> np.ndarray:
         logits = _read_shared(shared)
         if logits is None:
             with torch.no_grad():
-                logits = model(torch.from_numpy(x)).numpy()
-            _write_shared(shared, logits)
+                logits = _FLOAT_MEMO.runner(model, x)(torch.from_numpy(x)).numpy()
+            _write_shared(shared, logits, _FLOAT_MEMO.form)
+        elif _FLOAT_MEMO.form is None and shared is not None:  # computed by another process of the run: its form
+            _FLOAT_MEMO.form = _read_form(shared)
         _FLOAT_MEMO.put(model, x, logits)
     return logits
 
@@ -106,16 +112,25 @@ def _read_shared(path: Path | None) -> np.ndarray | None:
         return None
 
 
-def _write_shared(path: Path | None, logits: np.ndarray) -> None:
+def _write_shared(path: Path | None, logits: np.ndarray, form: dict[str, Any] | None) -> None:
     if path is None:
         return
-    from segformer_edge.io import atomic_path
+    from segformer_edge.io import atomic_path, atomic_write_json
 
     try:
+        if form is not None:
+            atomic_write_json(path.with_suffix(".form.json"), form)  # first: the logits are read only with it there
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, logits, allow_pickle=False)
     except OSError as exc:
         logger.info("float logits not shared with the other targets (%s)", exc)
+
+
+def _read_form(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.with_suffix(".form.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class _FloatMemo:
@@ -128,6 +143,8 @@ class _FloatMemo:
     LIMIT = 512 * 2**20
 
     def __init__(self) -> None:
+        self._runner: Any = None  # what computes the model's logits: its projected-decoder copy, checked, or itself
+        self.form: dict[str, Any] | None = None  # how (reference_form)
         self._model: weakref.ref[Any] | None = None
         self._state: tuple[Any, ...] = ()
         self._entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
@@ -158,6 +175,10 @@ class _FloatMemo:
             self._model, self._state = weakref.ref(model, lambda _: self.clear()), state
         return True
 
+    def get_slot(self, model: Any) -> bool:
+        """Whether what is remembered is ``model``'s as it is now."""
+        return self._model is not None and self._model() is model and self._state == self._state_of(model)
+
     def get(self, model: Any, x: np.ndarray) -> np.ndarray | None:
         if not self._slot(model):
             return None
@@ -173,7 +194,18 @@ class _FloatMemo:
             _, old = self._entries.popitem(last=False)
             self._bytes -= old.nbytes
 
+    def runner(self, model: Any, x: np.ndarray) -> Any:
+        """What computes ``model``'s logits: its copy with the decoder projected where that agrees with the decoder as
+        trained on the first image of ``x`` (N, 3, H, W); ``model`` itself otherwise (one it cannot keep, one already
+        projected or not a SegFormer, or where the two disagree)."""
+        if not self._slot(model):
+            return model
+        if self._runner is None:
+            self._runner, self.form = _checked_projection(model, x[:1])
+        return self._runner
+
     def clear(self) -> None:
+        self._runner = self.form = None
         self._model, self._state, self._digest = None, (), None
         self._entries.clear()
         self._bytes = 0
@@ -184,6 +216,37 @@ class _FloatMemo:
 
 
 _FLOAT_MEMO = _FloatMemo()
+PROJECTION_TOLERANCE = 1e-4  # largest |logit difference| / largest |logit| between the two forms of the decoder
+
+
+def _checked_projection(model: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """(the module to compute ``model``'s logits with, how): its copy with the decoder projected
+    (:class:`segformer_edge.model.ProjectedHead`: fuse conv and BatchNorm folded into the stage projections, before
+    upsampling; b2 at 512x512 runs in half the time) where its logits on ``x`` (1, 3, H, W) agree with the decoder as
+    trained within :data:`PROJECTION_TOLERANCE`; else ``model`` itself."""
+    import torch
+    from segformer_edge.model import SegFormer, SegFormerHead
+
+    if not isinstance(model, SegFormer) or not isinstance(model.decoder, SegFormerHead):
+        return model, {"decoder": "as in the model", "checked": None}
+    from .graph import project_decoder
+
+    projected = project_decoder(model)
+    with torch.no_grad():
+        a, b = model(torch.from_numpy(x)), projected(torch.from_numpy(x))  # (1, K, H/4, W/4) each
+    difference = float((a - b).abs().max() / a.abs().max().clamp(min=1e-12))
+    check = {"images": 1, "max_relative_logit_difference": difference, "tolerance": PROJECTION_TOLERANCE}
+    if not difference <= PROJECTION_TOLERANCE:
+        logger.warning("the float reference runs its decoder as trained: projected, its logits differ by %.2e (relative)", difference)
+        return model, {"decoder": "as trained", "checked": check}
+    return projected, {"decoder": "projected", "checked": check}
+
+
+def reference_form(model: Any) -> dict[str, Any] | None:
+    """How ``model``'s float logits were computed (parity records it), None where they were not remembered:
+    ``decoder`` ``projected`` (the same function, checked against the decoder as trained on the first image: ``checked``)
+    or ``as trained`` (where that check failed)."""
+    return copy.deepcopy(_FLOAT_MEMO.form) if _FLOAT_MEMO.get_slot(model) else None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

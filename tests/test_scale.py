@@ -98,10 +98,29 @@ def test_float_logits_are_shared_between_the_processes_of_a_run(model: SegFormer
     model.register_forward_pre_hook(lambda module, args: calls.append(1))
     np.testing.assert_array_equal(reference.float_logits(model, spec, images), first)
     assert calls == []  # read back, not run again
+    assert reference.reference_form(model)["decoder"] == "projected"  # and how it was computed, read beside it
     with torch.no_grad():
         model.decoder.classifier.bias.add_(1.0)  # another model state: its own file
     reference.float_logits(model, spec, images)
-    assert calls == [1] and len(list(tmp_path.glob("*.npy"))) == 2
+    assert calls and len(list(tmp_path.glob("*.npy"))) == 2  # run (its decoder checked, then projected)
+
+
+def test_the_float_reference_runs_its_decoder_projected_checked_against_the_trained_one(model: SegFormer, monkeypatch) -> None:
+    spec = InputSpec.for_model(model.meta, SIZE)
+    images = np.random.default_rng(1).integers(0, 256, (2, *SIZE, 3), dtype=np.uint8)  # (2, H, W, 3)
+    with torch.no_grad():
+        trained = model(torch.from_numpy(spec.float_spec(images))).numpy()  # (2, K, H/4, W/4) the decoder as trained
+    reference._FLOAT_MEMO.clear()
+    logits = reference.float_logits(model, spec, images)
+    assert np.abs(logits - trained).max() <= 1e-4 * np.abs(trained).max()
+    form = reference.reference_form(model)
+    assert form["decoder"] == "projected" and 0 <= form["checked"]["max_relative_logit_difference"] <= 1e-4, form
+    assert isinstance(model.decoder, torch.nn.Module) and not isinstance(model.decoder, ProjectedHead)  # untouched
+    monkeypatch.setattr(reference, "PROJECTION_TOLERANCE", -1.0)  # a projection that disagrees: the decoder as trained
+    reference._FLOAT_MEMO.clear()
+    np.testing.assert_allclose(reference.float_logits(model, spec, images), trained, rtol=0, atol=1e-6)
+    assert reference.reference_form(model)["decoder"] == "as trained"
+    reference._FLOAT_MEMO.clear()
 
 
 def test_targets_side_by_side_share_one_outlier_decision(tmp_path: Path) -> None:
@@ -113,6 +132,7 @@ def test_targets_side_by_side_share_one_outlier_decision(tmp_path: Path) -> None
     artifacts = se.export(str(folder), ["onnx", "openvino"], "int8", data=photos, out=tmp_path / "out", size=SIZE, jobs=2,
                           calibration_images=6, verify_images=4, on_step=lambda task, what, done=False: steps.append((task, what, done)))  # fmt: skip
     assert list(artifacts) == ["onnx", "openvino"] and all(a.parity.passed for a in artifacts.values())
+    assert all(a.manifest["parity"]["float_reference"]["decoder"] == "projected" for a in artifacts.values())
     decisions = [a.manifest["quantization"]["applied"]["outliers"]["decision"] for a in artifacts.values()]
     assert all(d["reused"] for d in decisions) and len({d["key_sha256"] for d in decisions}) == 1, decisions
     assert {d["from"] for d in decisions} == {str(Path(decisions[0]["from"]))} and Path(decisions[0]["from"]).is_file()
@@ -126,8 +146,8 @@ def test_targets_side_by_side_share_one_outlier_decision(tmp_path: Path) -> None
 
 def test_idle_xnnpack_passes_are_skipped_and_the_program_is_the_same(tmp_path: Path) -> None:
     """ExecuTorch's XNNPACK passes that find none of their ops, and its decompositions whose table finds none, are
-    skipped: the .pte is the same byte for byte (fp32 here, for the suite's time; benchmarks/XNNPACK_IDLE_PASSES.md and
-    EXECUTORCH_LOWERING.md check the b2 int8 graph)."""
+    skipped: the .pte is the same byte for byte (fp32 here, for the suite's time; benchmarks/XNNPACK_IDLE_PASSES.md
+    checks the b2 int8 graph)."""
     import segformer_edge.converters.executorch as executorch_target
     from segformer_edge.converters.build import capture
 

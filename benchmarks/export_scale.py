@@ -304,14 +304,21 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
            "`--target all` within 2.5x one target; b5 int8 and b0 at 1024x2048 fp32 within 24 GiB):", ""]  # fmt: skip
     for target in TARGETS:
         parts = []
-        for r in (find(f"b2:int8:{target}"), find(f"b2:int8:{target}:warm")):
+        for job in (f"b2:int8:{target}", f"b2:int8:{target}:warm"):
+            r = find(job) or find(job, "stop 32")  # this code's row, else the last stop's (its code was slower)
             if r is not None:  # a warm job made the decision where it ran first: the row says which
                 made = "made" in (r.get("outlier_decision") or {}).values()
-                parts.append(f"{'decision made in the export' if made else 'decision recorded by an earlier export'}: {fits(r)}")
+                code = "" if r["label"] == "after" else f" ({r['label']} code)"
+                parts.append(f"{'decision made in the export' if made else 'decision recorded by an earlier export'}{code}: {fits(r)}")
         if any(parts):
             out.append(f"- b2 int8 {target}: " + "; ".join(p for p in parts if p) + ".")
+    same_hour, after = find("b2:int8:executorch", "stop 32, same hour"), find("b2:int8:executorch")
+    if same_hour and after:
+        phases = ", ".join(f"{k} {same_hour['phases_s'].get(k, 0):.0f} -> {after['phases_s'].get(k, 0):.0f} s"
+                           for k in ("calibration", "outlier decision", "quantize", "lower", "verify"))  # fmt: skip
+        out.append(f"- b2 int8 executorch, stop 32's code and this code one after the other: {same_hour['wall_s'] / 60:.1f} -> "
+                   f"{after['wall_s'] / 60:.1f} min ({after['wall_s'] / same_hour['wall_s']:.2f}x; {phases}).")  # fmt: skip
     before = next((r for r in rows if r["job"] == "b2:int8:executorch" and r["label"] == "before"), None)
-    after = find("b2:int8:executorch")
     if before and after:
         out.append(f"- b2 int8 executorch, the code before issue 27 (its CLI): {before['wall_s'] / 60:.1f} min, "
                    f"{before['peak_rss_mb'] / 1024:.2f} GiB, {before['status']} {_parity(before)}; after: "
@@ -322,7 +329,8 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
                     and o.get("commit", "").rstrip("+") == r.get("commit", "").rstrip("+")), None)  # fmt: skip
         if one:
             ratio = r["wall_s"] / one["wall_s"]
-            how = "one target at a time" if "jobs1" in r["job"] or r["label"] != "after" else "two targets at a time"
+            sequential = "jobs1" in r["job"] or r["label"] in ("stop 30", "stop 31") or r["label"].startswith("after + heap")
+            how = "one target at a time" if sequential else "two targets at a time"  # side by side since stop 32
             out.append(f"- b2 int8 --target all ({r['label']}, {how}; {len(r['outlier_decision'])} targets: "
                        f"{', '.join(r['outlier_decision'])}): {r['wall_s'] / 60:.1f} min, {ratio:.2f}x the executorch export "
                        f"alone ({'within' if ratio <= LIMITS['all_ratio'] else 'NOT within'} 2.5x), peak "
@@ -358,8 +366,9 @@ def render(record: dict[str, Any]) -> str:
              "`--outliers auto`; verify on them), seconds of wall time per phase; peak RSS is the process's (helpers included). "
              "`code`: what was measured and its commit (`+`: with uncommitted changes to the package code); `before` rows ran the same script on an "
              "older checkout (`--tree`), `stop 30` rows the code that landed before the sampled histogram and the decision's "
-             "pixel budget, `stop 31` rows the code that landed before the projected decoder and the targets side by side "
-             "(`after` rows: this code). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
+             "pixel budget, `stop 31` rows the code that landed before the projected decoder and the targets side by side, "
+             "`stop 32` rows the code that landed before the decompositions skipped and the bias statistics from summed "
+             "inputs (`stop 32, same hour`: that code again, right beside this code's rows) (`after` rows: this code). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
              "(`--jobs 1`: the targets of `--target all` one after the other), `as-trained` (`--decoder as-trained`). "
              "With targets side by side, the peak is the sampled sum of the processes' RSS (shared pages counted twice).", "",
              "`decision`: whether the export made its outlier decision (`made`: a first export of the model and photos) or "

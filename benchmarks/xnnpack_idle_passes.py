@@ -1,10 +1,12 @@
-"""ExecuTorch's XNNPACK passes skipped where the graph has none of their ops, beside every pass run, in one process.
+"""ExecuTorch's idle lowering work skipped, beside all of it run, in one process: XNNPACK's passes where the graph has
+none of their ops (``IDLE_UNLESS``), and the decompositions before partitioning that find nothing to do
+(``idle_decompositions_skipped``: one retrace where ExecuTorch 1.5 makes three).
 
 The b2 int8 graph (the transformers-saved b2 of benchmarks/export_scale.py, 150 classes, 512x512, calibrated on its 16
 photo crops, outlier decision from its cache) is captured and quantized once, then lowered by the executorch target's
-``convert`` (torch.export, to_edge_transform_and_lower with XNNPACK, to_executorch, the read-back) alternately with the
-skip (the default) and with every pass, ``--pairs`` times. Each lowering's wall time and the .pte's sha256 are
-recorded: the programs must be the same byte for byte.
+``convert`` (torch.export, to_edge_transform_and_lower with XNNPACK, to_executorch, the read-back) in turn with both
+skips (the default), with the passes skipped and every decomposition, and with neither, ``--rounds`` times. Each
+lowering's wall time and the .pte's sha256 are recorded: the programs must be the same byte for byte.
 
     python benchmarks/xnnpack_idle_passes.py --work /tmp/es          # XNNPACK_IDLE_PASSES.md and .json
 """
@@ -27,7 +29,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def measure(work: Path, pairs: int) -> dict[str, Any]:
+MODES = ("both skipped", "passes skipped, every decomposition", "every pass and decomposition")
+
+
+def measure(work: Path, rounds: int) -> dict[str, Any]:
     from export_scale import MODELS, _hf_model
 
     import segformer_edge.converters.executorch as executorch_target
@@ -46,10 +51,11 @@ def measure(work: Path, pairs: int) -> dict[str, Any]:
         module, example, _ = capture(net, plan)
         module, _ = quantize(module, example, plan)
         every = dict(executorch_target.IDLE_UNLESS)
-        for i in range(2 * pairs):
-            mode = "skip" if i % 2 == 0 else "every pass"
-            if mode == "every pass":
+        for i in range(len(MODES) * rounds):
+            mode = MODES[i % len(MODES)]
+            if mode == MODES[2]:
                 executorch_target.IDLE_UNLESS.clear()
+            executorch_target.SKIP_IDLE_DECOMPOSITIONS = mode == MODES[0]
             file = Path(tmp) / f"{i}.pte"
             try:
                 started = time.perf_counter()
@@ -57,8 +63,10 @@ def measure(work: Path, pairs: int) -> dict[str, Any]:
                 seconds = time.perf_counter() - started
             finally:
                 executorch_target.IDLE_UNLESS.update(every)
+                executorch_target.SKIP_IDLE_DECOMPOSITIONS = True
             runs.append({"mode": mode, "seconds": round(seconds, 1), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
-                         "skipped": lowered["delegation"]["xnnpack_passes_skipped"]})  # fmt: skip
+                         "skipped": lowered["delegation"]["xnnpack_passes_skipped"],
+                         "decompositions_skipped": lowered["delegation"]["decompositions_skipped"]})  # fmt: skip
             print(runs[-1], flush=True)
     from importlib.metadata import version
 
@@ -68,45 +76,41 @@ def measure(work: Path, pairs: int) -> dict[str, Any]:
 
 def render(record: dict[str, Any]) -> str:
     runs = record["runs"]
-    skip = [r["seconds"] for r in runs if r["mode"] == "skip"]
-    every = [r["seconds"] for r in runs if r["mode"] == "every pass"]
     same = len({r["sha256"] for r in runs}) == 1
     machine = record["machine"]
     lines = [
-        "# XNNPACK's idle passes skipped",
+        "# ExecuTorch's idle lowering work skipped",
         "",
         "Written by `benchmarks/xnnpack_idle_passes.py`: one b2 int8 graph (512x512, 150 classes) captured and quantized "
-        "once, then lowered by the executorch target alternately with the skip (`converters/executorch.py`, "
-        "`IDLE_UNLESS`) and with every pass, in one process.",
+        "once, then lowered by the executorch target in turn with XNNPACK's idle passes skipped (`converters/executorch.py`, "
+        "`IDLE_UNLESS`) and the program decomposed once before partitioning (`idle_decompositions_skipped`; ExecuTorch 1.5 "
+        "retraces it three times), with the passes skipped and every decomposition, and with neither, in one process.",
         f"Machine: {machine.get('cpu', machine.get('machine'))}, {machine.get('cpus')} CPUs; executorch {record['executorch']}, "
         f"torch {record['torch']}; {record['date']}.",
         "",
-        "| run | passes | lowering (torch.export -> .pte, read back) | .pte sha256 |",
-        "|---|---|---|---|",
+        "| run | mode | XNNPACK passes skipped | decompositions skipped | lowering (torch.export -> .pte, read back) | .pte sha256 |",
+        "|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(runs, 1):
-        passes = f"skipped: {', '.join(r['skipped'])}" if r["skipped"] else "every pass"
-        lines.append(f"| {i} | {passes} | {r['seconds']:.1f} s | `{r['sha256'][:16]}` |")
-    lines += [
-        "",
-        f"Median {statistics.median(skip):.1f} s with the skip, {statistics.median(every):.1f} s with every pass "
-        f"({statistics.median(skip) / statistics.median(every):.2f}x); the programs are "
-        f"{'the same byte for byte' if same else 'NOT the same'}.",
-        "",
-    ]
+        passes = ", ".join(r["skipped"]) or "none"
+        lines.append(f"| {i} | {r.get('mode')} | {passes} | {r.get('decompositions_skipped', 0)} | {r['seconds']:.1f} s | `{r['sha256'][:16]}` |")
+    medians = {mode: statistics.median(r["seconds"] for r in runs if r.get("mode") == mode) for mode in MODES if any(r.get("mode") == mode for r in runs)}
+    base = medians.get(MODES[2])
+    lines += ["", "Median per mode: " + "; ".join(f"{mode} {s:.1f} s" + (f" ({s / base:.2f}x)" if base else "") for mode, s in medians.items())
+              + f". The programs are {'the same byte for byte' if same else 'NOT the same'}.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "export-scale")
-    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="lowerings per mode")
     parser.add_argument("--render", action="store_true")
     args = parser.parse_args()
     json_path, md_path = HERE / "xnnpack_idle_passes.json", HERE / "XNNPACK_IDLE_PASSES.md"
     if not args.render:
         os.environ.setdefault("XDG_CACHE_HOME", str(args.work / "warm-cache"))  # the decision export_scale recorded
-        json_path.write_text(json.dumps(measure(args.work, args.pairs), indent=1) + "\n")
+        json_path.write_text(json.dumps(measure(args.work, args.rounds), indent=1) + "\n")
     md_path.write_text(render(json.loads(json_path.read_text())))
     print(md_path.read_text())
 

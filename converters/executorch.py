@@ -246,7 +246,7 @@ def idle_xnnpack_passes_skipped() -> Iterator[list[str]]:
         _passes.XNNPACKPassManager.transform = original
 
 
-# Whether :func:`idle_decompositions_skipped` skips (tests and benchmarks/EXECUTORCH_LOWERING.md run both ways).
+# Whether :func:`idle_decompositions_skipped` skips (tests and benchmarks/XNNPACK_IDLE_PASSES.md run both ways).
 SKIP_IDLE_DECOMPOSITIONS = True
 
 
@@ -263,7 +263,7 @@ def idle_decompositions_skipped(partitioner: Any) -> Iterator[list[int]]:
     the third, which only retraced (each ~10 s of a b2 int8 lowering, 2,660 nodes). ExecuTorch skips the same idle call
     on its other path, with the same test (``contains_any_call_fn_target_op``); an op the partitioner did not take is
     still in the third table, and is decomposed by it. The .pte is the same byte for byte (tests/test_scale.py on the
-    tiny graph, benchmarks/EXECUTORCH_LOWERING.md on b2 int8). Another ExecuTorch version runs every call."""
+    tiny graph, benchmarks/XNNPACK_IDLE_PASSES.md on b2 int8). Another ExecuTorch version runs every call."""
     from importlib.metadata import version
 
     skipped: list[int] = []

@@ -362,6 +362,49 @@ def _rows(layer: nn.Module, y: Tensor) -> Tensor:
     return y.flatten(0, -2) if isinstance(layer, nn.Linear) else y.transpose(0, 1).flatten(1).T
 
 
+class _RowSums:
+    """Per biased linear/conv layer, its input rows summed over a pass (:func:`_row_sums`) and how many rows: what
+    ``E[(Wq - W) x]`` is computed from, for the model of the pass or a SmoothQuant rewrite of it (:meth:`shifts`)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def hook(self, name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            if isinstance(module, nn.Conv2d) and not _plain_conv(module):
+                raise OutlierError(f"{name}: bias statistics read zero-padded convolutions only, not padding {module.padding!r} ({module.padding_mode})")
+            x = args[0]
+            self.sums[name] = self.sums.get(name, 0) + _row_sums(module, x)
+            rows = x.numel() // x.shape[-1] if isinstance(module, nn.Linear) else x.shape[0] * _out_size(module, x)
+            self.counts[name] = self.counts.get(name, 0) + rows
+
+        return record
+
+    @torch.no_grad()
+    def shifts(self, model: nn.Module, weights: str, scaled: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Per layer of ``model`` (the pass's model, or its SmoothQuant rewrite: ``scaled`` maps each consumer to the
+        factors (C,) its input channels were divided by, its weight multiplied by), ``E[(Wq - W) x]`` (out,): exact,
+        since a layer is linear in its input."""
+        shifts = {}
+        for name, m in _layers(model):
+            if m.bias is None or name not in self.sums:
+                continue
+            total = self.sums[name]  # (in,) or (C, kh, kw)
+            if scaled is not None and name in scaled:
+                total = total / scaled[name].double().reshape(-1, *([1] * (total.ndim - 1)))  # the input it sees: x / s
+            groups = m.groups if isinstance(m, nn.Conv2d) else 1
+            dw = (quantize_weight(m.weight, weights) - m.weight).double().reshape(groups, m.weight.shape[0] // groups, -1)  # (g, out/g, in/g)
+            shifts[name] = ((dw @ total.reshape(groups, -1, 1)).flatten() / self.counts[name]).to(m.bias.dtype)  # (out,)
+        return shifts
+
+
+def _out_size(layer: nn.Module, x: Tensor) -> int:
+    """A conv's output positions per image for input ``x`` (B, C, H, W)."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    return ((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
 @torch.no_grad()
 def bias_statistics(model: nn.Module, inputs: Tensor, weights: str = "per_channel",
                     ranges: dict[str, tuple[float, float]] | None = None,
@@ -378,8 +421,7 @@ def bias_statistics(model: nn.Module, inputs: Tensor, weights: str = "per_channe
     """
     layers = [(name, m) for name, m in _layers(model) if m.bias is not None]
     quantized = {name: quantize_weight(m.weight, weights) for name, m in layers}
-    sums: dict[str, Tensor] = {}  # per layer: its input rows summed (in,) or (C, kh, kw), and how many rows
-    counts: dict[str, int] = {}
+    sums = _RowSums()
     totals: dict[str, Tensor] = {}  # over the search images: the sum of the whole error, its energy, its count
     energy: dict[str, float] = {}
     searched: dict[str, int] = {}
@@ -387,14 +429,9 @@ def bias_statistics(model: nn.Module, inputs: Tensor, weights: str = "per_channe
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
-            x = args[0]
-            if isinstance(module, nn.Conv2d) and not _plain_conv(module):
-                raise OutlierError(f"{name}: bias statistics read zero-padded convolutions only, not padding {module.padding!r} ({module.padding_mode})")
-            sums[name] = sums.get(name, 0) + _row_sums(module, x)
-            counts[name] = counts.get(name, 0) + out.numel() // out.shape[-1 if isinstance(module, nn.Linear) else 1]
             if not whole[0]:
                 return
-            simulated = _apply(module, _fake_quant(x, *ranges[name]), quantized[name])  # type: ignore[index]
+            simulated = _apply(module, _fake_quant(args[0], *ranges[name]), quantized[name])  # type: ignore[index]
             total = _rows(module, simulated) - (_rows(module, out) - module.bias)  # (M, out): Wq Q(x) - W x
             totals[name] = totals.get(name, 0) + total.sum(0, dtype=torch.float64)  # (out,)
             energy[name] = energy.get(name, 0.0) + float(total.pow(2).sum(dtype=torch.float64))
@@ -402,7 +439,8 @@ def bias_statistics(model: nn.Module, inputs: Tensor, weights: str = "per_channe
 
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in layers]
+    handles = [m.register_forward_pre_hook(sums.hook(name)) for name, m in layers]
+    handles += [m.register_forward_hook(hook(name)) for name, m in layers]
     try:
         for batch in _batches(inputs[:search]):
             model(batch)
@@ -412,17 +450,13 @@ def bias_statistics(model: nn.Module, inputs: Tensor, weights: str = "per_channe
     finally:
         for handle in handles:
             handle.remove()
-    shifts: dict[str, Tensor] = {}
+    shifts = sums.shifts(model, weights)
     gain = 0.0
     for name, m in layers:
-        if name in sums:
-            groups = m.groups if isinstance(m, nn.Conv2d) else 1
-            dw = (quantized[name] - m.weight).double().reshape(groups, m.weight.shape[0] // groups, -1)  # (g, out/g, in/g)
-            mu = (dw @ sums[name].reshape(groups, -1, 1)).flatten() / counts[name]  # (out,): (Wq - W) E[x]
-            shifts[name] = mu.to(m.bias.dtype)
-            if name in totals:
-                drop = searched[name] * float(2 * (totals[name] / searched[name]).dot(mu) - mu.dot(mu))
-                gain = max(gain, drop / max(energy[name], 1e-30))
+        if name in totals:
+            mu = shifts[name].double()
+            drop = searched[name] * float(2 * (totals[name] / searched[name]).dot(mu) - mu.dot(mu))
+            gain = max(gain, drop / max(energy[name], 1e-30))
     return shifts, gain if ranges is not None else None
 
 
@@ -572,6 +606,7 @@ class _Capture:
     reference: Tensor  # (n, K, H/4, W/4) float logits of the search images
     samples: dict[str, _SiteSample]  # per site
     ranges: dict[str, tuple[float, float]]  # per linear/conv layer, its input range as SimulatedInt8 searches it
+    row_sums: _RowSums  # per biased linear/conv layer, its input rows summed over all calibration images
 
 
 def _take(rows: Tensor, k: int, generator: torch.Generator) -> Tensor:
@@ -626,7 +661,9 @@ def _capture(model: nn.Module, inputs: Tensor, sites: list[NormSite], search: in
         return record
 
     recorder = _RangeRecorder(RANGE_SAMPLE)  # every layer's input range, as SimulatedInt8 searches it
+    row_sums = _RowSums()  # what bias correction's shifts are computed from, without a pass of their own
     handles = [modules[site.norm].register_forward_hook(norm_hook(site.norm)) for site in sites]
+    handles += [m.register_forward_pre_hook(row_sums.hook(name)) for name, m in _layers(model) if m.bias is not None]
     handles += [modules[name].register_forward_pre_hook(consumer_hook(name)) for name in consumed]
     handles += [m.register_forward_pre_hook(recorder.hook(name)) for name, m in _layers(model)]
     reference = []
@@ -642,7 +679,7 @@ def _capture(model: nn.Module, inputs: Tensor, sites: list[NormSite], search: in
     samples = {site.norm: _SiteSample(lo[site.norm], hi[site.norm], torch.cat(tokens[site.norm]),
                                       {name: torch.cat(consumed[name]) for name in site.consumers})
                for site in sites}  # fmt: skip
-    return _Capture(absmax, torch.cat(reference), samples, recorder.ranges())
+    return _Capture(absmax, torch.cat(reference), samples, recorder.ranges(), row_sums)
 
 
 @torch.no_grad()
@@ -852,26 +889,31 @@ def decide_outliers(
                 arrays.update({f"absmax/{site.norm}": absmax[site.norm] for site in sites})
                 best, best_err = candidate, err
     if want_bias:
-        best_ranges = None if strategy != "local" else ranges if best is not model else captured.ranges
-        shifts, share = bias_statistics(best, inputs, weights, best_ranges, search=search)
-        info = _bias_info(shifts, weights)
-        if share is not None and mode == "auto" and share < min_gain:
-            # Bias correction changes each layer's own error by the bound above; where no layer's falls by
-            # min_gain, the model's (their sum, carried to the logits) cannot fall by min_gain either.
-            record["bias_correction"] = {**info, "largest_layer_gain": share, "error_without": best_err, "applied": False,
-                                         "stopped": f"no layer's own W8A8 error falls by {min_gain:.0%}: it cannot win"}  # fmt: skip
+        if strategy == "local":  # the shifts follow from the capture pass's summed layer inputs: no pass of their own
+            scaled = None
+            if best is not model:  # SmoothQuant applied: its consumers see x / s
+                factors = {site.norm: _smooth_factors(model, site, absmax, record["smoothquant"]["alpha"]) for site in sites}
+                scaled = {name: factors[site.norm] for site in sites for name in site.consumers}
+            shifts = captured.row_sums.shifts(best, weights, scaled)
         else:
-            candidate = copy.deepcopy(best)
-            shift_biases(candidate, shifts)
+            shifts, _ = bias_statistics(best, inputs, weights)
+        info = _bias_info(shifts, weights)
+        # Measured on the whole model: a bound from each layer's own error (one more pass over the search images, as
+        # costly as the measure) stopped it no sooner. Each layer's input range is the uncorrected model's: a shift
+        # moves an output by its mean weight error (b2's largest: 0.01), not its range.
+        candidate = copy.deepcopy(best)
+        shift_biases(candidate, shifts)
+        if simulated:
+            err = measure(candidate, ranges=ranges if best is not model else captured.ranges)  # type: ignore[call-arg]
+        else:
             err = measure(candidate)
-            logger.info("outliers: bias correction: error %.4g (without: %.4g)", err, best_err)
-            keep = mode != "auto" or err <= (1.0 - min_gain) * best_err
-            record["bias_correction"] = {**info, "largest_layer_gain": share, "error_without": best_err, "error_with": err,
-                                         "applied": keep}  # fmt: skip
-            if keep:
-                record["applied"].append("bias_correction")
-                arrays.update({f"bias/{name}": shift for name, shift in shifts.items()})
-                best, best_err = candidate, err
+        logger.info("outliers: bias correction: error %.4g (without: %.4g)", err, best_err)
+        keep = mode != "auto" or err <= (1.0 - min_gain) * best_err
+        record["bias_correction"] = {**info, "error_without": best_err, "error_with": err, "applied": keep}
+        if keep:
+            record["applied"].append("bias_correction")
+            arrays.update({f"bias/{name}": shift for name, shift in shifts.items()})
+            best, best_err = candidate, err
     record["error_after"] = best_err
     record["seconds"] = round(time.perf_counter() - started, 2)
     logger.info("outliers: applied %s; measured int8 error %.4g -> %.4g", " + ".join(record["applied"]) or "nothing",

@@ -30,6 +30,7 @@ from segformer_edge.calibration.outliers import (
     outlier_ratio,
     quantize_weight,
     search_images,
+    smooth,
 )
 from segformer_edge.calibration.spec import QuantSpec
 from segformer_edge.converters import get_target
@@ -197,6 +198,27 @@ def test_bias_statistics_read_every_layer_from_its_summed_input(stressed, calib:
         kinds.add("linear" if isinstance(m, torch.nn.Linear) else f"conv k{m.kernel_size[0]} s{m.stride[0]} g{'>1' if m.groups > 1 else 1}")
     assert {"linear", "conv k7 s4 g1", "conv k3 s1 g>1"} <= kinds, kinds  # patch embedding, Mix-FFN's depth-wise conv
     assert exact_gain > 0 and abs(gain - exact_gain) <= 1e-3 * exact_gain, (gain, exact_gain)
+
+
+def test_the_decision_corrects_biases_for_the_model_it_smoothed(stressed, calib: CalibrationSet) -> None:
+    """With SmoothQuant applied, the bias shifts (read from the capture pass's layer inputs, rescaled where the rewrite
+    divided them) are those of the smoothed model itself; the correction is measured on the whole model."""
+    model = fold_batch_norm(stressed[0])
+    x = _inputs(model, calib)
+    decision = decide_outliers(model, x, "smoothquant+bias_correction")
+    record = decision.record
+    assert record["applied"] == ["smoothquant", "bias_correction"], record
+    assert record["bias_correction"]["error_with"] > 0 and "stopped" not in record["bias_correction"]
+    smoothed = copy.deepcopy(model)
+    sites, _ = norm_sites(smoothed)
+    smooth(smoothed, sites, {site.norm: decision.arrays[f"absmax/{site.norm}"] for site in sites}, record["smoothquant"]["alpha"])
+    expected, _ = bias_statistics(smoothed, x[: record["statistics_images"]])
+    got = {k.removeprefix("bias/"): v for k, v in decision.arrays.items() if k.startswith("bias/")}
+    assert got.keys() == expected.keys()
+    consumers = {name for site in sites for name in site.consumers}
+    assert consumers & got.keys()  # the rescaled ones are among them
+    for name, shift in got.items():
+        assert torch.allclose(shift, expected[name], rtol=1e-3, atol=1e-6 * float(expected[name].abs().max())), name
 
 
 INT8_TARGETS = ["executorch", "tflite", "coreml", "openvino"]  # onnx goes through the CLI below; ethos-u apart

@@ -35,8 +35,9 @@ calibration images caches what each site needs (the LayerNorm's channel maxima a
 consumers' sampled inputs, every layer's input range). Each SmoothQuant strength is scored where it acts: per
 site, its consumers in simulated W8A8 on the cached inputs, against their float outputs. The whole model is then
 measured only for the baseline and for the best strength, with the input ranges known (the rewrite changes no
-other layer's float input), and only where the candidate can still win: a rewrite that lowers no site's (or, for
-bias correction, no layer's) own error by :data:`MIN_GAIN` cannot lower the model's by that much either. The
+other layer's float input), and only where the candidate can still win: a rewrite that lowers no site's own error by
+:data:`MIN_GAIN` cannot lower the model's by that much either. Bias correction's shifts come from the same pass (each
+layer's summed inputs: a layer is linear in them) and it is measured on the whole model, with the ranges known. The
 result, an :class:`OutlierDecision` (what was chosen and measured, with the channel maxima or bias shifts that
 redo the rewrite without measuring), is what the export records and reuses. Each pass runs on a budget of input pixels
 (:func:`search_images`): the search on up to 8 images and 1 M pixels (4 images at 512x512), the statistics on up to

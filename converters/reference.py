@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import weakref
 from collections import OrderedDict
@@ -88,8 +89,7 @@ def float_logits(model: Any, spec: InputSpec, images: np.ndarray) -> np.ndarray:
         shared = _FLOAT_MEMO.shared_file(model, x)
         logits = _read_shared(shared)
         if logits is None:
-            with torch.no_grad():
-                logits = _FLOAT_MEMO.runner(model, x)(torch.from_numpy(x)).numpy()
+            logits = _FLOAT_MEMO.logits_of(model, x)
             _write_shared(shared, logits, _FLOAT_MEMO.form)
         elif _FLOAT_MEMO.form is None and shared is not None:  # computed by another process of the run: its form
             _FLOAT_MEMO.form = _read_form(shared)
@@ -194,15 +194,22 @@ class _FloatMemo:
             _, old = self._entries.popitem(last=False)
             self._bytes -= old.nbytes
 
-    def runner(self, model: Any, x: np.ndarray) -> Any:
-        """What computes ``model``'s logits: its copy with the decoder projected where that agrees with the decoder as
-        trained on the first image of ``x`` (N, 3, H, W); ``model`` itself otherwise (one it cannot keep, one already
-        projected or not a SegFormer, or where the two disagree)."""
+    def logits_of(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """``model``'s logits (N, K, H/4, W/4) for ``x`` (N, 3, H, W), computed: with its copy whose decoder is projected
+        where that agrees with the decoder as trained on the first image of ``x`` (checked once per model state, both
+        forms run on it; a single image's logits are the check's own); with ``model`` itself otherwise (one it cannot
+        keep, one already projected or not a SegFormer, or where the two disagree)."""
+        import torch
+
         if not self._slot(model):
-            return model
+            with torch.no_grad():
+                return model(torch.from_numpy(x)).numpy()
         if self._runner is None:
-            self._runner, self.form = _checked_projection(model, x[:1])
-        return self._runner
+            self._runner, self.form, first = _checked_projection(model, x[:1])
+            if len(x) == 1 and first is not None:
+                return first
+        with torch.no_grad():
+            return self._runner(torch.from_numpy(x)).numpy()
 
     def clear(self) -> None:
         self._runner = self.form = None
@@ -219,8 +226,8 @@ _FLOAT_MEMO = _FloatMemo()
 PROJECTION_TOLERANCE = 1e-4  # largest |logit difference| / largest |logit| between the two forms of the decoder
 
 
-def _checked_projection(model: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
-    """(the module to compute ``model``'s logits with, how): its copy with the decoder projected
+def _checked_projection(model: Any, x: np.ndarray) -> tuple[Any, dict[str, Any], np.ndarray | None]:
+    """(the module to compute ``model``'s logits with, how, its logits on ``x``): its copy with the decoder projected
     (:class:`segformer_edge.model.ProjectedHead`: fuse conv and BatchNorm folded into the stage projections, before
     upsampling; b2 at 512x512 runs in half the time) where its logits on ``x`` (1, 3, H, W) agree with the decoder as
     trained within :data:`PROJECTION_TOLERANCE`; else ``model`` itself."""
@@ -228,18 +235,21 @@ def _checked_projection(model: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]
     from segformer_edge.model import SegFormer, SegFormerHead
 
     if not isinstance(model, SegFormer) or not isinstance(model.decoder, SegFormerHead):
-        return model, {"decoder": "as in the model", "checked": None}
+        return model, {"decoder": "as in the model", "checked": None}, None
     from .graph import project_decoder
 
     projected = project_decoder(model)
     with torch.no_grad():
         a, b = model(torch.from_numpy(x)), projected(torch.from_numpy(x))  # (1, K, H/4, W/4) each
     difference = float((a - b).abs().max() / a.abs().max().clamp(min=1e-12))
+    if not math.isfinite(difference):  # a broken model: parity names its NaN; the reference stays the model as trained
+        check = {"images": 1, "max_relative_logit_difference": None, "tolerance": PROJECTION_TOLERANCE, "note": "logits not finite"}
+        return model, {"decoder": "as trained", "checked": check}, a.numpy()
     check = {"images": 1, "max_relative_logit_difference": difference, "tolerance": PROJECTION_TOLERANCE}
     if not difference <= PROJECTION_TOLERANCE:
         logger.warning("the float reference runs its decoder as trained: projected, its logits differ by %.2e (relative)", difference)
-        return model, {"decoder": "as trained", "checked": check}
-    return projected, {"decoder": "projected", "checked": check}
+        return model, {"decoder": "as trained", "checked": check}, a.numpy()
+    return projected, {"decoder": "projected", "checked": check}, b.numpy()
 
 
 def reference_form(model: Any) -> dict[str, Any] | None:

@@ -343,19 +343,21 @@ def _taps(size: int, kernel: int, stride: int, dilation: int, padding: int) -> l
     return taps
 
 
-def _row_sums(layer: nn.Module, x: Tensor) -> Tensor:
+def _row_sums(layer: nn.Module, x: Tensor) -> tuple[Tensor, int]:
     """``layer``'s input rows summed over all its rows, float64 out of float32 sums (torch sums float32 in cascades,
     ~10x faster than in float64): (in,) over the tokens of a linear, (C, kh, kw) over a conv's output positions (each
-    position's patch, zero padding included), read from strided slices of the input, never unfolded."""
+    position's patch, zero padding included), read from strided slices of the input, never unfolded; and how many rows."""
     if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1]).sum(0).double()
+        return x.reshape(-1, x.shape[-1]).sum(0).double(), x.numel() // x.shape[-1]
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
     rows, cols = _taps(x.shape[2], kh, sh, dh, ph), _taps(x.shape[3], kw, sw, dw, pw)
     sums = torch.zeros(x.shape[1], kh, kw, dtype=torch.float64)  # (C, kh, kw)
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             sums[:, i, j] = x[:, :, r, c].sum((0, 2, 3))
-    return sums
+    out_h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return sums, x.shape[0] * out_h * out_w
 
 
 def _rows(layer: nn.Module, y: Tensor) -> Tensor:
@@ -375,9 +377,8 @@ class _RowSums:
         def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
             if isinstance(module, nn.Conv2d) and not _plain_conv(module):
                 raise OutlierError(f"{name}: bias statistics read zero-padded convolutions only, not padding {module.padding!r} ({module.padding_mode})")
-            x = args[0]
-            self.sums[name] = self.sums.get(name, 0) + _row_sums(module, x)
-            rows = x.numel() // x.shape[-1] if isinstance(module, nn.Linear) else x.shape[0] * _out_size(module, x)
+            total, rows = _row_sums(module, args[0])
+            self.sums[name] = self.sums.get(name, 0) + total
             self.counts[name] = self.counts.get(name, 0) + rows
 
         return record
@@ -398,12 +399,6 @@ class _RowSums:
             dw = (quantize_weight(m.weight, weights) - m.weight).double().reshape(groups, m.weight.shape[0] // groups, -1)  # (g, out/g, in/g)
             shifts[name] = ((dw @ total.reshape(groups, -1, 1)).flatten() / self.counts[name]).to(m.bias.dtype)  # (out,)
         return shifts
-
-
-def _out_size(layer: nn.Module, x: Tensor) -> int:
-    """A conv's output positions per image for input ``x`` (B, C, H, W)."""
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
-    return ((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
 
 @torch.no_grad()

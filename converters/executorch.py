@@ -175,32 +175,85 @@ class ExecuTorchTarget(Target):
         return top_ops(profile_etdump(artifact, x, runs))
 
 
+def _name(node: Any) -> str:
+    return str(getattr(node.target, "__name__", node.target))
+
+
 def _is_batch_norm(node: Any) -> bool:
-    return "batch_norm" in str(getattr(node.target, "__name__", node.target))
+    return "batch_norm" in _name(node)
 
 
 def _is_conv1d(node: Any) -> bool:
     val = node.meta.get("val")
-    return "convolution" in str(getattr(node.target, "__name__", node.target)) and (val is None or val.dim() != 4)
+    return "convolution" in _name(node) and (val is None or val.dim() != 4)
 
 
 def _is_wide_cat(node: Any) -> bool:
-    return str(getattr(node.target, "__name__", "")) == "aten.cat.default" and len(node.args[0]) > 5
+    return _name(node) == "aten.cat.default" and len(node.args[0]) > 5
 
 
 def _is_prelu(node: Any) -> bool:
-    return "prelu" in str(getattr(node.target, "__name__", node.target))
+    return "prelu" in _name(node)
+
+
+def _is_dim_order_op(node: Any) -> bool:
+    return _name(node).startswith("dim_order_ops.")
+
+
+def _is_sdpa_mask_test(node: Any) -> bool:
+    return _name(node) == "aten.any.dim"
+
+
+def _is_matmul_or_viewed_linear(node: Any) -> bool:
+    name = _name(node)
+    if name in ("aten.mm.default", "aten.addmm.default"):
+        return True
+    if name != "aten.linear.default":
+        return False
+    return any(hasattr(n, "target") and _name(n) == "aten.view_copy.default" for n in (node.args[0], *node.users))
+
+
+def _has_custom_meta(node: Any) -> bool:
+    return "custom" in node.meta
+
+
+def _is_constant_op(node: Any) -> bool:
+    return "quantized_decomposed" not in _name(node) and all(n.op == "get_attr" for n in node.all_input_nodes)
+
+
+def _is_max_with_indices(node: Any) -> bool:
+    return _name(node) in ("aten.max_pool2d_with_indices.default", "aten.max.dim")
+
+
+def _is_to_copy(node: Any) -> bool:
+    return _name(node) == "aten._to_copy.default"
+
+
+def _never(node: Any) -> bool:
+    return False
 
 
 # XNNPACK's delegate passes (executorch 1.5) that change only graphs holding these ops; on any other graph each one is
-# a full retrace with fake tensors and a check, and changes nothing: 4-6 s apiece for a b2 int8 graph of ~2,700 nodes
-# (~25 s of its ~90 s lowering). Each is still run where its ops are there.
+# a full retrace with fake tensors and a check, and changes nothing: 1-6 s apiece for a b2 int8 graph of ~2,700 nodes
+# (~45 s of its ~110 s lowering before they were skipped). Each is still run where its ops are there. What each acts
+# on is read from its source in executorch 1.5; the two that match pattern graphs are checked against the patterns
+# themselves by tests/test_scale.py.
 IDLE_UNLESS: dict[str, Callable[[Any], bool]] = {
     "PReLUReshapePass": _is_prelu,  # PReLU weights repeated per channel
     "Conv1dUnsqueezePass": _is_conv1d,  # 1-D convolutions as 2-D
     "FuseBatchNormPass": _is_batch_norm,  # BatchNorm into the conv or linear before it
     "DecomposeBatchNorm": _is_batch_norm,  # a BatchNorm left alone as a depthwise conv
     "DecomposeConcatenate": _is_wide_cat,  # concatenations of more than 5 inputs split
+    "DimOrderOpsRevertPass": _is_dim_order_op,  # dim-order copies back to memory-format copies
+    # Its patterns (partition/graphs/bilinear_2d.py) trace to upsample_bilinear2d.vec itself, which it leaves as it is
+    # ("Op was not decomposed, do nothing"): in 1.5 it has nothing to act on in any graph.
+    "ConvertToUpsampleBilinear2d": _never,
+    "ConvertToSDPAPass": _is_sdpa_mask_test,  # every SDPA pattern (partition/graphs/sdpa.py) holds the mask's any.dim
+    "ConvertToLinearPass": _is_matmul_or_viewed_linear,  # [add]mm as linear; view copies around a linear folded
+    "PropagateCustomMetaPass": _has_custom_meta,  # node.meta["custom"] copied to the q/dq nodes after it
+    "ConstPropPass": _is_constant_op,  # an op on constants only (no graph input, no parameter) folded
+    "RemoveGetItemPass": _is_max_with_indices,  # max_pool2d_with_indices / max.dim with their getitem
+    "RemoveRedundantCopyPass": _is_to_copy,  # back-to-back _to_copy pairs removed
 }
 _VERIFIED_EXECUTORCH = "1.5."  # the version whose XNNPACKPassManager.transform the loop below repeats
 

@@ -1,5 +1,5 @@
-"""ExecuTorch's idle lowering work skipped, beside all of it run, in one process: XNNPACK's passes where the graph has
-none of their ops (``IDLE_UNLESS``), and the decompositions before partitioning that find nothing to do
+"""ExecuTorch's idle lowering work skipped, beside all of it run, in one process: XNNPACK's delegate passes and the edge
+dialect's where the graph has none of their ops (``IDLE_UNLESS``), and the decompositions before partitioning that find nothing to do
 (``idle_decompositions_skipped``: one retrace where ExecuTorch 1.5 makes three).
 
 The b2 int8 graph (the transformers-saved b2 of benchmarks/export_scale.py, 150 classes, 512x512, calibrated on its 16
@@ -72,7 +72,7 @@ def measure(work: Path, rounds: int) -> dict[str, Any]:
                 executorch_target.IDLE_UNLESS.update(every)
                 executorch_target.SKIP_IDLE_DECOMPOSITIONS = True
             runs.append({"mode": mode, "seconds": round(seconds, 1), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
-                         "skipped": lowered["delegation"]["xnnpack_passes_skipped"],
+                         "skipped": lowered["delegation"]["passes_skipped"],
                          "decompositions_skipped": lowered["delegation"]["decompositions_skipped"]})  # fmt: skip
             print(runs[-1], flush=True)
     from importlib.metadata import version
@@ -89,14 +89,15 @@ def render(record: dict[str, Any]) -> str:
         "# ExecuTorch's idle lowering work skipped",
         "",
         "Written by `benchmarks/xnnpack_idle_passes.py`: one b2 int8 graph (512x512, 150 classes) captured and quantized "
-        "once, then lowered by the executorch target in turn with XNNPACK's idle passes skipped (`converters/executorch.py`, "
+        "once, then lowered by the executorch target in turn with ExecuTorch's idle passes skipped (XNNPACK's delegate passes "
+        "and the edge dialect's that find none of their ops: `converters/executorch.py`, "
         "`IDLE_UNLESS`) and the program decomposed once before partitioning (`idle_decompositions_skipped`; ExecuTorch 1.5 "
         "retraces it three times); with only the five passes stop 33 skipped; with the passes skipped and every decomposition; "
         "and with neither, in one process.",
         f"Machine: {machine.get('cpu', machine.get('machine'))}, {machine.get('cpus')} CPUs; executorch {record['executorch']}, "
         f"torch {record['torch']}; {record['date']}.",
         "",
-        "| run | mode | XNNPACK passes skipped | decompositions skipped | lowering (torch.export -> .pte, read back) | .pte sha256 |",
+        "| run | mode | passes skipped | decompositions skipped | lowering (torch.export -> .pte, read back) | .pte sha256 |",
         "|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(runs, 1):

@@ -8,6 +8,7 @@ precision inside XNNPACK, with fp32 at the graph's edges.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -151,13 +152,13 @@ class ExecuTorchTarget(Target):
         # XNNPACK's own edge config: no edge-dialect dtype check after every pass (~7% of a b2 lowering); the artifact
         # is checked where it counts, by running it (verify), and the delegation report below reads what was lowered.
         partitioner = XnnpackPartitioner()
-        with idle_xnnpack_passes_skipped() as skipped, idle_decompositions_skipped(partitioner) as retraces:
+        with idle_passes_skipped() as skipped, idle_decompositions_skipped(partitioner) as retraces:
             edge = to_edge_transform_and_lower(program, partitioner=[partitioner], compile_config=get_xnnpack_edge_compile_config())
         report = delegation_report(edge.exported_program().graph_module)
         path.write_bytes(edge.to_executorch().buffer)
         if report["portable_ops"]:
             logger.info("executorch: ops left to portable kernels: %s", ", ".join(report["portable_ops"]))
-        lowered: dict[str, Any] = {"delegation": {**report, "xnnpack_passes_skipped": sorted(set(skipped)),
+        lowered: dict[str, Any] = {"delegation": {**report, "passes_skipped": sorted(set(skipped)),
                                                   "decompositions_skipped": len(retraces)}, "io": program_io(path)}  # fmt: skip
         if plan.quant is not None:
             lowered["quantization"] = {"scheme": quantized_scheme(report)}
@@ -233,11 +234,69 @@ def _never(node: Any) -> bool:
     return False
 
 
-# XNNPACK's delegate passes (executorch 1.5) that change only graphs holding these ops; on any other graph each one is
-# a full retrace with fake tensors and a check, and changes nothing: 1-6 s apiece for a b2 int8 graph of ~2,700 nodes
-# (~45 s of its ~110 s lowering before they were skipped). Each is still run where its ops are there. What each acts
-# on is read from its source in executorch 1.5; the two that match pattern graphs are checked against the patterns
-# themselves by tests/test_scale.py.
+def _is_symbolic(node: Any) -> bool:
+    from torch import SymBool, SymFloat, SymInt
+
+    return isinstance(node.meta.get("val"), (SymInt, SymFloat, SymBool))
+
+
+def _tensor_args(node: Any) -> Iterator[Any]:
+    """The values a call gives to its op's tensor-typed parameters, matched to its schema as ExecuTorch's
+    ``map_args`` matches them."""
+    import torch
+
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return
+    for i, param in enumerate(schema.arguments):
+        if param.name in node.kwargs:
+            value = node.kwargs[param.name]
+        elif not param.kwarg_only and i < len(node.args):
+            value = node.args[i]
+        else:
+            continue
+        if isinstance(param.type, torch.TensorType):
+            yield value
+
+
+def _is_scalar_for_tensor(node: Any) -> bool:
+    return any(isinstance(value, (bool, int, float)) for value in _tensor_args(node))
+
+
+def _is_transpose(node: Any) -> bool:
+    import torch
+
+    return node.target == torch.ops.aten.t.default
+
+
+def _is_view(node: Any) -> bool:
+    return node.op == "call_function" and bool(getattr(node.target, "is_view", False))
+
+
+def _is_mixed_type(node: Any) -> bool:
+    """An add/mul/sub/div/minimum whose tensor operands are not all of one floating dtype (where
+    RemoveMixedTypeOperators could cast one)."""
+    import torch
+
+    promoting = (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.div.Tensor,
+                 torch.ops.aten.div.Tensor_mode, torch.ops.aten.minimum.default)  # fmt: skip
+    if node.target not in promoting or len(node.args) <= 1:
+        return False
+    dtypes = set()
+    for value in _tensor_args(node):
+        val = value.meta.get("val") if hasattr(value, "meta") else value
+        if not isinstance(val, torch.Tensor):
+            return True  # a scalar, a symbolic value or no value recorded: it may be cast
+        dtypes.add(val.dtype)
+    return len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point
+
+
+# ExecuTorch's passes (executorch 1.5: XNNPACK's delegate passes, and the edge dialect's of EDGE_PASSES) that change
+# only graphs holding these ops; on any other graph each one is a full retrace with fake tensors and a check, and
+# changes nothing: 1-6 s apiece for a b2 int8 graph of ~2,700 nodes. Each is still run where its ops are there. What
+# each acts on is read from its source in executorch 1.5; the two that match pattern graphs are checked against the
+# patterns themselves by tests/test_scale.py. benchmarks/XNNPACK_IDLE_PASSES.md: the b2 int8 lowering 47 s with
+# these skipped, 90 s with the five of stop 33 only, 133 s with none, the same .pte byte for byte.
 IDLE_UNLESS: dict[str, Callable[[Any], bool]] = {
     "PReLUReshapePass": _is_prelu,  # PReLU weights repeated per channel
     "Conv1dUnsqueezePass": _is_conv1d,  # 1-D convolutions as 2-D
@@ -254,14 +313,31 @@ IDLE_UNLESS: dict[str, Callable[[Any], bool]] = {
     "ConstPropPass": _is_constant_op,  # an op on constants only (no graph input, no parameter) folded
     "RemoveGetItemPass": _is_max_with_indices,  # max_pool2d_with_indices / max.dim with their getitem
     "RemoveRedundantCopyPass": _is_to_copy,  # back-to-back _to_copy pairs removed
+    # The edge dialect's (to_edge, before the partitioner), each an ExportPass retrace too:
+    "NormalizeTransposePass": _is_transpose,  # aten.t as t_copy
+    "ReplaceBrokenOpsWithFunctionalOpsPass": _is_view,  # a view op as its _copy
+    "ScalarToTensorPass": _is_scalar_for_tensor,  # a Python number given for a tensor parameter, as a tensor
+    # A symbolic int/float/bool given where an op takes a tensor, as a scalar_tensor (any node whose value is
+    # symbolic, inputs included: an export with static shapes has none).
+    "SymToTensorPass": _is_symbolic,
+    "RemoveMixedTypeOperators": _is_mixed_type,  # an operand cast to the promoted dtype
+}
+# Those run by to_edge on the graph module (their ``call`` patched), not by XNNPACK's pass manager: module, class.
+EDGE_PASSES = {
+    "NormalizeTransposePass": "executorch.exir.passes.normalize_transpose_pass",
+    "ReplaceBrokenOpsWithFunctionalOpsPass": "executorch.exir.passes.replace_broken_ops_with_function_ops_pass",
+    "ScalarToTensorPass": "executorch.exir.passes.scalar_to_tensor_pass",
+    "SymToTensorPass": "executorch.exir.passes.sym_to_tensor_pass",
+    "RemoveMixedTypeOperators": "executorch.exir.passes.remove_mixed_type_operators",
 }
 _VERIFIED_EXECUTORCH = "1.5."  # the version whose XNNPACKPassManager.transform the loop below repeats
 
 
 @contextlib.contextmanager
-def idle_xnnpack_passes_skipped() -> Iterator[list[str]]:
+def idle_passes_skipped() -> Iterator[list[str]]:
     """While lowering to XNNPACK: the passes of :data:`IDLE_UNLESS` skipped where the graph has none of their ops
-    (the names of those skipped are appended to the list yielded). The .pte is the same byte for byte (checked on the
+    (the names of those skipped are appended to the list yielded): XNNPACK's, and the edge dialect's of
+    :data:`EDGE_PASSES` (their ``call`` returns the graph as it is). The .pte is the same byte for byte (checked on the
     b2 int8 graph and by tests/test_scale.py); another ExecuTorch version runs every pass, as it comes."""
     from importlib.metadata import version
 
@@ -271,10 +347,24 @@ def idle_xnnpack_passes_skipped() -> Iterator[list[str]]:
         return
     from executorch.backends.xnnpack import _passes
     from executorch.backends.xnnpack._passes.xnnpack_pass import XNNPACKPass
-    from executorch.exir.pass_base import ExportPass
+    from executorch.exir.pass_base import ExportPass, PassResult
     from executorch.exir.program._program import _transform
+    from torch.fx import GraphModule
 
     original = _passes.XNNPACKPassManager.transform
+    edge_passes = {name: getattr(importlib.import_module(module), name) for name, module in EDGE_PASSES.items()}
+    edge_calls = {name: cls.call for name, cls in edge_passes.items()}
+
+    def edge_call(name: str) -> Callable[[Any, Any], Any]:
+        def call(self: Any, graph_module: Any) -> Any:
+            acts_on = IDLE_UNLESS.get(name)
+            graphs = [m.graph for m in graph_module.modules() if isinstance(m, GraphModule)]  # nested ones too
+            if acts_on is not None and not any(acts_on(node) for graph in graphs for node in graph.nodes):
+                skipped.append(name)
+                return PassResult(graph_module, False)
+            return edge_calls[name](self, graph_module)
+
+        return call
 
     def transform(self: Any) -> Any:  # XNNPACKPassManager.transform of executorch 1.5, with the skip
         ep = self.exported_program
@@ -293,10 +383,14 @@ def idle_xnnpack_passes_skipped() -> Iterator[list[str]]:
         return ep
 
     _passes.XNNPACKPassManager.transform = transform
+    for name, cls in edge_passes.items():
+        cls.call = edge_call(name)  # type: ignore[method-assign]
     try:
         yield skipped
     finally:
         _passes.XNNPACKPassManager.transform = original
+        for name, cls in edge_passes.items():
+            cls.call = edge_calls[name]  # type: ignore[method-assign]
 
 
 # Whether :func:`idle_decompositions_skipped` skips (tests and benchmarks/XNNPACK_IDLE_PASSES.md run both ways).

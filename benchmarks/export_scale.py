@@ -377,7 +377,9 @@ def render(record: dict[str, Any]) -> str:
              "older checkout (`--tree`), `stop 30` rows the code that landed before the sampled histogram and the decision's "
              "pixel budget, `stop 31` rows the code that landed before the projected decoder and the targets side by side, "
              "`stop 32` rows the code that landed before the decompositions skipped and the bias statistics from summed "
-             "inputs (`stop 32, same hour`: that code again, right beside this code's rows) (`after` rows: this code). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
+             "inputs (`stop 32, same hour`: that code again, right beside stop 33's rows), `stop 33` rows the code that landed "
+             "before the edge dialect's and eight more XNNPACK passes were skipped where idle (`stop 33, same hour`: that code "
+             "again, right beside this code's rows) (`after` rows: this code). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
              "(`--jobs 1`: the targets of `--target all` one after the other), `as-trained` (`--decoder as-trained`). "
              "With targets side by side, the peak is the sampled sum of the processes' RSS (shared pages counted twice).", "",
              "`decision`: whether the export made its outlier decision (`made`: a first export of the model and photos) or "

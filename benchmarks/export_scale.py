@@ -334,8 +334,9 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
                    f"{after['wall_s'] / 60:.1f} min, {after['peak_rss_mb'] / 1024:.2f} GiB, {after['status']} {_parity(after)}.")  # fmt: skip
     every = [r for r in rows if r["job"] in ("b2:int8:all", "b2:int8:all:jobs1") and r["status"] == "landed"]
     for r in every:  # against the single export of the same code (its commit)
-        one = next((o for o in rows if o["job"] == "b2:int8:executorch" and o["status"] == "landed"
-                    and o.get("commit", "").rstrip("+") == r.get("commit", "").rstrip("+")), None)  # fmt: skip
+        one = find("b2:int8:executorch", r["label"]) or next(  # the same label's single export, else the same code's
+            (o for o in rows if o["job"] == "b2:int8:executorch" and o["status"] == "landed"
+             and o.get("commit", "").rstrip("+") == r.get("commit", "").rstrip("+")), None)  # fmt: skip
         if one:
             ratio = r["wall_s"] / one["wall_s"]
             sequential = "jobs1" in r["job"] or r["label"] in ("stop 30", "stop 31") or r["label"].startswith("after + heap")
@@ -379,7 +380,8 @@ def render(record: dict[str, Any]) -> str:
              "`stop 32` rows the code that landed before the decompositions skipped and the bias statistics from summed "
              "inputs (`stop 32, same hour`: that code again, right beside stop 33's rows), `stop 33` rows the code that landed "
              "before the edge dialect's and eight more XNNPACK passes were skipped where idle (`stop 33, same hour`: that code "
-             "again, right beside this code's rows) (`after` rows: this code). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
+             "again, right beside this code's rows) (`after` rows: this code; `after, targets in the order given`: `--target all` "
+             "before a target only a reference executor runs here was started first). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
              "(`--jobs 1`: the targets of `--target all` one after the other), `as-trained` (`--decoder as-trained`). "
              "With targets side by side, the peak is the sampled sum of the processes' RSS (shared pages counted twice).", "",
              "`decision`: whether the export made its outlier decision (`made`: a first export of the model and photos) or "

@@ -565,7 +565,17 @@ def _export_side_by_side(calls: dict[str, dict[str, Any]], jobs: int | None, ste
         logger.info("the targets run one after the other: the model or a target class does not pickle (%s)", exc)
         return None
     _decide_outliers_once(first, step)
-    return run_side_by_side(_export_one, calls, jobs, step, targets)
+    return run_side_by_side(_export_one, {name: calls[name] for name in side_by_side_order(list(calls))}, jobs, step, targets)
+
+
+def side_by_side_order(names: list[str]) -> list[str]:
+    """The order targets start in side by side: those that only a reference executor runs here first (Core ML off
+    macOS, Ethos-U: ``times_here`` is False), then the others as given. Their verify is the longest step of a run: in
+    the b2 int8 ``--target all`` of benchmarks/EXPORT_SCALE.md, started last, coreml took 240 s (verify 122 s) while
+    the other worker, done, left a core idle for 121 s."""
+    from .converters import get_target
+
+    return sorted(names, key=lambda name: get_target(name).times_here())
 
 
 def _decide_outliers_once(call: dict[str, Any], step: StepCallback) -> None:

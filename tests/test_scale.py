@@ -173,6 +173,18 @@ def test_the_idle_xnnpack_passes_are_executorchs_and_their_patterns_need_what_th
     assert any(symbolic(n) for n in dynamic.graph.nodes) and not any(symbolic(n) for n in static.graph.nodes)
 
 
+def test_targets_that_only_a_reference_executor_runs_here_start_first() -> None:
+    """Side by side, Core ML (off macOS) starts first: the longest export of the five, its verify in a numpy executor."""
+    import platform
+
+    from segformer_edge.api import side_by_side_order
+
+    names = ["executorch", "tflite", "coreml", "onnx", "openvino"]
+    expected = names if platform.system() == "Darwin" else ["coreml", "executorch", "tflite", "onnx", "openvino"]
+    assert side_by_side_order(names) == expected
+    assert side_by_side_order(["onnx", "openvino"]) == ["onnx", "openvino"]
+
+
 def test_idle_xnnpack_passes_are_skipped_and_the_program_is_the_same(tmp_path: Path) -> None:
     """ExecuTorch's XNNPACK passes that find none of their ops, and its decompositions whose table finds none, are
     skipped: the .pte is the same byte for byte (fp32 here, for the suite's time; benchmarks/XNNPACK_IDLE_PASSES.md

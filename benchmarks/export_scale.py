@@ -381,7 +381,8 @@ def render(record: dict[str, Any]) -> str:
              "inputs (`stop 32, same hour`: that code again, right beside stop 33's rows), `stop 33` rows the code that landed "
              "before the edge dialect's and eight more XNNPACK passes were skipped where idle (`stop 33, same hour`: that code "
              "again, right beside this code's rows) (`after` rows: this code; `after, targets in the order given`: `--target all` "
-             "before a target only a reference executor runs here was started first). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
+             "before a target only a reference executor runs here was started first; `after, coreml started first`: and before "
+             "the Core ML reference executor's depthwise convolutions and in-place quantize). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
              "(`--jobs 1`: the targets of `--target all` one after the other), `as-trained` (`--decoder as-trained`). "
              "With targets side by side, the peak is the sampled sum of the processes' RSS (shared pages counted twice).", "",
              "`decision`: whether the export made its outlier decision (`made`: a first export of the model and photos) or "

@@ -253,6 +253,24 @@ def test_mil_reference_executor_matches_torch_and_refuses_unknown_ops(small_mode
         MilProgram(artifact.file)(x=x.numpy())
 
 
+@pytest.mark.parametrize(("multiplier", "stride", "pad_type"), [(1, 1, "custom"), (2, 2, "same"), (3, 2, "valid")])
+def test_mil_depthwise_conv_matches_torch(multiplier: int, stride: int, pad_type: str) -> None:
+    """The reference executor's depthwise path (a multiply-add per tap) against torch's grouped convolution, with a
+    channel multiplier, strides and each padding mode."""
+    from segformer_edge.converters.mil_executor import _conv
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 11, 9)).astype(np.float32)
+    w = rng.standard_normal((5 * multiplier, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5 * multiplier).astype(np.float32)
+    pads = {"custom": (1, 0, 2, 1), "same": (1, 1, 1, 1), "valid": (0, 0, 0, 0)}[pad_type]  # "same" on 11x9: 1 each side
+    got = _conv(x, w, b, strides=(stride, stride), pad_type=pad_type, pad=pads, groups=5)
+    top, bottom, left, right = pads
+    padded = torch.nn.functional.pad(torch.from_numpy(x), (left, right, top, bottom))
+    expected = torch.nn.functional.conv2d(padded, torch.from_numpy(w), torch.from_numpy(b), stride=stride, groups=5).numpy()
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-5
+
+
 class _Unconvertible(SegFormer):
     """A SegFormer with an op no converter lowers (a Bessel function)."""
 

@@ -292,7 +292,7 @@ def _parity(r: dict[str, Any]) -> str:
 
 # (label, label): the same job on one stop's code and then on the next's, one after the other in one hour (this
 # machine's pace moves by a third between hours: only such pairs compare).
-SAME_HOUR = (("stop 32, same hour", "stop 33"), ("stop 33, same hour", "after"))
+SAME_HOUR = (("stop 32, same hour", "stop 33"), ("stop 33, same hour", "after, an earlier run (21:54)"))
 
 
 def _summary(rows: list[dict[str, Any]]) -> list[str]:
@@ -322,7 +322,7 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
         if same_hour and then:
             phases = ", ".join(f"{k} {same_hour['phases_s'].get(k, 0):.0f} -> {then['phases_s'].get(k, 0):.0f} s"
                                for k in ("calibration", "outlier decision", "quantize", "lower", "verify"))  # fmt: skip
-            code = "this code" if later == "after" else f"{later}'s code"
+            code = "this code" if later.startswith("after") else f"{later}'s code"
             out.append(f"- b2 int8 executorch, {earlier.removesuffix(', same hour')}'s code and {code} one after the other: "
                        f"{same_hour['wall_s'] / 60:.1f} -> {then['wall_s'] / 60:.1f} min ({then['wall_s'] / same_hour['wall_s']:.2f}x; "
                        f"{phases}): {fits(then)}.")  # fmt: skip
@@ -380,7 +380,7 @@ def render(record: dict[str, Any]) -> str:
              "`stop 32` rows the code that landed before the decompositions skipped and the bias statistics from summed "
              "inputs (`stop 32, same hour`: that code again, right beside stop 33's rows), `stop 33` rows the code that landed "
              "before the edge dialect's and eight more XNNPACK passes were skipped where idle (`stop 33, same hour`: that code "
-             "again, right beside this code's rows) (`after` rows: this code; `after, targets in the order given`: `--target all` "
+             "again, right beside this code's `after, an earlier run (21:54)` row) (`after` rows: this code, the executorch export and `--target all` one after the other; `after, an earlier run`: the same code in other hours; `after, targets in the order given`: `--target all` "
              "before a target only a reference executor runs here was started first; `after, coreml started first`: and before "
              "the Core ML reference executor's depthwise convolutions and in-place quantize). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
              "(`--jobs 1`: the targets of `--target all` one after the other), `as-trained` (`--decoder as-trained`). "

@@ -292,7 +292,7 @@ def _parity(r: dict[str, Any]) -> str:
 
 # (label, label): the same job on one stop's code and then on the next's, one after the other in one hour (this
 # machine's pace moves by a third between hours: only such pairs compare).
-SAME_HOUR = (("stop 32, same hour", "stop 33"), ("stop 33, same hour", "after, an earlier run (21:54)"))
+SAME_HOUR = (("stop 32, same hour", "stop 33"), ("stop 33, same hour", "after, beside stop 33"))
 
 
 def _summary(rows: list[dict[str, Any]]) -> list[str]:
@@ -380,7 +380,7 @@ def render(record: dict[str, Any]) -> str:
              "`stop 32` rows the code that landed before the decompositions skipped and the bias statistics from summed "
              "inputs (`stop 32, same hour`: that code again, right beside stop 33's rows), `stop 33` rows the code that landed "
              "before the edge dialect's and eight more XNNPACK passes were skipped where idle (`stop 33, same hour`: that code "
-             "again, right beside this code's `after, an earlier run (21:54)` row) (`after` rows: this code, the executorch export and `--target all` one after the other; `after, an earlier run`: the same code in other hours; `after, targets in the order given`: `--target all` "
+             "again, right beside this code's `after, beside stop 33` row) (`after` rows: this code, the executorch export and `--target all` one after the other; `after, another run`: the same `--target all` in another hour; `after, targets in the order given`: `--target all` "
              "before a target only a reference executor runs here was started first; `after, coreml started first`: and before "
              "the Core ML reference executor's depthwise convolutions and in-place quantize). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
              "(`--jobs 1`: the targets of `--target all` one after the other), `as-trained` (`--decoder as-trained`). "

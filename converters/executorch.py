@@ -8,6 +8,7 @@ precision inside XNNPACK, with fp32 at the graph's edges.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 from collections.abc import Callable, Iterator
@@ -263,10 +264,16 @@ def _is_scalar_for_tensor(node: Any) -> bool:
     return any(isinstance(value, (bool, int, float)) for value in _tensor_args(node))
 
 
-def _is_transpose(node: Any) -> bool:
+@functools.cache
+def _aten(*names: str) -> frozenset[Any]:
+    """The aten op overloads named ``op.overload``."""
     import torch
 
-    return node.target == torch.ops.aten.t.default
+    return frozenset(getattr(getattr(torch.ops.aten, op), overload) for op, overload in (n.split(".") for n in names))
+
+
+def _is_transpose(node: Any) -> bool:
+    return node.target in _aten("t.default")
 
 
 def _is_view(node: Any) -> bool:
@@ -278,8 +285,7 @@ def _is_mixed_type(node: Any) -> bool:
     RemoveMixedTypeOperators could cast one)."""
     import torch
 
-    promoting = (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.div.Tensor,
-                 torch.ops.aten.div.Tensor_mode, torch.ops.aten.minimum.default)  # fmt: skip
+    promoting = _aten("add.Tensor", "mul.Tensor", "sub.Tensor", "div.Tensor", "div.Tensor_mode", "minimum.default")
     if node.target not in promoting or len(node.args) <= 1:
         return False
     dtypes = set()
@@ -354,6 +360,7 @@ def idle_passes_skipped() -> Iterator[list[str]]:
     original = _passes.XNNPACKPassManager.transform
     edge_passes = {name: getattr(importlib.import_module(module), name) for name, module in EDGE_PASSES.items()}
     edge_calls = {name: cls.call for name, cls in edge_passes.items()}
+    own = {name for name, cls in edge_passes.items() if "call" in vars(cls)}  # the others inherit ExportPass.call
 
     def edge_call(name: str) -> Callable[[Any, Any], Any]:
         def call(self: Any, graph_module: Any) -> Any:
@@ -390,7 +397,10 @@ def idle_passes_skipped() -> Iterator[list[str]]:
     finally:
         _passes.XNNPACKPassManager.transform = original
         for name, cls in edge_passes.items():
-            cls.call = edge_calls[name]  # type: ignore[method-assign]
+            if name in own:
+                cls.call = edge_calls[name]  # type: ignore[method-assign]
+            else:
+                del cls.call
 
 
 # Whether :func:`idle_decompositions_skipped` skips (tests and benchmarks/XNNPACK_IDLE_PASSES.md run both ways).

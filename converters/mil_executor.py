@@ -263,8 +263,8 @@ def _conv(x, weight, bias=None, strides=(1, 1), pad_type="valid", pad=(0, 0, 0, 
     g = int(groups)
     if kh == kw == 1 and g == 1:
         out = np.einsum("bchw,oc->bohw", x[:, :, ::sh, ::sw], w[:, :, 0, 0], optimize=True)
-    elif g == cin and cin_g == 1:  # depthwise: one multiply-add of a shifted view per tap (the windows' einsum copies
-        # every window: 5 of a b2 int8 program's 7 s per 512x512 image)
+    elif g == cin and cin_g == 1:  # depthwise: one multiply-add of a shifted view per tap (the windows' einsum
+        # below copies every window)
         ho, wo = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
         x = np.repeat(x, cout // g, axis=1) if cout != g else x  # output channel o reads input channel o // (cout / g)
         out = np.zeros((b, cout, ho, wo), np.float32)

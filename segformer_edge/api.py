@@ -570,9 +570,9 @@ def _export_side_by_side(calls: dict[str, dict[str, Any]], jobs: int | None, ste
 
 def side_by_side_order(names: list[str]) -> list[str]:
     """The order targets start in side by side: those that only a reference executor runs here first (Core ML off
-    macOS, Ethos-U: ``times_here`` is False), then the others as given. Their verify is the longest step of a run: in
-    the b2 int8 ``--target all`` of benchmarks/EXPORT_SCALE.md, started last, coreml took 240 s (verify 122 s) while
-    the other worker, done, left a core idle for 121 s."""
+    macOS, Ethos-U: ``times_here`` is False), then the others as given: their verify in a numpy or reference executor
+    is the longest step of a run, and started last it keeps one worker busy while the other has nothing left (b2 int8
+    ``--target all``, benchmarks/EXPORT_SCALE.md: 482 s in the order given, 416 s with coreml first)."""
     from .converters import get_target
 
     return sorted(names, key=lambda name: get_target(name).times_here())

@@ -211,3 +211,10 @@ def test_idle_xnnpack_passes_are_skipped_and_the_program_is_the_same(tmp_path: P
     assert skipping["delegation"]["decompositions_skipped"] >= 1  # the third decomposition before partitioning
     assert running["delegation"]["passes_skipped"] == [] and running["delegation"]["decompositions_skipped"] == 0
     assert (tmp_path / "skip.pte").read_bytes() == (tmp_path / "all.pte").read_bytes()
+    # The edge passes' call is given back as it was: inherited where it was inherited, their own where they had one.
+    from executorch.exir.pass_base import ExportPass
+    from executorch.exir.passes.normalize_transpose_pass import NormalizeTransposePass
+    from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
+
+    assert "call" not in vars(NormalizeTransposePass) and NormalizeTransposePass.call is ExportPass.call
+    assert vars(ScalarToTensorPass)["call"].__qualname__ == "ScalarToTensorPass.call"

@@ -16,6 +16,7 @@ import struct
 import sys
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,8 @@ class MilProgram:
         self.inputs = [(i.name, self._dtype(i.type)) for i in function.inputs]
         self.outputs = list(self.block.outputs)
         self.op_types = sorted({op.type for op in self.block.operations})
+        self._steps: list[_Step] | None = None
+        self._constants: dict[str, Any] = {}
 
     def dtype_counts(self) -> dict[str, dict[str, int]]:
         """How many stored constants (weights) and computed values of each dtype the program holds."""
@@ -166,24 +169,46 @@ class MilProgram:
 
     # -- execution ----------------------------------------------------------------------------------------
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        env: dict[str, Any] = {}
+        steps, constants = self._compiled()
+        env: dict[str, Any] = dict(constants)
         for name, dtype in self.inputs:
             if name not in inputs:
                 raise ValueError(f"missing input {name!r}")
             env[name] = np.asarray(inputs[name]).astype(dtype)
+        for step in steps:
+            args = {key: [env[n] if n is not None else v for n, v in values] if many else
+                    (env[values[0][0]] if values[0][0] is not None else values[0][1])
+                    for key, many, values in step.args}  # fmt: skip
+            result = step.kernel(**args)
+            results = result if isinstance(result, tuple) else (result,)
+            for (name, dtype), value in zip(step.outputs, results):
+                env[name] = np.asarray(value).astype(dtype, copy=False)  # kernels never write their inputs
+            for name in step.last_use:  # what no later op reads is freed now: its memory is the next op's
+                del env[name]
+        return {name: env[name] for name in self.outputs}
+
+    def _compiled(self) -> tuple[list[_Step], dict[str, Any]]:
+        """The program as steps (kernel, bound arguments, outputs, the values read for the last time), and its
+        constants, built on the first call and kept: weights are decompressed once, not on every run; a value is
+        held only until its last reader ran (every intermediate of a b2 program at 512x512 kept to the end was
+        gigabytes of fresh pages per image)."""
+        if self._steps is not None:
+            return self._steps, self._constants
+        constants: dict[str, Any] = {}
+        steps: list[_Step] = []
         for op in self.block.operations:
             if op.type == "const":
-                env[op.outputs[0].name] = self._value(op.attributes["val"])
+                constants[op.outputs[0].name] = self._value(op.attributes["val"])
                 continue
             if op.type == "constexpr_affine_dequantize":  # weights stored as int8 + scale/zero point
                 attrs = {k: self._value(v) for k, v in op.attributes.items() if k != "name"}
-                env[op.outputs[0].name] = _dequantize(
+                constants[op.outputs[0].name] = _dequantize(
                     attrs["quantized_data"], attrs["scale"], attrs.get("zero_point"), attrs.get("axis")
                 ).astype(self._dtype(op.outputs[0].type))
                 continue
             if op.type == "constexpr_lut_to_dense":  # palettized weights: packed n-bit indices into a look-up table
                 attrs = {k: self._value(v) for k, v in op.attributes.items() if k != "name"}
-                env[op.outputs[0].name] = _lut_to_dense(attrs["indices"], attrs["lut"], attrs["shape"]).astype(
+                constants[op.outputs[0].name] = _lut_to_dense(attrs["indices"], attrs["lut"], attrs["shape"]).astype(
                     self._dtype(op.outputs[0].type)
                 )
                 continue
@@ -193,17 +218,33 @@ class MilProgram:
                     f"{self.package}: the Core ML reference executor does not implement op {op.type!r} "
                     f"(at {op.outputs[0].name})"
                 )
-            args: dict[str, Any] = {}
+            args = []
             for key, argument in op.inputs.items():
-                values = []
-                for binding in argument.arguments:
-                    values.append(env[binding.name] if binding.WhichOneof("binding") == "name" else self._value(binding.value))
-                args[key] = values if key == "values" else values[0]
-            result = kernel(**args)
-            results = result if isinstance(result, tuple) else (result,)
-            for out, value in zip(op.outputs, results):
-                env[out.name] = np.asarray(value).astype(self._dtype(out.type), copy=False)  # kernels never write their inputs
-        return {name: env[name] for name in self.outputs}
+                values = [(b.name, None) if b.WhichOneof("binding") == "name" else (None, self._value(b.value)) for b in argument.arguments]
+                args.append((key, key == "values", values))
+            steps.append(_Step(kernel, args, [(out.name, self._dtype(out.type)) for out in op.outputs], []))
+        kept = set(constants) | set(self.outputs)
+        seen: set[str] = set()
+        for step in reversed(steps):  # a value's last reader is the first step that reads it, walking back
+            for _, _, values in step.args:
+                for name, _ in values:
+                    if name is not None and name not in seen and name not in kept:
+                        seen.add(name)
+                        step.last_use.append(name)
+            unread = [name for name, _ in step.outputs if name not in seen and name not in kept]
+            step.last_use.extend(unread)  # an output nothing reads (a tuple's unused part) goes at once
+        self._steps, self._constants = steps, constants
+        return steps, constants
+
+
+@dataclass
+class _Step:
+    """One op of the program, bound: ``args`` is (input name, takes a list, [(value name or None, inline value)])."""
+
+    kernel: Callable[..., Any]
+    args: list[tuple[str, bool, list[tuple[str | None, Any]]]]
+    outputs: list[tuple[str, Any]]
+    last_use: list[str]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,11 +271,24 @@ def _f(x: Any) -> np.ndarray:
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
-    """erf to about 1e-7 (Abramowitz and Stegun 7.1.26, refined in float64)."""
-    x64 = x.astype(np.float64)
+    """erf in float32: scipy's where it is installed (it comes with the export stack), else Abramowitz and Stegun
+    7.1.26 refined in float64 (to about 1e-7; four times slower)."""
+    if _scipy_erf is not None:
+        return _scipy_erf(np.asarray(x, np.float32))
+    return _erf_series(x)
+
+
+def _erf_series(x: np.ndarray) -> np.ndarray:
+    x64 = np.asarray(x, np.float64)
     t = 1.0 / (1.0 + 0.3275911 * np.abs(x64))
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
     return (np.sign(x64) * (1.0 - poly * np.exp(-x64 * x64))).astype(np.float32)
+
+
+try:
+    from scipy.special import erf as _scipy_erf
+except ImportError:  # a runtime-only install: the series above
+    _scipy_erf = None
 
 
 def _gather(x: Any, indices: Any, axis: int = 0, batch_dims: int = 0, validate_indices: bool = False) -> np.ndarray:
@@ -416,9 +470,11 @@ def _along(v: Any, ndim: int, axis: Any) -> np.ndarray:
 
 
 def _dequantize(input, scale, zero_point=None, axis=None):  # type: ignore[no-untyped-def]
-    q = np.asarray(input).astype(np.float32)
-    zp = 0.0 if zero_point is None else _along(zero_point, q.ndim, axis)
-    return (q - zp) * _along(scale, q.ndim, axis)
+    q = np.asarray(input).astype(np.float32)  # a new array: shifted and scaled in place
+    if zero_point is not None:
+        q -= _along(zero_point, q.ndim, axis)
+    q *= _along(scale, q.ndim, axis)
+    return q
 
 
 def _quantize(input, scale, output_dtype, zero_point=None, axis=None):  # type: ignore[no-untyped-def]

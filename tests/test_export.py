@@ -235,7 +235,18 @@ def test_mil_reference_executor_matches_torch_and_refuses_unknown_ops(small_mode
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         expected = small_model(x).numpy()
-    assert np.abs(program(x=x.numpy())["out"] - expected).max() <= 1e-4
+    first = program(x=x.numpy())["out"]
+    assert np.abs(first - expected).max() <= 1e-4
+    assert np.array_equal(program(x=x.numpy())["out"], first)  # the constants kept from the first call are unchanged
+
+    # Each intermediate value is freed once, after its last reader; outputs and constants are kept.
+    steps, constants = program._compiled()
+    freed = [name for step in steps for name in step.last_use]
+    produced = {name for step in steps for name, _ in step.outputs} | {name for name, _ in program.inputs}
+    assert len(freed) == len(set(freed)) and set(freed) == produced - set(program.outputs) - set(constants)
+    for i, step in enumerate(steps):
+        later = {name for s in steps[i + 1 :] for _, _, values in s.args for name, _ in values}
+        assert not set(step.last_use) & later
 
     # Rename one op in the saved program to something no executor knows.
     spec_path = artifact.file / "Data" / "com.apple.CoreML" / "model.mlmodel"
@@ -251,6 +262,21 @@ def test_mil_reference_executor_matches_torch_and_refuses_unknown_ops(small_mode
     spec_path.write_bytes(spec.SerializeToString())
     with pytest.raises(UnsupportedOpError, match="'frobnicate'"):
         MilProgram(artifact.file)(x=x.numpy())
+
+
+def test_mil_erf_matches_math_erf() -> None:
+    """Both of the reference executor's erf (scipy's, and the series a runtime-only install falls back to) against the
+    float64 ``math.erf``, over the range GELU sees and its tails."""
+    import math
+
+    from segformer_edge.converters import mil_executor
+
+    x = np.concatenate([np.linspace(-6, 6, 2001), [-np.inf, np.inf, 0.0, 1e-8, -30.0]]).astype(np.float32)
+    exact = np.array([math.erf(v) for v in x.astype(np.float64)])
+    assert mil_executor._scipy_erf is not None  # the export stack brings scipy: the fast path is the one tested here
+    for erf in (mil_executor._erf, mil_executor._erf_series):
+        got = erf(x)
+        assert got.dtype == np.float32 and np.abs(got - exact).max() <= 3e-7
 
 
 @pytest.mark.parametrize(("multiplier", "stride", "pad_type"), [(1, 1, "custom"), (2, 2, "same"), (3, 2, "valid")])

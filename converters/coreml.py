@@ -6,9 +6,11 @@ program with the numpy reference executor (:mod:`.mil_executor`), and reports sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -73,6 +75,67 @@ def reuse_pattern_graphs() -> None:
 
         fresh._traced_once = True  # type: ignore[attr-defined]
         setattr(utils, name, functools.wraps(getter)(fresh))
+
+
+def _graph_structure(graph: Any) -> tuple[Any, ...]:
+    """What a graph's generated code and its dead code depend on: each node, its op, target, arguments and users."""
+    return tuple((node, node.op, node.target, node.args, node.kwargs, len(node.users)) for node in graph.nodes)
+
+
+@contextlib.contextmanager
+def recompiled_only_when_changed(model: Any) -> Iterator[None]:
+    """Within this block, ``model.graph.eliminate_dead_code()`` and ``model.recompile()`` do their work only where the
+    graph changed since they last did it.
+
+    Core ML's quantizer calls both on the whole model before matching each of its ~400 patterns
+    (``annotate_weighted_mod_pattern``, ``annotate_binary_op_act_pattern``), and annotating changes no node: the
+    same ~2,700-node b2 graph had its Python code generated and compiled 400 times, a third of its int8 quantize step
+    (benchmarks/COREML_ANNOTATE.md). Here each call compares the graph's structure (:func:`_graph_structure`) with
+    what it was when the work was last done, and does it again only where that differs; on leaving, the instance's
+    own methods are back."""
+    graph = model.graph
+    real_dce, real_recompile = graph.eliminate_dead_code, model.recompile
+    clean: list[Any] = [None]  # the structure after a dead-code pass that removed nothing
+    compiled: list[Any] = [None]  # the structure the code was last generated from
+
+    def eliminate_dead_code(*args: Any, **kwargs: Any) -> bool:
+        if args or kwargs or clean[0] != _graph_structure(graph):
+            changed = real_dce(*args, **kwargs)
+            clean[0] = None if changed or args or kwargs else _graph_structure(graph)
+            return changed
+        return False
+
+    def recompile() -> Any:
+        structure = _graph_structure(graph)
+        if compiled[0] != structure:
+            compiled[0] = structure
+            return real_recompile()
+        return None
+
+    graph.eliminate_dead_code, model.recompile = eliminate_dead_code, recompile
+    try:
+        yield
+    finally:
+        del graph.eliminate_dead_code, model.recompile
+
+
+class _RecompileOnce:
+    """Core ML's PT2E quantizer, its ``annotate`` run inside :func:`recompiled_only_when_changed`."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def label(self) -> str:
+        """The name the manifest records: the quantizer's own."""
+        return str(getattr(self._inner, "label", type(self._inner).__name__))
+
+    def annotate(self, model: Any) -> Any:
+        with recompiled_only_when_changed(model):
+            return self._inner.annotate(model)
 
 
 class CoreMLRunner:
@@ -166,7 +229,7 @@ class CoreMLTarget(Target):
                               "weight_dtype": torch.qint8, "weight_per_channel": quant.weights == "per_channel"},
         })  # fmt: skip
         reuse_pattern_graphs()
-        return CoreMLQuantizer(config)
+        return _RecompileOnce(CoreMLQuantizer(config))
 
     def convert(self, module, example, path: Path, plan: ExportPlan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         import coremltools as ct

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -253,6 +254,65 @@ def test_core_ml_pattern_graphs_traced_non_strict_are_the_same_graphs() -> None:
             assert [n.target for n in fast.graph.nodes] == [n.target for n in strict.graph.nodes], (name, args)
     finally:
         utils._get_aten_graph_module = saved
+
+
+def test_core_ml_annotate_generates_code_only_when_the_graph_changed(monkeypatch: pytest.MonkeyPatch, tiny_config: Any) -> None:
+    """Core ML's quantizer regenerates the model's code before each of its ~400 patterns; inside
+    ``recompiled_only_when_changed`` that happens once (annotating changes no node), and the prepared graph is the same
+    as without it, code and annotations."""
+    pytest.importorskip("coremltools")
+    import copy
+
+    import torch
+    from segformer_edge.converters import get_target
+    from segformer_edge.model import SegFormer
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    model = SegFormer(tiny_config).eval()
+    example = torch.randn(1, 3, 32, 32)
+    graph = torch.export.export(model, (example,)).module(check_guards=False)
+    quantizer = get_target("coreml").pt2e_quantizer(QuantSpec())
+    assert quantizer.label == "CoreMLQuantizer"  # what the manifest records, not the wrapper's name
+    generated = []
+    real = torch.fx.GraphModule.recompile
+    def recompile(self: torch.fx.GraphModule) -> Any:  # counted for the model's graph, not the patterns' (a few nodes)
+        generated.extend([1] if len(self.graph.nodes) > 50 else [])
+        return real(self)
+
+    monkeypatch.setattr(torch.fx.GraphModule, "recompile", recompile)
+    prepared = {}
+    for name, q in (("each pattern", quantizer._inner), ("when changed", quantizer)):
+        generated.clear()
+        prepared[name] = (prepare_pt2e(copy.deepcopy(graph), q), len(generated))
+    (before, calls_before), (after, calls_after) = prepared["each pattern"], prepared["when changed"]
+    assert after.code == before.code
+    notes = lambda gm: [(n.name, repr(n.meta.get("quantization_annotation"))) for n in gm.graph.nodes]
+    assert notes(after) == notes(before)
+    assert calls_before > 100 and calls_after < 20, (calls_before, calls_after)
+
+
+def test_recompiled_only_when_changed_still_follows_a_changed_graph() -> None:
+    """Inside the block, a graph that changed gets its dead code removed and its code generated again."""
+    import torch
+    from segformer_edge.converters.coreml import recompiled_only_when_changed
+
+    class Net(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + 1
+
+    gm = torch.fx.symbolic_trace(Net())
+    with recompiled_only_when_changed(gm):
+        assert not gm.graph.eliminate_dead_code()
+        gm.recompile()
+        x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        with gm.graph.inserting_after(x):
+            dead = gm.graph.call_function(torch.neg, (x,))  # nothing reads it
+        assert gm.graph.eliminate_dead_code() and dead not in gm.graph.nodes
+        add = next(n for n in gm.graph.nodes if n.op == "call_function")
+        add.target = torch.mul
+        gm.recompile()
+        assert "mul" in gm.code and torch.equal(gm(torch.full((2,), 3.0)), torch.full((2,), 3.0))
+    assert "recompile" not in vars(gm) and "eliminate_dead_code" not in vars(gm.graph)  # the instance's own methods back
 
 
 def test_the_sampled_histogram_keeps_every_channel_and_leaves_small_tensors_exact() -> None:

@@ -136,7 +136,7 @@ def render(record: dict[str, Any]) -> str:
         f"Machine: {machine.get('cpu', machine.get('machine'))}, {machine.get('cpus')} CPUs; numpy {record['numpy']}, scipy "
         f"{record['scipy']}, coremltools {record['coremltools']}; {record['date']}.",
         "",
-        "| run | executor | verify | executor | per image | peak RSS | pixel agreement | max logit difference vs baseline |",
+        "| run | version | verify | executor | per image | peak RSS | pixel agreement | max logit difference vs baseline |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(record["runs"], 1):

@@ -91,8 +91,10 @@ def float_logits(model: Any, spec: InputSpec, images: np.ndarray) -> np.ndarray:
         if logits is None:
             logits = _FLOAT_MEMO.logits_of(model, x)
             _write_shared(shared, logits, _FLOAT_MEMO.form)
-        elif _FLOAT_MEMO.form is None and shared is not None:  # computed by another process of the run: its form
-            _FLOAT_MEMO.form = _read_form(shared)
+        else:
+            logger.info("float logits of %d image(s) read from the run's shared folder (%s)", len(x), shared.name if shared else "")
+            if _FLOAT_MEMO.form is None:  # computed by another process of the run: its form
+                _FLOAT_MEMO.form = _read_form(shared)
         _FLOAT_MEMO.put(model, x, logits)
     return logits
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from segformer_edge.errors import SegformerEdgeError
 
-__all__ = ["default_jobs", "run_side_by_side"]
+__all__ = ["default_jobs", "run_side_by_side", "shared_float_logits"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +83,27 @@ def run_side_by_side(fn: Callable[..., Any], calls: dict[str, dict[str, Any]], j
     pickle (``fn`` a module-level function, a target class one importable by its module and name). Returns, per
     name, ``("ok", value)`` or ``("error", exc)`` for a :class:`SegformerEdgeError`; any other exception of a call is
     raised here."""
+    with shared_float_logits():
+        return _run(fn, calls, jobs, step, targets)
+
+
+@contextlib.contextmanager
+def shared_float_logits() -> Iterator[None]:
+    """Within this block, the float logits computed by this process and by the workers it spawns are left in one
+    temporary folder for the others (:data:`.reference.SHARED_LOGITS_ENV`), removed on leaving. Opened before the
+    calibration set is picked, the workers' verify reads the float logits that picking computed (the same photos at
+    the same size): no worker runs the float model on them again. Where a block is already open, it is that one."""
     import tempfile
 
     from .reference import SHARED_LOGITS_ENV
 
-    shared = tempfile.mkdtemp(prefix="segformer-edge-logits-")  # the float logits one worker computed, for the others
+    if os.environ.get(SHARED_LOGITS_ENV):
+        yield
+        return
+    shared = tempfile.mkdtemp(prefix="segformer-edge-logits-")
     try:
         with _environ(SHARED_LOGITS_ENV, shared):  # the spawned workers inherit it
-            return _run(fn, calls, jobs, step, targets)
+            yield
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 

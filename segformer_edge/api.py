@@ -498,6 +498,7 @@ def export(
         OptionError, ExportError, CheckpointError, DataError: bad options, model or data, before anything is written.
     """
     from .converters.base import ExportOptions
+    from .converters.side_by_side import default_jobs, shared_float_logits
 
     if jobs is not None and jobs < 1:  # checked whatever the number of targets: never accepted and then ignored
         raise OptionError(f"--jobs {jobs}: at least 1", "--jobs")
@@ -515,13 +516,15 @@ def export(
     _plan_all(net, names, export_options, Path(out), method, outliers, scheme)  # every target refuses what it cannot honour first
     data = str(data) if data is not None else None
     _check_data(data, "val", strict)
-    quant = _quant_spec(net, path, export_options, data, calibration, calibration_images, method, budget, outliers, scheme, step)
-    search = None if budget is None else (budget, budget_granularity)
+    side_by_side = len(names) > 1 and min(jobs or default_jobs(len(names)), len(names)) > 1
+    with shared_float_logits() if side_by_side else contextlib.nullcontext():  # what picking computes, the workers read
+        quant = _quant_spec(net, path, export_options, data, calibration, calibration_images, method, budget, outliers, scheme, step)
+        search = None if budget is None else (budget, budget_granularity)
+        calls = {name: {"model": net, "path": path, "name": name, "options": export_options, "quant": quant, "budget": search,
+                        "out": Path(out), "data": data, "verify": verify, "verify_images": verify_images, "layers": layers,
+                        "capture_output": capture_output} for name in names}  # fmt: skip
+        outcomes = _export_side_by_side(calls, jobs, step) if side_by_side else None
     single = isinstance(target, str) and target != "all"
-    calls = {name: {"model": net, "path": path, "name": name, "options": export_options, "quant": quant, "budget": search,
-                    "out": Path(out), "data": data, "verify": verify, "verify_images": verify_images, "layers": layers,
-                    "capture_output": capture_output} for name in names}  # fmt: skip
-    outcomes = _export_side_by_side(calls, jobs, step) if len(names) > 1 else None
     artifacts: dict[str, Artifact] = {}
     errors: dict[str, SegformerEdgeError] = {}
     for name in names:

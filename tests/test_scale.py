@@ -139,6 +139,9 @@ def test_targets_side_by_side_share_one_outlier_decision(tmp_path: Path) -> None
     tasks = {task for task, _, _ in steps}
     assert {"onnx int8", "openvino int8", "outliers"} <= tasks, tasks
     assert ("onnx int8", "verify", False) in steps and ("openvino int8", "verify", False) in steps
+    for artifact in artifacts.values():  # the float logits picking the calibration set computed: no worker ran them again
+        log = (artifact.folder / "export.log").read_text()
+        assert log.count("float logits of 1 image(s) read from the run's shared folder") == 4, artifact.folder.name
     for targets in (["onnx", "openvino"], "onnx"):  # one target too: never accepted and then ignored
         with pytest.raises(OptionError, match="--jobs 0: at least 1"):
             se.export(str(folder), targets, "int8", data=photos, out=tmp_path / "out", size=SIZE, jobs=0)

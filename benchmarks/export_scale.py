@@ -218,6 +218,8 @@ def run_job(job: str, work: Path, tree: Path | None) -> dict[str, Any]:
         # by an earlier export of the same model and photos (the first warm job of a model makes it: its row says so).
         xdg = work / "warm-cache" if "warm" in flags else Path(tmp) / "cache"
         env = {**os.environ, "XDG_CACHE_HOME": str(xdg)}
+        if tree is not None:  # every process of the export, the spawned workers too, imports the tree's package
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_tree_site(Path(tmp)), env.get("PYTHONPATH")]))
         started = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)], cwd=tmp, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -238,6 +240,21 @@ def run_job(job: str, work: Path, tree: Path | None) -> dict[str, Any]:
             "phase_peak_rss_mb": {k: round(v / 2**20) for k, v in result["phase_peak_rss"].items()},
             "target_peak_rss_mb": {k: round(v / 2**20) for k, v in result.get("target_peak_rss", {}).items()},
             "parity": result["parity"], "outlier_decision": result.get("decision"), "cache": "warm" if "warm" in flags else "cold", "flags": flags}  # fmt: skip
+
+
+_TREE_SITE = """import sys
+# An editable install maps segformer_edge.converters and .calibration to its own checkout ahead of the finder another
+# checkout's package installs: a --tree run's workers (spawned, they start afresh) imported this checkout's converters.
+sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", type(f).__name__) != "_EditableFinder"]
+"""
+
+
+def _tree_site(folder: Path) -> str:
+    """A folder holding a ``sitecustomize`` that drops the editable install's finder in every process that starts."""
+    site = folder / "tree-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_TREE_SITE)
+    return str(site)
 
 
 def _commit(tree: Path | None) -> str:
@@ -292,14 +309,17 @@ def _parity(r: dict[str, Any]) -> str:
 
 # (label, label): the same job on one stop's code and then on the next's, one after the other in one hour (this
 # machine's pace moves by a third between hours: only such pairs compare).
-SAME_HOUR = (("stop 32, same hour", "stop 33"), ("stop 33, same hour", "after, beside stop 33"))
+SAME_HOUR = (("stop 32, same hour", "stop 33"), ("stop 33, same hour", "stop 34, beside stop 33"),
+             ("stop 34, same hour", "after, beside stop 34"))
 
 
 def _summary(rows: list[dict[str, Any]]) -> list[str]:
     """Issue 27's acceptance, read from the rows: what holds and what does not."""
 
-    def find(job: str, label: str = "after") -> dict[str, Any] | None:
-        return next((r for r in rows if r["job"] == job and r["label"] == label and r["status"] == "landed"), None)
+    def find(job: str, label: str | None = None) -> dict[str, Any] | None:
+        """The landed row of ``job`` with ``label``; without one, this code's (``after``, else ``after, beside ...``)."""
+        labels = [label] if label else ["after", *sorted({r["label"] for r in rows if r["label"].startswith("after, beside")})]
+        return next((r for lab in labels for r in rows if r["job"] == job and r["label"] == lab and r["status"] == "landed"), None)
 
     def fits(r: dict[str, Any]) -> str:
         ok = r["wall_s"] <= LIMITS["wall_s"] and r["peak_rss_mb"] / 1024 <= LIMITS["peak_gib"]
@@ -310,10 +330,10 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
     for target in TARGETS:
         parts = []
         for job in (f"b2:int8:{target}", f"b2:int8:{target}:warm"):
-            r = find(job) or find(job, "stop 32")  # this code's row, else the last stop's (its code was slower)
+            r = find(job) or find(job, "stop 34") or find(job, "stop 32")  # this code's row, else the last stop's measured
             if r is not None:  # a warm job made the decision where it ran first: the row says which
                 made = "made" in (r.get("outlier_decision") or {}).values()
-                code = "" if r["label"] == "after" else f" ({r['label']} code)"
+                code = "" if r["label"].startswith("after") else f" ({r['label']} code)"
                 parts.append(f"{'decision made in the export' if made else 'decision recorded by an earlier export'}{code}: {fits(r)}")
         if any(parts):
             out.append(f"- b2 int8 {target}: " + "; ".join(p for p in parts if p) + ".")
@@ -322,10 +342,15 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
         if same_hour and then:
             phases = ", ".join(f"{k} {same_hour['phases_s'].get(k, 0):.0f} -> {then['phases_s'].get(k, 0):.0f} s"
                                for k in ("calibration", "outlier decision", "quantize", "lower", "verify"))  # fmt: skip
-            code = "this code" if later.startswith("after") else f"{later}'s code"
+            code = "this code" if later.startswith("after") else f"{later.split(',')[0]}'s code"
             out.append(f"- b2 int8 executorch, {earlier.removesuffix(', same hour')}'s code and {code} one after the other: "
                        f"{same_hour['wall_s'] / 60:.1f} -> {then['wall_s'] / 60:.1f} min ({then['wall_s'] / same_hour['wall_s']:.2f}x; "
                        f"{phases}): {fits(then)}.")  # fmt: skip
+        same_hour, then = find("b2:int8:all", earlier), find("b2:int8:all", later)
+        if same_hour and then:
+            out.append(f"- b2 int8 --target all, {earlier.removesuffix(', same hour')}'s code and {code} one after the other: "
+                       f"{same_hour['wall_s'] / 60:.1f} -> {then['wall_s'] / 60:.1f} min ({then['wall_s'] / same_hour['wall_s']:.2f}x; "
+                       f"CPU time {same_hour['cpu_s']:.0f} -> {then['cpu_s']:.0f} s).")  # fmt: skip
     after = find("b2:int8:executorch")
     before = next((r for r in rows if r["job"] == "b2:int8:executorch" and r["label"] == "before"), None)
     if before and after:
@@ -380,9 +405,13 @@ def render(record: dict[str, Any]) -> str:
              "`stop 32` rows the code that landed before the decompositions skipped and the bias statistics from summed "
              "inputs (`stop 32, same hour`: that code again, right beside stop 33's rows), `stop 33` rows the code that landed "
              "before the edge dialect's and eight more XNNPACK passes were skipped where idle (`stop 33, same hour`: that code "
-             "again, right beside this code's `after, beside stop 33` row) (`after` rows: this code, the executorch export and `--target all` one after the other; `after, another run`: the same `--target all` in another hour; `after, targets in the order given`: `--target all` "
-             "before a target only a reference executor runs here was started first; `after, coreml started first`: and before "
-             "the Core ML reference executor's depthwise convolutions and in-place quantize). Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
+             "again, right beside stop 34's `stop 34, beside stop 33` row), `stop 34` rows the code that landed before the Core ML "
+             "reference executor freed its values, Core ML's annotation stopped regenerating code and the workers read the "
+             "float logits picking computed (`stop 34`: its executorch export and `--target all` one after the other; "
+             "`stop 34, another run`: the same `--target all` in another hour; `stop 34, targets in the order given`: "
+             "`--target all` before a target only a reference executor runs here was started first; `stop 34, coreml started "
+             "first`: and before the Core ML reference executor's depthwise convolutions and in-place quantize; `stop 34, same "
+             "hour`: that code again, right beside this code's `after, beside stop 34` rows). `after` rows: this code. Flags after a job's target: `warm` (decision recorded by an earlier job), `jobs1` "
              "(`--jobs 1`: the targets of `--target all` one after the other), `as-trained` (`--decoder as-trained`). "
              "With targets side by side, the peak is the sampled sum of the processes' RSS (shared pages counted twice).", "",
              "`decision`: whether the export made its outlier decision (`made`: a first export of the model and photos) or "

@@ -17,9 +17,7 @@ import argparse
 import copy
 import datetime
 import hashlib
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,14 +31,14 @@ MODES = ("code generated before every pattern", "code generated when the graph c
 def measure(work: Path, rounds: int) -> dict[str, Any]:
     import torch
     from export_scale import MODELS, _hf_model
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-
-    from segformer_edge.api import _quant_spec, resolve_model
     from segformer_edge.calibration.recipes import SpecQuantizer
     from segformer_edge.converters import get_target
     from segformer_edge.converters.base import ExportOptions
     from segformer_edge.converters.bench import machine_info
     from segformer_edge.converters.build import capture, plan_export
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from segformer_edge.api import _quant_spec, resolve_model
 
     torch.set_num_threads(1)
     size = MODELS["b2"][2]
@@ -118,14 +116,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "export-scale")
     parser.add_argument("--rounds", type=int, default=2, help="prepares per mode")
     parser.add_argument("--render", action="store_true")
-    args = parser.parse_args()
-    sys.path.insert(0, str(HERE))
-    json_path, md_path = HERE / "coreml_annotate.json", HERE / "COREML_ANNOTATE.md"
-    if not args.render:
-        json_path.write_text(json.dumps(measure(args.work, args.rounds), indent=1) + "\n")
-    md_path.write_text(render(json.loads(json_path.read_text())))
-    print(md_path.read_text())
+    from setups import measure_or_render
 
+    md_path = HERE / "COREML_ANNOTATE.md"
+    measure_or_render(parser.parse_args(), lambda a: measure(a.work, a.rounds), lambda record: md_path.write_text(render(record)),
+                      HERE / "coreml_annotate.json")  # fmt: skip
+    print(md_path.read_text())
 
 if __name__ == "__main__":
     main()

@@ -84,7 +84,7 @@ def _artifact(work: Path) -> tuple[Path, Path, Path]:
 
 def _run(spec: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"the {spec['version']} run failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
@@ -93,7 +93,6 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure(work: Path, baseline: str, images: int, rounds: int) -> dict[str, Any]:
     import numpy as np
-
     from segformer_edge.converters.bench import machine_info
 
     artifact, model, photos = _artifact(work)
@@ -118,7 +117,7 @@ def measure(work: Path, baseline: str, images: int, rounds: int) -> dict[str, An
     from importlib.metadata import version as package_version
 
     return {"date": datetime.date.today().isoformat(), "machine": machine_info(), "baseline": baseline,
-            "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+            "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip(),
             "numpy": package_version("numpy"), "scipy": package_version("scipy"), "coremltools": package_version("coremltools"),
             "images": images, "runs": runs}  # fmt: skip
 
@@ -157,14 +156,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1, help="runs of each version")
     parser.add_argument("--render", action="store_true")
-    args = parser.parse_args()
-    sys.path.insert(0, str(HERE))
-    json_path, md_path = HERE / "coreml_executor.json", HERE / "COREML_EXECUTOR.md"
-    if not args.render:
-        json_path.write_text(json.dumps(measure(args.work, args.baseline, args.images, args.rounds), indent=1) + "\n")
-    md_path.write_text(render(json.loads(json_path.read_text())))
-    print(md_path.read_text())
+    from setups import measure_or_render
 
+    md_path = HERE / "COREML_EXECUTOR.md"
+    measure_or_render(parser.parse_args(), lambda a: measure(a.work, a.baseline, a.images, a.rounds), lambda record: md_path.write_text(render(record)),
+                      HERE / "coreml_executor.json")  # fmt: skip
+    print(md_path.read_text())
 
 if __name__ == "__main__":
     main()

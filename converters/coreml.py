@@ -78,8 +78,9 @@ def reuse_pattern_graphs() -> None:
 
 
 def _graph_structure(graph: Any) -> tuple[Any, ...]:
-    """What a graph's generated code and its dead code depend on: each node, its op, target, arguments and users."""
-    return tuple((node, node.op, node.target, node.args, node.kwargs, len(node.users)) for node in graph.nodes)
+    """What a graph's generated code and its dead code depend on: each node in order, its op, target and arguments
+    (the arguments say who uses what)."""
+    return tuple((node, node.op, node.target, node.args, node.kwargs) for node in graph.nodes)
 
 
 @contextlib.contextmanager
@@ -89,8 +90,8 @@ def recompiled_only_when_changed(model: Any) -> Iterator[None]:
 
     Core ML's quantizer calls both on the whole model before matching each of its ~400 patterns
     (``annotate_weighted_mod_pattern``, ``annotate_binary_op_act_pattern``), and annotating changes no node: the
-    same ~2,700-node b2 graph had its Python code generated and compiled 400 times, a third of its int8 quantize step
-    (benchmarks/COREML_ANNOTATE.md). Here each call compares the graph's structure (:func:`_graph_structure`) with
+    same b2 graph had its Python code generated and compiled some 400 times (benchmarks/COREML_ANNOTATE.md measures
+    prepare_pt2e both ways). Here each call compares the graph's structure (:func:`_graph_structure`) with
     what it was when the work was last done, and does it again only where that differs; on leaving, the instance's
     own methods are back."""
     graph = model.graph

@@ -190,8 +190,8 @@ class MilProgram:
     def _compiled(self) -> tuple[list[_Step], dict[str, Any]]:
         """The program as steps (kernel, bound arguments, outputs, the values read for the last time), and its
         constants, built on the first call and kept: weights are decompressed once, not on every run; a value is
-        held only until its last reader ran (every intermediate of a b2 program at 512x512 kept to the end was
-        gigabytes of fresh pages per image)."""
+        held only until its last reader ran, not to the end of the call (benchmarks/COREML_EXECUTOR.md measures the
+        time and peak memory against the executor that kept them)."""
         if self._steps is not None:
             return self._steps, self._constants
         constants: dict[str, Any] = {}
@@ -272,7 +272,7 @@ def _f(x: Any) -> np.ndarray:
 
 def _erf(x: np.ndarray) -> np.ndarray:
     """erf in float32: scipy's where it is installed (it comes with the export stack), else Abramowitz and Stegun
-    7.1.26 refined in float64 (to about 1e-7; four times slower)."""
+    7.1.26 refined in float64 (to about 1e-7, and slower)."""
     if _scipy_erf is not None:
         return _scipy_erf(np.asarray(x, np.float32))
     return _erf_series(x)

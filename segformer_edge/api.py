@@ -516,14 +516,15 @@ def export(
     _plan_all(net, names, export_options, Path(out), method, outliers, scheme)  # every target refuses what it cannot honour first
     data = str(data) if data is not None else None
     _check_data(data, "val", strict)
-    side_by_side = len(names) > 1 and min(jobs or default_jobs(len(names)), len(names)) > 1
+    workers = min(jobs or default_jobs(len(names)), len(names))  # targets exported at once
+    side_by_side = workers > 1
     with shared_float_logits() if side_by_side else contextlib.nullcontext():  # what picking computes, the workers read
         quant = _quant_spec(net, path, export_options, data, calibration, calibration_images, method, budget, outliers, scheme, step)
         search = None if budget is None else (budget, budget_granularity)
         calls = {name: {"model": net, "path": path, "name": name, "options": export_options, "quant": quant, "budget": search,
                         "out": Path(out), "data": data, "verify": verify, "verify_images": verify_images, "layers": layers,
                         "capture_output": capture_output} for name in names}  # fmt: skip
-        outcomes = _export_side_by_side(calls, jobs, step) if side_by_side else None
+        outcomes = _export_side_by_side(calls, workers, step) if side_by_side else None
     single = isinstance(target, str) and target != "all"
     artifacts: dict[str, Artifact] = {}
     errors: dict[str, SegformerEdgeError] = {}
@@ -548,19 +549,16 @@ def export(
     return artifacts
 
 
-def _export_side_by_side(calls: dict[str, dict[str, Any]], jobs: int | None, step: StepCallback) -> dict[str, tuple[str, Any]] | None:
-    """Several targets ``jobs`` at a time in worker processes (:mod:`.converters.side_by_side`), after the outlier
-    decision they share was made here once; None where they run one after the other in this process (one job, or a
+def _export_side_by_side(calls: dict[str, dict[str, Any]], jobs: int, step: StepCallback) -> dict[str, tuple[str, Any]] | None:
+    """Several targets ``jobs`` (two or more) at a time in worker processes (:mod:`.converters.side_by_side`), after
+    the outlier decision they share was made here once; None where they run one after the other in this process (a
     model or target class that does not pickle: a module holding a lambda or a hook, a class defined in a function)."""
     import pickle
 
     from .converters import registry_entry
-    from .converters.side_by_side import default_jobs, run_side_by_side
+    from .converters.side_by_side import run_side_by_side
 
     first = next(iter(calls.values()))
-    jobs = min(jobs or default_jobs(len(calls)), len(calls))
-    if jobs < 2:
-        return None
     targets = {name: registry_entry(name) for name in calls}
     try:
         pickle.dumps((first["model"], targets), protocol=pickle.HIGHEST_PROTOCOL)
